@@ -1,0 +1,390 @@
+"""Building blocks of MagicAnimate's UNets, frame-major.
+
+Layout: a video batch is carried as frame-major 4D tensors ``(B*F, C, H, W)`` (sample b's
+frames are rows ``b*F .. b*F+F-1``), so every per-frame operation (convolutions,
+spatial transformers, up/down sampling) is a plain 2D op on a free view, and the few
+operations that mix frames (the ResNet GroupNorm, the motion modules) take ``num_frames``
+explicitly. The original keeps ``(B, C, F, H, W)`` and permutes around every 2D op; the
+function is the same.
+
+Where diffusers computes the reference function we use its modules (``Attention`` and
+``FeedForward`` weight layouts, ``Downsample2D``, ``Upsample2D``, ``Timesteps``,
+``TimestepEmbedding``); the attention arithmetic itself lives in :func:`attention` so that
+reference attention (REFERENCE 3.6) can project the bank's keys and values once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+from .config import UNetConfig
+
+
+# --------------------------------------------------------------------------- attention
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Multi-head softmax attention with scale ``1/sqrt(head_dim)``.
+
+    q: (N, Lq, C); k, v: (N, Lk, C) -> (N, Lq, C). Any float dtype; PyTorch's fused
+    ``scaled_dot_product_attention`` keeps the softmax in float32 internally.
+    """
+    n, lq, c = q.shape
+    d = c // heads
+    q = q.reshape(n, lq, heads, d).transpose(1, 2)
+    k = k.reshape(n, -1, heads, d).transpose(1, 2)
+    v = v.reshape(n, -1, heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(n, lq, c)
+
+
+def self_attention(
+    attn: Attention, h: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0, split: bool = False
+) -> Tensor:
+    """Self-attention of ``h`` (N, L, C) with optional MagicAnimate reference attention.
+
+    Reference attention (REFERENCE 3.6): a row's keys/values are projected from
+    ``concat([row tokens, ref tokens])``. Because the projections are per token, the bank's
+    projection ``to_k(ref)`` / ``to_v(ref)`` is computed once (1, Lr, C) and shared by every
+    row instead of once per frame: the same function, fewer FLOPs.
+
+    - ``ref is None``: plain self-attention for every row.
+    - ``ref`` given, ``split=False``: rows ``[:plain_rows]`` use plain self-attention (the
+      unconditional CFG half), rows ``[plain_rows:]`` use reference attention.
+    - ``split=True``: ``h`` is the one copy both CFG halves share; returns (2N, L, C):
+      rows ``[:N]`` plain (uncond), rows ``[N:]`` with reference (cond). q, k and v of the
+      shared copy are computed once.
+    Returns the attention output after ``to_out`` (before the residual add).
+    """
+    heads = attn.heads
+    q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    if ref is None:
+        out = attention(q, k, v, heads)
+    else:
+        kr, vr = attn.to_k(ref), attn.to_v(ref)  # (1, Lr, C), shared by every frame
+
+        def with_ref(q_, k_, v_):
+            n = q_.shape[0]
+            k_ = torch.cat([k_, kr.expand(n, -1, -1)], dim=1)
+            v_ = torch.cat([v_, vr.expand(n, -1, -1)], dim=1)
+            return attention(q_, k_, v_, heads)
+
+        if split:
+            out = torch.cat([attention(q, k, v, heads), with_ref(q, k, v)], dim=0)
+        elif plain_rows > 0:
+            p = plain_rows
+            out = torch.cat(
+                [attention(q[:p], k[:p], v[:p], heads), with_ref(q[p:], k[p:], v[p:])], dim=0
+            )
+        else:
+            out = with_ref(q, k, v)
+    return attn.to_out[0](out)
+
+
+def cross_attention(attn: Attention, h: Tensor, context: Tensor) -> Tensor:
+    """Cross-attention of ``h`` (N, L, C) to ``context`` (1, Lc, Cx), shared by all rows:
+    its keys and values are projected once. Returns the output after ``to_out``."""
+    n = h.shape[0]
+    k = attn.to_k(context).expand(n, -1, -1)
+    v = attn.to_v(context).expand(n, -1, -1)
+    return attn.to_out[0](attention(attn.to_q(h), k, v, attn.heads))
+
+
+# --------------------------------------------------------------------------- resnets
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics span (channel group, F, H, W) jointly.
+
+    Input (B*F, C, H, W) frame-major; the 16 frames of a window share their statistics
+    (REFERENCE 3.5: AnimateDiff v1 applies a 2D ``nn.GroupNorm`` to a 5D tensor).
+    diffusers' ``ResnetBlock2D`` normalises each frame on its own, which changes the output
+    by several percent, so this is ours. Statistics are computed in float32 whatever the
+    input dtype (fp16 variance over ~1M elements loses precision).
+    With ``num_frames == 1`` it is an ordinary GroupNorm (the 2D appearance encoder).
+    """
+
+    def forward(self, x: Tensor, num_frames: int = 1) -> Tensor:  # type: ignore[override]
+        n, c, h, w = x.shape
+        g = self.num_groups
+        xg = x.reshape(n // num_frames, num_frames, g, (c // g) * h * w)
+        x32 = xg.float()
+        var, mean = torch.var_mean(x32, dim=(1, 3), keepdim=True, correction=0)
+        y = ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype).reshape(n, c, h, w)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class ResnetBlock(nn.Module):
+    """SD's ResnetBlock2D (``time_embedding_norm="default"``) with cross-frame GroupNorms.
+
+    x: (B*F, Cin, H, W); temb: (1, T) time embedding shared by every frame (one timestep per
+    call) -> (B*F, Cout, H, W). Parameter names match diffusers' ``ResnetBlock2D``.
+    """
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, eps: float, out_scale: float = 1.0):
+        super().__init__()
+        self.norm1 = FrameGroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = FrameGroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.out_scale = out_scale
+
+    def forward(self, x: Tensor, temb: Tensor, num_frames: int) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x, num_frames)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h, num_frames)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.out_scale == 1.0 else out / self.out_scale
+
+
+# --------------------------------------------------------------------------- spatial transformer
+class TransformerBlock(nn.Module):
+    """SD's BasicTransformerBlock (self-attn, cross-attn to the text, GEGLU FF) with
+    reference attention in its self-attention (see :func:`self_attention`).
+
+    Parameter names match diffusers' ``BasicTransformerBlock``.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads, bias=False)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim // heads, bias=False)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, activation_fn="geglu")
+
+    def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
+                split: bool = False, bank_out: Optional[list] = None) -> Tensor:
+        """x: (N, L, C) tokens; context: (1, 77, Cx); ref: (1, Lr, C) or None.
+        Returns (N, L, C), or (2N, L, C) when ``split``. ``bank_out``, when given, receives
+        this block's ``norm1`` output (what the appearance encoder contributes to the bank)."""
+        h = self.norm1(x)
+        if bank_out is not None:
+            bank_out.append(h)
+        a = self_attention(self.attn1, h, ref, plain_rows, split)
+        x = (x.repeat(2, 1, 1) if split else x) + a
+        x = x + cross_attention(self.attn2, self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' Transformer2DModel (one block), applied to each frame on its own:
+    GroupNorm(eps 1e-6) -> proj_in -> TransformerBlock -> proj_out -> + input."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, linear_proj: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.linear_proj = linear_proj
+        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
+        self.proj_out = proj()
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, H*W, C) after norm and proj_in."""
+        n, c, hh, ww = x.shape
+        h = self.norm(x)
+        if self.linear_proj:
+            return self.proj_in(h.permute(0, 2, 3, 1).reshape(n, hh * ww, c))
+        return self.proj_in(h).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
+
+    def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
+                split: bool = False, bank_out: Optional[list] = None) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W), or (2N, C, H, W) when ``split``."""
+        _, c, hh, ww = x.shape
+        t = self.transformer_blocks[0](self.tokens(x), context, ref, plain_rows, split, bank_out)
+        n = t.shape[0]
+        if self.linear_proj:
+            h = self.proj_out(t).reshape(n, hh, ww, c).permute(0, 3, 1, 2)
+        else:
+            h = self.proj_out(t.reshape(n, hh, ww, c).permute(0, 3, 1, 2))
+        return h + (x.repeat(2, 1, 1, 1) if split else x)
+
+
+# --------------------------------------------------------------------------- motion modules
+class PositionalEncoding(nn.Module):
+    """AnimateDiff's sinusoidal table over frames; ``pe`` (1, max_len, C) is a buffer that
+    the motion checkpoint also carries (and overrides)."""
+
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        position = torch.arange(max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(1, max_len, dim)
+        pe[0, :, 0::2] = torch.sin(position * div_term)
+        pe[0, :, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe)
+
+
+class TemporalAttention(Attention):
+    """Self-attention across frames (AnimateDiff ``VersatileAttention``, mode "Temporal"):
+    diffusers' Attention weights (q/k/v without bias, output with bias) plus the frame
+    position table. Parameter names match the motion checkpoint."""
+
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__(dim, heads=heads, dim_head=dim // heads, bias=False)
+        self.pos_encoder = PositionalEncoding(dim, max_len)
+
+    def forward(self, h: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
+        """h: (B*F, L, C) normalised tokens -> (B*F, L, C) attention output."""
+        n, l, c = h.shape
+        b = n // num_frames
+        # (b f) l c -> (b l) f c: each spatial position attends over its frames
+        s = h.reshape(b, num_frames, l, c).transpose(1, 2).reshape(b * l, num_frames, c)
+        s = s + self.pos_encoder.pe[:, :num_frames].to(s.dtype)
+        out = attention(self.to_q(s), self.to_k(s), self.to_v(s), self.heads)
+        out = self.to_out[0](out)
+        return out.reshape(b, l, num_frames, c).transpose(1, 2).reshape(n, l, c)
+
+
+class TemporalTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int, n_attn: int):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len) for _ in range(n_attn)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(n_attn)])
+        self.ff = FeedForward(dim, activation_fn="geglu")
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        for attn, norm in zip(self.attention_blocks, self.norms):
+            x = x + attn(norm(x), num_frames)
+        return x + self.ff(self.ff_norm(x))
+
+
+class TemporalTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, max_len: int, n_attn: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, max_len, n_attn)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        n, c, hh, ww = x.shape
+        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c))
+        h = self.transformer_blocks[0](h, num_frames)
+        h = self.proj_out(h).reshape(n, hh, ww, c).permute(0, 3, 1, 2)
+        return h + x
+
+
+class MotionModule(nn.Module):
+    """AnimateDiff v1 VanillaTemporalModule: (B*F, C, H, W) -> same, mixing frames."""
+
+    def __init__(self, channels: int, heads: int, max_len: int, n_attn: int, groups: int):
+        super().__init__()
+        self.temporal_transformer = TemporalTransformer(channels, heads, max_len, n_attn, groups)
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        return self.temporal_transformer(x, num_frames)
+
+
+# --------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    """A down, mid or up block: a container whose attribute names match diffusers'
+    (resnets, attentions, motion_modules, downsamplers / upsamplers). The UNets' forwards
+    drive the pieces explicitly."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+        self.motion_modules = nn.ModuleList()
+
+
+def build_blocks(cfg: UNetConfig, motion=None) -> tuple[nn.ModuleList, Block, nn.ModuleList]:
+    """Down blocks, mid block and up blocks of SD's UNet for ``cfg``, with AnimateDiff
+    motion modules where ``motion`` (a MotionModuleConfig) places them."""
+    from diffusers.models.resnet import Downsample2D, Upsample2D
+
+    ch = cfg.block_out_channels
+    n = len(ch)
+    temb = cfg.time_embed_dim
+    g, eps = cfg.norm_num_groups, cfg.norm_eps
+
+    def resnet(cin, cout, scale=1.0):
+        return ResnetBlock(cin, cout, temb, g, eps, scale)
+
+    def transformer(c, heads):
+        return SpatialTransformer(c, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)
+
+    def motion_module(c):
+        return MotionModule(c, motion.heads, motion.max_frames, motion.attention_blocks, g)
+
+    down = nn.ModuleList()
+    cout = ch[0]
+    for i, kind in enumerate(cfg.down_block_types):
+        cin, cout = cout, ch[i]
+        blk = Block()
+        use_mm = motion is not None and 2**i in motion.resolutions
+        for j in range(cfg.layers_per_block):
+            blk.resnets.append(resnet(cin if j == 0 else cout, cout))
+            if kind.startswith("CrossAttn"):
+                blk.attentions.append(transformer(cout, cfg.heads[i]))
+            if use_mm:
+                blk.motion_modules.append(motion_module(cout))
+        if i < n - 1:
+            blk.downsamplers = nn.ModuleList(
+                [Downsample2D(cout, use_conv=True, out_channels=cout, padding=cfg.downsample_padding, name="op")]
+            )
+        down.append(blk)
+
+    mid = Block()
+    mid.resnets.append(resnet(ch[-1], ch[-1], cfg.mid_block_scale_factor))
+    mid.attentions.append(transformer(ch[-1], cfg.heads[-1]))
+    mid.resnets.append(resnet(ch[-1], ch[-1], cfg.mid_block_scale_factor))
+    if motion is not None and motion.mid_block:
+        raise NotImplementedError("mid-block motion modules (MagicAnimate has none)")
+
+    up = nn.ModuleList()
+    rch = list(reversed(ch))
+    rheads = list(reversed(cfg.heads))
+    cout = rch[0]
+    for i, kind in enumerate(cfg.up_block_types):
+        prev, cout = cout, rch[i]
+        cskip_in = rch[min(i + 1, n - 1)]
+        blk = Block()
+        use_mm = motion is not None and 2 ** (n - 1 - i) in motion.resolutions
+        for j in range(cfg.layers_per_block + 1):
+            skip = cskip_in if j == cfg.layers_per_block else cout
+            blk.resnets.append(resnet((prev if j == 0 else cout) + skip, cout))
+            if kind.startswith("CrossAttn"):
+                blk.attentions.append(transformer(cout, rheads[i]))
+            if use_mm:
+                blk.motion_modules.append(motion_module(cout))
+        if i < n - 1:
+            blk.upsamplers = nn.ModuleList([Upsample2D(cout, use_conv=True, out_channels=cout)])
+        up.append(blk)
+    return down, mid, up
+
+
+def run_down_blocks(
+    blocks: Sequence[Block], h: Tensor, temb: Tensor, context: Tensor, num_frames: int
+) -> tuple[Tensor, list[Tensor]]:
+    """The down path shared by every UNet here: returns the last feature and the skip
+    features (conv_in's output first, as ``h`` is given)."""
+    skips = [h]
+    for blk in blocks:
+        for j, resnet in enumerate(blk.resnets):
+            h = resnet(h, temb, num_frames)
+            if len(blk.attentions):
+                h = blk.attentions[j](h, context)
+            if len(blk.motion_modules):
+                h = blk.motion_modules[j](h, num_frames)
+            skips.append(h)
+        if hasattr(blk, "downsamplers"):
+            h = blk.downsamplers[0](h)
+            skips.append(h)
+    return h, skips
+
+
+def count_bank_blocks(mid: Block, up: Sequence[Block]) -> int:
+    """Number of reference-bank tensors: transformer blocks of the mid and up blocks."""
+    return len(mid.attentions) + sum(len(b.attentions) for b in up)

@@ -1,0 +1,303 @@
+"""Loading a model set from the real on-disk layout (REFERENCE section 1).
+
+```
+<models_dir>/
+  stable-diffusion-v1-5/{unet,vae,text_encoder,tokenizer}/   (scheduler/ is not used)
+  sd-vae-ft-mse/                                              (used instead of SD's vae/ when present)
+  MagicAnimate/appearance_encoder/ densepose_controlnet/ temporal_attention/temporal_attention.ckpt
+```
+
+Every failure is a :class:`ModelLoadError` whose one-line message names the file and what
+is wrong: a missing directory or file, a truncated or corrupt file, a key that matches no
+parameter, a missing key, a wrong shape. Weights are always read without running code
+(safetensors, or ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelLoadError
+from .appearance import AppearanceEncoder
+from .config import MotionModuleConfig, UNetConfig
+from .controlnet import ControlNet
+from .text import build_text_encoder, empty_prompt_embedding, tokenize_empty
+from .unet import TemporalUNet
+from .vae import VAE
+
+SD_DIR = "stable-diffusion-v1-5"
+VAE_MSE_DIR = "sd-vae-ft-mse"
+MA_DIR = "MagicAnimate"
+MOTION_CKPT = Path(MA_DIR) / "temporal_attention" / "temporal_attention.ckpt"
+
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin",
+)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+
+
+# --------------------------------------------------------------------------- files
+def read_config(path: Path) -> dict[str, Any]:
+    """A component's config.json as a dict."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing config file")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def find_weights(component_dir: Path, names: Iterable[str] = DIFFUSERS_WEIGHTS) -> Path:
+    """The first weights file present, in order: full precision before the fp16 variant,
+    safetensors before pickles."""
+    names = tuple(names)
+    for name in names:
+        if (component_dir / name).is_file():
+            return component_dir / name
+    raise ModelLoadError(f"{component_dir}: no weights file (looked for {', '.join(names)})")
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file or a torch pickle (.bin/.ckpt/.pt).
+
+    Pickles: a flat dict or ``{"state_dict": ...}``, keys possibly prefixed ``module.``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError, ValueError for a bad header
+            raise ModelLoadError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from None
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise ModelLoadError(
+                    f"{path}: refused: the pickle would run code or build objects other than tensors "
+                    "(only weights_only=True checkpoints are loaded)"
+                ) from None
+            raise ModelLoadError(f"{path}: corrupt checkpoint ({_first_line(e)})") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError) as e:
+            raise ModelLoadError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping):
+            raise ModelLoadError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+        sd = {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k): v for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ModelLoadError(f"{path}: entry {bad[0]!r} is not a named tensor")
+    return dict(sd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def load_into(
+    module: nn.Module,
+    sources: Mapping[Path, Mapping[str, Tensor]],
+    what: str,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Copy tensors from one or more files into ``module``, checking every key.
+
+    ``sources`` maps each file to its tensors; a later file overrides an earlier one for
+    the same key. Any key that matches no parameter or buffer (except ``ignore``), any
+    parameter or buffer that no file provides, any shape mismatch raises ModelLoadError.
+    """
+    expected = module.state_dict()
+    ignore = set(ignore)
+    merged: dict[str, Tensor] = {}
+    origin: dict[str, Path] = {}
+    for path, sd in sources.items():
+        for k, v in sd.items():
+            if k in ignore:
+                continue
+            if k not in expected:
+                n_bad = sum(1 for kk in sd if kk not in expected and kk not in ignore)
+                raise ModelLoadError(
+                    f"{path}: {n_bad} key(s) match no parameter of the {what}, e.g. {k!r} "
+                    "(is this the right file, and does config.json match it?)"
+                )
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise ModelLoadError(
+                    f"{path}: {k!r} has shape {tuple(v.shape)} but the {what} expects "
+                    f"{tuple(expected[k].shape)} (does config.json match the weights?)"
+                )
+            merged[k] = v
+            origin[k] = path
+    missing = [k for k in expected if k not in merged]
+    if missing:
+        files = ", ".join(str(p) for p in sources)
+        raise ModelLoadError(f"{files}: missing {len(missing)} weight(s) of the {what}, e.g. {missing[0]!r}")
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(merged[k].to(t.dtype))
+
+
+def _convert_legacy_vae_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Old AutoencoderKL checkpoints name the mid-block attention query/key/value/proj_attn
+    (and some store them as 1x1 convs); diffusers' current names are to_q/to_k/to_v/to_out.0."""
+    rename = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if "attentions" in parts and len(parts) >= 2 and parts[-2] in rename:
+            k = ".".join(parts[:-2] + [rename[parts[-2]], parts[-1]])
+            if v.ndim == 4:
+                v = v[:, :, 0, 0]
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- model set
+@dataclass
+class ModelPaths:
+    """Where each component of a model set lives (checked to exist)."""
+
+    root: Path
+    unet: Path
+    vae: Path
+    text_encoder: Path
+    tokenizer: Path
+    appearance_encoder: Path
+    controlnet: Path
+    motion: Path
+
+    @classmethod
+    def locate(cls, models_dir) -> "ModelPaths":
+        root = Path(models_dir)
+        if not root.is_dir():
+            raise ModelLoadError(f"{root}: models directory not found")
+        sd = root / SD_DIR
+        vae = root / VAE_MSE_DIR if (root / VAE_MSE_DIR).is_dir() else sd / "vae"
+        paths = cls(
+            root=root,
+            unet=sd / "unet",
+            vae=vae,
+            text_encoder=sd / "text_encoder",
+            tokenizer=sd / "tokenizer",
+            appearance_encoder=root / MA_DIR / "appearance_encoder",
+            controlnet=root / MA_DIR / "densepose_controlnet",
+            motion=root / MOTION_CKPT,
+        )
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "appearance_encoder", "controlnet"):
+            d = getattr(paths, name)
+            if not d.is_dir():
+                raise ModelLoadError(f"{d}: missing component directory ({name}); expected the layout in README 'Weights'")
+        if not paths.motion.is_file():
+            raise ModelLoadError(f"{paths.motion}: missing motion-module checkpoint")
+        return paths
+
+
+@dataclass
+class ModelSet:
+    """Every stage of MagicAnimate, loaded, in eval mode, on one device and dtype."""
+
+    paths: ModelPaths
+    text_embedding: Tensor  # (1, 77, Cx)
+    vae: VAE
+    appearance_encoder: AppearanceEncoder
+    controlnet: ControlNet
+    unet: TemporalUNet
+
+    def to(self, device=None, dtype=None) -> "ModelSet":
+        for m in (self.vae, self.appearance_encoder, self.controlnet, self.unet):
+            m.to(device=device, dtype=dtype)
+        self.text_embedding = self.text_embedding.to(device=device, dtype=dtype)
+        return self
+
+
+def load_unet(paths: ModelPaths, motion: MotionModuleConfig = MotionModuleConfig()) -> TemporalUNet:
+    cfg = UNetConfig.from_dict(read_config(paths.unet / "config.json"), str(paths.unet / "config.json"))
+    unet = TemporalUNet(cfg, motion)
+    spatial = find_weights(paths.unet)
+    load_into(unet, {spatial: read_state_dict(spatial), paths.motion: read_state_dict(paths.motion)}, "temporal UNet")
+    return unet.eval()
+
+
+def load_appearance_encoder(paths: ModelPaths) -> AppearanceEncoder:
+    cfg_path = paths.appearance_encoder / "config.json"
+    enc = AppearanceEncoder(UNetConfig.from_dict(read_config(cfg_path), str(cfg_path)))
+    w = find_weights(paths.appearance_encoder)
+    load_into(enc, {w: read_state_dict(w)}, "appearance encoder", ignore=enc.pruned_keys)
+    return enc.eval()
+
+
+def load_controlnet(paths: ModelPaths) -> ControlNet:
+    cn = _build(ControlNet, paths.controlnet / "config.json")
+    w = find_weights(paths.controlnet)
+    load_into(cn.net, {w: read_state_dict(w)}, "ControlNet")
+    return cn.eval()
+
+
+def load_vae(paths: ModelPaths) -> VAE:
+    vae = _build(VAE, paths.vae / "config.json")
+    w = find_weights(paths.vae)
+    load_into(vae.vae, {w: _convert_legacy_vae_keys(read_state_dict(w))}, "VAE")
+    return vae.eval()
+
+
+def load_text_embedding(paths: ModelPaths) -> Tensor:
+    cfg_path = paths.text_encoder / "config.json"
+    try:
+        enc = build_text_encoder(read_config(cfg_path))
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{cfg_path}: unusable CLIP text config ({_first_line(e)})") from None
+    w = find_weights(paths.text_encoder, TRANSFORMERS_WEIGHTS)
+    sd = read_state_dict(w)
+    # Checkpoints name CLIP's weights "text_model.*"; transformers 5's CLIPTextModel drops
+    # that level. position_ids is a buffer older versions saved and newer ones recompute.
+    if not any(k.startswith("text_model.") for k in enc.state_dict()):
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    load_into(enc, {w: sd}, "text encoder", ignore={"text_model.embeddings.position_ids", "embeddings.position_ids"})
+    return empty_prompt_embedding(enc, tokenize_empty(paths.tokenizer))
+
+
+def _build(cls, cfg_path: Path):
+    try:
+        return cls(read_config(cfg_path))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # diffusers raises TypeError/ValueError/KeyError for configs it cannot build
+        raise ModelLoadError(f"{cfg_path}: cannot build {cls.__name__} from this config ({_first_line(e)})") from None
+
+
+@torch.no_grad()
+def load_model_set(models_dir, device="cpu", dtype: torch.dtype = torch.float32) -> ModelSet:
+    """Load every stage from ``models_dir`` (the real layout), in eval mode.
+
+    Weights are loaded in float32 (whatever their file's precision) and then moved to
+    ``device`` and ``dtype``; the text embedding is computed in float32 first.
+    """
+    paths = ModelPaths.locate(models_dir)
+    ms = ModelSet(
+        paths=paths,
+        text_embedding=load_text_embedding(paths),
+        vae=load_vae(paths),
+        appearance_encoder=load_appearance_encoder(paths),
+        controlnet=load_controlnet(paths),
+        unet=load_unet(paths),
+    )
+    return ms.to(device=device, dtype=dtype)

@@ -1,0 +1,174 @@
+"""The temporal UNet (REFERENCE 3.5, 3.6): SD 1.5's UNet inflated to video.
+
+Export contract of :meth:`TemporalUNet.guided` (one 16-frame window, the production call):
+
+| name            | shape                       | dtype        | meaning                              |
+|-----------------|-----------------------------|--------------|--------------------------------------|
+| latents         | (1, 4, F, h, w)             | float        | noisy latents of the window's frames |
+| timestep        | (1,)                        | float/int64  | diffusion timestep t                 |
+| text_embedding  | (1, 77, Cx)                 | float        | CLIP embedding of "" (a constant)    |
+| down_residual_i | (F, C_i, h_i, w_i), i<12    | float        | ControlNet residuals of the frames   |
+| mid_residual    | (F, C_mid, h/8, w/8)        | float        | ControlNet mid residual              |
+| bank_j          | (1, h_j*w_j, C_j), j<10     | float        | reference bank (appearance encoder)  |
+| -> eps_uncond   | (1, 4, F, h, w)             | float        | noise prediction, unconditional half |
+| -> eps_cond     | (1, 4, F, h, w)             | float        | noise prediction, conditional half   |
+
+F is the window length (16); h, w = size/8. The ControlNet residuals are the same for both
+CFG halves (the original feeds the same residuals to both), so they are per frame, not per
+batch row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import Tensor, nn
+
+from .config import MotionModuleConfig, UNetConfig
+from .layers import FrameGroupNorm, build_blocks, count_bank_blocks, run_down_blocks
+
+
+def time_embedding(unet: nn.Module, timestep: Tensor, dtype: torch.dtype) -> Tensor:
+    """SD's sinusoidal timestep embedding -> MLP: (1, time_embed_dim). One timestep for the
+    whole call; the sinusoid is computed in float32 (as the original) and then cast."""
+    return unet.time_embedding(unet.time_proj(timestep.reshape(1)).to(dtype))
+
+
+def to_frames(latents: Tensor) -> Tensor:
+    """(B, C, F, H, W) -> frame-major (B*F, C, H, W)."""
+    b, c, f, h, w = latents.shape
+    return latents.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def from_frames(x: Tensor, num_frames: int) -> Tensor:
+    """Frame-major (B*F, C, H, W) -> (B, C, F, H, W)."""
+    n, c, h, w = x.shape
+    return x.reshape(n // num_frames, num_frames, c, h, w).transpose(1, 2)
+
+
+def add_per_frame(x: Tensor, r: Tensor, num_frames: int) -> Tensor:
+    """x (B*F, C, H, W) + r (F, C, H, W): the same per-frame residual for every batch row."""
+    return (x.reshape(-1, num_frames, *x.shape[1:]) + r).reshape(x.shape)
+
+
+class TemporalUNet(nn.Module):
+    """SD UNet + AnimateDiff motion modules + MagicAnimate reference attention.
+
+    Parameter names are SD's UNet2DConditionModel names plus the motion checkpoint's
+    ``*.motion_modules.*`` names, so both files load directly.
+    """
+
+    def __init__(self, config: UNetConfig, motion: MotionModuleConfig = MotionModuleConfig()):
+        super().__init__()
+        self.config = config
+        self.motion_config = motion
+        c0 = config.block_out_channels[0]
+        self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
+        self.time_proj = Timesteps(c0, config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
+        self.down_blocks, self.mid_block, self.up_blocks = build_blocks(config, motion)
+        self.conv_norm_out = FrameGroupNorm(config.norm_num_groups, c0, eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
+        self.num_bank = count_bank_blocks(self.mid_block, self.up_blocks)
+
+    # ------------------------------------------------------------------ public calls
+    def forward(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_embedding: Tensor,
+        down_residuals: Optional[Sequence[Tensor]] = None,
+        mid_residual: Optional[Tensor] = None,
+        bank: Optional[Sequence[Tensor]] = None,
+    ) -> Tensor:
+        """One full forward, as the original runs each CFG half.
+
+        latents (B, 4, F, h, w) -> eps (B, 4, F, h, w). With ``bank`` (the conditional half)
+        every mid/up self-attention uses reference attention; without it (the
+        unconditional half) plain self-attention. Residuals are per frame (see module doc).
+        """
+        f = latents.shape[2]
+        x = to_frames(latents)
+        temb = time_embedding(self, timestep, x.dtype)
+        h, skips = self._down(x, temb, text_embedding, f, down_residuals)
+        refs = list(bank) if bank is not None else [None] * self.num_bank
+        self._check_bank(refs)
+        mid = self.mid_block
+        h = mid.resnets[0](h, temb, f)
+        h = mid.attentions[0](h, text_embedding, ref=refs[0])
+        h = mid.resnets[1](h, temb, f)
+        if mid_residual is not None:
+            h = add_per_frame(h, mid_residual, f)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=0)
+        return self._out(h, f)
+
+    def guided(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_embedding: Tensor,
+        down_residuals: Optional[Sequence[Tensor]],
+        mid_residual: Optional[Tensor],
+        bank: Sequence[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Both CFG halves of one window: latents (1, 4, F, h, w) -> (eps_uncond, eps_cond).
+
+        The halves share latents, timestep, text embedding and residuals, so everything up
+        to the first mid-block self-attention is computed once at batch 1; from there the
+        batch is 2 (rows 0..F-1 unconditional, F..2F-1 conditional with reference
+        attention). Equal to ``forward(bank=None)`` and ``forward(bank=bank)`` up to float
+        rounding.
+        """
+        if latents.shape[0] != 1:
+            raise ValueError(f"guided() takes one window at batch 1, got latents {tuple(latents.shape)}")
+        f = latents.shape[2]
+        refs = list(bank)
+        self._check_bank(refs)
+        x = to_frames(latents)
+        temb = time_embedding(self, timestep, x.dtype)
+        h, skips = self._down(x, temb, text_embedding, f, down_residuals)
+        mid = self.mid_block
+        h = mid.resnets[0](h, temb, f)
+        h = mid.attentions[0](h, text_embedding, ref=refs[0], split=True)  # batch 1 -> 2
+        h = mid.resnets[1](h, temb, f)
+        if mid_residual is not None:
+            h = add_per_frame(h, mid_residual, f)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=f)
+        eps = self._out(h, f)
+        return eps[:1], eps[1:]
+
+    # ------------------------------------------------------------------ pieces
+    def _check_bank(self, refs: list) -> None:
+        if len(refs) != self.num_bank:
+            raise ValueError(f"reference bank has {len(refs)} tensors, the UNet has {self.num_bank} mid/up blocks")
+
+    def _down(self, x, temb, context, f, down_residuals):
+        h, skips = run_down_blocks(self.down_blocks, self.conv_in(x), temb, context, f)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
+            skips = [add_per_frame(s, r, f) for s, r in zip(skips, down_residuals)]
+        return h, skips
+
+    def _up(self, h, skips, temb, context, f, refs, plain_rows):
+        refs = iter(refs)
+        for blk in self.up_blocks:
+            for j, resnet in enumerate(blk.resnets):
+                skip = skips.pop()
+                if skip.shape[0] != h.shape[0]:  # shared batch-1 skip feeding both CFG halves
+                    skip = skip.repeat(h.shape[0] // skip.shape[0], 1, 1, 1)
+                h = resnet(torch.cat([h, skip], dim=1), temb, f)
+                if len(blk.attentions):
+                    h = blk.attentions[j](h, context, ref=next(refs), plain_rows=plain_rows)
+                if len(blk.motion_modules):
+                    h = blk.motion_modules[j](h, f)
+            if hasattr(blk, "upsamplers"):
+                h = blk.upsamplers[0](h)
+        return h
+
+    def _out(self, h, f):
+        h = self.conv_out(F.silu(self.conv_norm_out(h, f)))
+        return from_frames(h, f)
