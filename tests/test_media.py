@@ -429,11 +429,15 @@ def test_grid_layout_and_chunks():
     driving = smooth_frames(5, 16, 16)
     result = 255 - driving
     grid = grid_frames(source, driving, result)
-    assert grid.shape == (5, 16, 48, 3) and grid.dtype == np.uint8
+    # torchvision.utils.make_grid(padding=2): 2 black pixels around and between panels
+    assert grid.shape == (5, 20, 56, 3) and grid.dtype == np.uint8
     for f in range(5):
-        np.testing.assert_array_equal(grid[f, :, :16], source)
-        np.testing.assert_array_equal(grid[f, :, 16:32], driving[f])
-        np.testing.assert_array_equal(grid[f, :, 32:], result[f])
+        np.testing.assert_array_equal(grid[f, 2:18, 2:18], source)
+        np.testing.assert_array_equal(grid[f, 2:18, 20:36], driving[f])
+        np.testing.assert_array_equal(grid[f, 2:18, 38:54], result[f])
+    border = np.ones(grid.shape[1:3], bool)
+    border[2:18, 2:18] = border[2:18, 20:36] = border[2:18, 38:54] = False
+    assert (grid[:, border] == 0).all()
     chunked = np.concatenate([grid_frames(source, driving[i : i + 2], result[i : i + 2]) for i in range(0, 5, 2)])
     np.testing.assert_array_equal(chunked, grid)
 

@@ -171,6 +171,19 @@ def _convert_legacy_vae_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def build_empty(factory, *args):
+    """Build a module without initialising its weights (they are all about to be loaded):
+    constructed on the meta device, then given uninitialised CPU storage. Random init of
+    SD-sized modules costs more than reading their weights. Only for modules whose every
+    buffer is persistent (a non-persistent one would stay uninitialised): checked."""
+    with torch.device("meta"):
+        module = factory(*args)
+    persistent = module.state_dict()
+    if any(name not in persistent for name, _ in module.named_buffers()):
+        return factory(*args)
+    return module.to_empty(device="cpu")
+
+
 # --------------------------------------------------------------------------- model set
 @dataclass
 class ModelPaths:
@@ -231,7 +244,7 @@ class ModelSet:
 
 def load_unet(paths: ModelPaths, motion: MotionModuleConfig = MotionModuleConfig()) -> TemporalUNet:
     cfg = UNetConfig.from_dict(read_config(paths.unet / "config.json"), str(paths.unet / "config.json"))
-    unet = TemporalUNet(cfg, motion)
+    unet = build_empty(TemporalUNet, cfg, motion)
     spatial = find_weights(paths.unet)
     load_into(unet, {spatial: read_state_dict(spatial), paths.motion: read_state_dict(paths.motion)}, "temporal UNet")
     return unet.eval()
@@ -239,7 +252,7 @@ def load_unet(paths: ModelPaths, motion: MotionModuleConfig = MotionModuleConfig
 
 def load_appearance_encoder(paths: ModelPaths) -> AppearanceEncoder:
     cfg_path = paths.appearance_encoder / "config.json"
-    enc = AppearanceEncoder(UNetConfig.from_dict(read_config(cfg_path), str(cfg_path)))
+    enc = build_empty(AppearanceEncoder, UNetConfig.from_dict(read_config(cfg_path), str(cfg_path)))
     w = find_weights(paths.appearance_encoder)
     load_into(enc, {w: read_state_dict(w)}, "appearance encoder", ignore=enc.pruned_keys)
     return enc.eval()
@@ -277,7 +290,7 @@ def load_text_embedding(paths: ModelPaths) -> Tensor:
 
 def _build(cls, cfg_path: Path):
     try:
-        return cls(read_config(cfg_path))
+        return build_empty(cls, read_config(cfg_path))
     except ModelLoadError:
         raise
     except Exception as e:  # diffusers raises TypeError/ValueError/KeyError for configs it cannot build

@@ -471,8 +471,10 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int | float | Fraction 
 # --------------------------------------------------------------------------- grid
 
 
-def grid_frames(source: np.ndarray, driving: np.ndarray, result: np.ndarray) -> np.ndarray:
-    """Side-by-side comparison frames [source | driving | result].
+def grid_frames(source: np.ndarray, driving: np.ndarray, result: np.ndarray, padding: int = 2) -> np.ndarray:
+    """Side-by-side comparison frames [source | driving | result], laid out as the
+    original's ``torchvision.utils.make_grid(nrow=6, padding=2)`` lays out its three panels:
+    a ``padding``-pixel black border around and between them.
 
     Args:
         source: (S, S, 3) uint8, repeated on every frame.
@@ -480,9 +482,8 @@ def grid_frames(source: np.ndarray, driving: np.ndarray, result: np.ndarray) -> 
         result: (F, S, S, 3) uint8, the animation.
 
     Returns:
-        (F, S, 3S, 3) uint8. Works on any chunk of frames (F may be a slice of the video).
-        Unlike the original's ``torchvision.utils.make_grid``, there is no 2-pixel black
-        border around and between the three panels.
+        (F, S + 2p, 3S + 4p, 3) uint8 (p = padding; even for even S, as yuv420p needs).
+        Works on any chunk of frames (F may be a slice of the video).
     """
     for name, array, ndim in (("source", source, 3), ("driving", driving, 4), ("result", result, 4)):
         if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != ndim \
@@ -497,8 +498,9 @@ def grid_frames(source: np.ndarray, driving: np.ndarray, result: np.ndarray) -> 
             f"result {result.shape} (expected (S, S, 3), (F, S, S, 3), (F, S, S, 3))"
         )
     frames, height, width = driving.shape[:3]
-    grid = np.empty((frames, height, 3 * width, 3), dtype=np.uint8)
-    grid[:, :, :width] = source  # broadcast over frames
-    grid[:, :, width : 2 * width] = driving
-    grid[:, :, 2 * width :] = result
+    p = padding
+    grid = np.zeros((frames, height + 2 * p, 3 * width + 4 * p, 3), dtype=np.uint8)
+    for k, panel in enumerate((source, driving, result)):
+        x = p + k * (width + p)
+        grid[:, p : p + height, x : x + width] = panel  # source broadcasts over frames
     return grid

@@ -1,0 +1,176 @@
+"""The ``magicanimate-rt`` command.
+
+    magicanimate-rt animate --models DIR --source IMAGE --driving VIDEO --output OUT.mp4
+    magicanimate-rt demo [--output OUT.mp4]
+
+Bad input ends with one line on stderr naming the file or argument, exit code 2, and no
+output file (outputs are written to a temporary file and renamed when complete); Ctrl-C
+ends with one line and exit code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError, MagicAnimateError
+
+PROG = "magicanimate-rt"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default adds a usage block)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Fast, faithful MagicAnimate: one photo + a DensePose motion video -> an animation.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("animate", help="animate a source image with a DensePose driving video")
+    src = a.add_argument_group("inputs")
+    src.add_argument("--models", type=Path, help="model directory in the real layout (README 'Weights')")
+    src.add_argument("--engines", type=Path, help="engine directory from build_engines.py (instead of --models)")
+    src.add_argument("--source", type=Path, required=True, help="source image (any format PIL reads)")
+    src.add_argument("--driving", type=Path, required=True, help="DensePose driving video (any format ffmpeg reads)")
+    src.add_argument("--start-frame", type=_positive_int, default=0, help="first driving frame to use (default 0)")
+    src.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
+    out = a.add_argument_group("outputs")
+    out.add_argument("--output", type=Path, required=True, help="animation, H.264 mp4 at 25 fps")
+    out.add_argument("--grid", type=Path, help="also write the original's [source | driving | result] grid video")
+    s = a.add_argument_group("sampling")
+    s.add_argument("--size", type=int, default=512, help="output side in pixels, a multiple of 64 (default 512)")
+    s.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale >= 1 (default 7.5)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    r = a.add_argument_group("runtime")
+    r.add_argument("--backend", default=None,
+                   help="torch (default with --models) or onnxruntime (default with --engines)")
+    r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    r.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    a.set_defaults(func=cmd_animate)
+
+    d = sub.add_parser("demo", help="run the whole pipeline on generated inputs and a tiny random model set")
+    d.add_argument("--output", type=Path, default=Path("magicanimate-demo.mp4"), help="where to write the mp4")
+    d.add_argument("--frames", type=int, default=64, help="driving frames to generate (default 64, 2.6 s)")
+    d.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _check_output(path: Path, what: str) -> Path:
+    if path.suffix.lower() != ".mp4":
+        raise InputError(f"{what} {path}: the output must be an .mp4 file")
+    if not path.parent.is_dir():
+        raise InputError(f"{what} {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"{what} {path}: is a directory")
+    return path
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _run(pipe, source, driving, size, steps, guidance, seed):
+    _log(f"animating {driving.shape[0]} frames at {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}")
+    return pipe.animate(source, driving, size=size, steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+
+
+def _write_outputs(result, source, driving, output: Path, grid: Path | None) -> None:
+    from .runtime.media import grid_frames, write_video
+
+    write_video(output, result.frames)
+    if grid is not None:
+        write_video(grid, grid_frames(source, driving, result.frames))
+
+
+def cmd_animate(args) -> int:
+    from .runtime.media import load_source_image, read_video
+    from .runtime.pipeline import AnimationPipeline, validate_settings
+
+    validate_settings(args.size, args.steps, args.guidance)
+    if (args.models is None) == (args.engines is None):
+        raise InputError("give exactly one of --models DIR or --engines DIR")
+    _check_output(args.output, "--output")
+    if args.grid is not None:
+        _check_output(args.grid, "--grid")
+        if args.grid.resolve() == args.output.resolve():
+            raise InputError("--grid must differ from --output")
+    if args.models is not None and not args.models.is_dir():
+        raise InputError(f"--models {args.models}: directory not found")
+    if args.engines is not None and not args.engines.is_dir():
+        raise InputError(f"--engines {args.engines}: directory not found")
+    # read the inputs before loading any model, so bad input fails fast
+    source = load_source_image(args.source, args.size)
+    driving = read_video(args.driving, size=args.size, start_frame=args.start_frame, max_frames=args.max_frames)
+
+    t0 = time.perf_counter()
+    if args.models is not None:
+        _log(f"loading models from {args.models} ...")
+        pipe = AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch",
+                                                 device=args.device, dtype=args.dtype)
+    else:
+        _log(f"loading engines from {args.engines} ...")
+        pipe = AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device)
+    with pipe:
+        _log(f"loaded in {time.perf_counter() - t0:.1f} s")
+        result = _run(pipe, source, driving, args.size, args.steps, args.guidance, args.seed)
+    _write_outputs(result, source, driving, args.output, args.grid)
+    _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
+         f" ({result.frames.shape[0]} frames, {result.timings['total']:.1f} s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+    from .runtime.pipeline import AnimationPipeline, validate_settings
+
+    size = 128
+    validate_settings(size, args.steps, 7.5)
+    if args.frames < 1:
+        raise InputError(f"--frames must be >= 1, got {args.frames}")
+    _check_output(args.output, "--output")
+    t0 = time.perf_counter()
+    models = demo.demo_models()
+    _log(f"tiny random model set: {models}")
+    source, driving = demo.source_image(size), demo.driving_clip(args.frames, size)
+    with AnimationPipeline.from_pretrained(models) as pipe:
+        result = _run(pipe, source, driving, size, args.steps, 7.5, 0)
+    grid = args.output.with_name(args.output.stem + "-grid.mp4")
+    _write_outputs(result, source, driving, args.output, grid)
+    print(f"demo animation: {args.output.resolve()}")
+    print(f"side by side [source | driving | result]: {grid.resolve()}")
+    print(f"({time.perf_counter() - t0:.0f} s.) The demo's weights are random, so the video shows the pipeline "
+          "running, not a person: put real weights in with `magicanimate-rt animate --models DIR ...` "
+          "(README 'Weights').")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MagicAnimateError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
