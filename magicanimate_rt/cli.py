@@ -82,7 +82,9 @@ def _check_output(path: Path, what: str) -> Path:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    # progress notes go to stdout; stderr carries the progress bar and, on failure, the
+    # one error line
+    print(msg, flush=True)
 
 
 def _run(pipe, source, driving, size, steps, guidance, seed):
