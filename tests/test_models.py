@@ -113,3 +113,28 @@ def test_resnet_groupnorm_spans_frames(models, stages):
     split = torch.cat([models.unet(lat[:, :, i : i + 1], t, e, [d[i : i + 1] for d in down], mid[i : i + 1])
                        for i in range(2)], dim=2)
     assert rel_l2(split, joint) > 1e-3
+
+
+@torch.no_grad()
+def test_bank_projected_once_equals_per_frame_projection(models, stages):
+    """The saving 'bank K/V projected once per block' is the same function as the
+    original's per-frame projection of concat([frame, bank])."""
+    lat, t, e, down, mid, bank = unet_inputs(models, stages)
+    once = models.unet(lat, t, e, down, mid, bank)
+    per_frame = models.unet(lat, t, e, down, mid, bank, ref_kv_per_frame=True)
+    assert rel_l2(once, per_frame) < 1e-6
+    assert rel_l2(per_frame, stages["unet_eps_cond"]) < TOL
+
+
+@torch.no_grad()
+def test_guided_batches_several_windows(models, stages):
+    """Two windows in one guided call equal two one-window calls (residuals per row)."""
+    lat, t, e, down, mid, bank = unet_inputs(models, stages)
+    lat2 = torch.cat([lat, lat.flip(2)])  # a second window: the frames in reverse order
+    down2 = [torch.cat([d, d.flip(0)]) for d in down]
+    mid2 = torch.cat([mid, mid.flip(0)])
+    u2, c2 = models.unet.guided(lat2, t, e, down2, mid2, bank)
+    u_a, c_a = models.unet.guided(lat, t, e, down, mid, bank)
+    u_b, c_b = models.unet.guided(lat.flip(2), t, e, [d.flip(0) for d in down], mid.flip(0), bank)
+    assert rel_l2(u2, torch.cat([u_a, u_b])) < 1e-5
+    assert rel_l2(c2, torch.cat([c_a, c_b])) < 1e-5

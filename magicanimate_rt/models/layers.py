@@ -44,7 +44,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 
 def self_attention(
-    attn: Attention, h: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0, split: bool = False
+    attn: Attention, h: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0, split: bool = False,
+    ref_kv_per_frame: bool = False,
 ) -> Tensor:
     """Self-attention of ``h`` (N, L, C) with optional MagicAnimate reference attention.
 
@@ -59,9 +60,17 @@ def self_attention(
     - ``split=True``: ``h`` is the one copy both CFG halves share; returns (2N, L, C):
       rows ``[:N]`` plain (uncond), rows ``[N:]`` with reference (cond). q, k and v of the
       shared copy are computed once.
+    - ``ref_kv_per_frame=True``: the original's way (with ``split=False, plain_rows=0``):
+      every row projects ``concat([row, ref])`` itself. Same function, more FLOPs; kept
+      for the reference-schedule baseline.
     Returns the attention output after ``to_out`` (before the residual add).
     """
     heads = attn.heads
+    if ref is not None and ref_kv_per_frame:
+        if split or plain_rows:
+            raise ValueError("ref_kv_per_frame is the original's one-half-per-call schedule")
+        kv = torch.cat([h, ref.expand(h.shape[0], -1, -1)], dim=1)
+        return attn.to_out[0](attention(attn.to_q(h), attn.to_k(kv), attn.to_v(kv), heads))
     q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
     if ref is None:
         out = attention(q, k, v, heads)
@@ -162,14 +171,14 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
 
     def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
-                split: bool = False, bank_out: Optional[list] = None) -> Tensor:
+                split: bool = False, bank_out: Optional[list] = None, ref_kv_per_frame: bool = False) -> Tensor:
         """x: (N, L, C) tokens; context: (1, 77, Cx); ref: (1, Lr, C) or None.
         Returns (N, L, C), or (2N, L, C) when ``split``. ``bank_out``, when given, receives
         this block's ``norm1`` output (what the appearance encoder contributes to the bank)."""
         h = self.norm1(x)
         if bank_out is not None:
             bank_out.append(h)
-        a = self_attention(self.attn1, h, ref, plain_rows, split)
+        a = self_attention(self.attn1, h, ref, plain_rows, split, ref_kv_per_frame)
         x = (x.repeat(2, 1, 1) if split else x) + a
         x = x + cross_attention(self.attn2, self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -197,10 +206,10 @@ class SpatialTransformer(nn.Module):
         return self.proj_in(h).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
 
     def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
-                split: bool = False, bank_out: Optional[list] = None) -> Tensor:
+                split: bool = False, bank_out: Optional[list] = None, ref_kv_per_frame: bool = False) -> Tensor:
         """x: (N, C, H, W) -> (N, C, H, W), or (2N, C, H, W) when ``split``."""
         _, c, hh, ww = x.shape
-        t = self.transformer_blocks[0](self.tokens(x), context, ref, plain_rows, split, bank_out)
+        t = self.transformer_blocks[0](self.tokens(x), context, ref, plain_rows, split, bank_out, ref_kv_per_frame)
         n = t.shape[0]
         if self.linear_proj:
             h = self.proj_out(t).reshape(n, hh, ww, c).permute(0, 3, 1, 2)

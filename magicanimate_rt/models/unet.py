@@ -49,9 +49,11 @@ def from_frames(x: Tensor, num_frames: int) -> Tensor:
     return x.reshape(n // num_frames, num_frames, c, h, w).transpose(1, 2)
 
 
-def add_per_frame(x: Tensor, r: Tensor, num_frames: int) -> Tensor:
-    """x (B*F, C, H, W) + r (F, C, H, W): the same per-frame residual for every batch row."""
-    return (x.reshape(-1, num_frames, *x.shape[1:]) + r).reshape(x.shape)
+def add_residual(x: Tensor, r: Tensor) -> Tensor:
+    """x (K*M, C, H, W) + r (M, C, H, W), r repeated over the K leading groups: a window's
+    per-frame residual (M = F) for every CFG half, or per-row residuals (M = B*F) of B
+    windows for both halves."""
+    return (x.reshape(-1, *r.shape) + r).reshape(x.shape)
 
 
 class TemporalUNet(nn.Module):
@@ -83,12 +85,15 @@ class TemporalUNet(nn.Module):
         down_residuals: Optional[Sequence[Tensor]] = None,
         mid_residual: Optional[Tensor] = None,
         bank: Optional[Sequence[Tensor]] = None,
+        ref_kv_per_frame: bool = False,
     ) -> Tensor:
         """One full forward, as the original runs each CFG half.
 
         latents (B, 4, F, h, w) -> eps (B, 4, F, h, w). With ``bank`` (the conditional half)
         every mid/up self-attention uses reference attention; without it (the
         unconditional half) plain self-attention. Residuals are per frame (see module doc).
+        ``ref_kv_per_frame`` projects the bank's keys/values once per frame, as the
+        original does (same function, more FLOPs: the reference-schedule baseline).
         """
         f = latents.shape[2]
         x = to_frames(latents)
@@ -98,11 +103,11 @@ class TemporalUNet(nn.Module):
         self._check_bank(refs)
         mid = self.mid_block
         h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0])
+        h = mid.attentions[0](h, text_embedding, ref=refs[0], ref_kv_per_frame=ref_kv_per_frame)
         h = mid.resnets[1](h, temb, f)
         if mid_residual is not None:
-            h = add_per_frame(h, mid_residual, f)
-        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=0)
+            h = add_residual(h, mid_residual)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=0, ref_kv_per_frame=ref_kv_per_frame)
         return self._out(h, f)
 
     def guided(
@@ -114,17 +119,17 @@ class TemporalUNet(nn.Module):
         mid_residual: Optional[Tensor],
         bank: Sequence[Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """Both CFG halves of one window: latents (1, 4, F, h, w) -> (eps_uncond, eps_cond).
+        """Both CFG halves of B windows: latents (B, 4, F, h, w) -> (eps_uncond, eps_cond),
+        each (B, 4, F, h, w). B is 1 in the export contract; the residuals are (F, ...)
+        shared by the B windows or (B*F, ...) one per window frame.
 
         The halves share latents, timestep, text embedding and residuals, so everything up
-        to the first mid-block self-attention is computed once at batch 1; from there the
-        batch is 2 (rows 0..F-1 unconditional, F..2F-1 conditional with reference
+        to the first mid-block self-attention is computed once; from there the batch
+        doubles (rows of all B windows unconditional first, then conditional with reference
         attention). Equal to ``forward(bank=None)`` and ``forward(bank=bank)`` up to float
         rounding.
         """
-        if latents.shape[0] != 1:
-            raise ValueError(f"guided() takes one window at batch 1, got latents {tuple(latents.shape)}")
-        f = latents.shape[2]
+        b, f = latents.shape[0], latents.shape[2]
         refs = list(bank)
         self._check_bank(refs)
         x = to_frames(latents)
@@ -132,13 +137,13 @@ class TemporalUNet(nn.Module):
         h, skips = self._down(x, temb, text_embedding, f, down_residuals)
         mid = self.mid_block
         h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0], split=True)  # batch 1 -> 2
+        h = mid.attentions[0](h, text_embedding, ref=refs[0], split=True)  # batch B -> 2B
         h = mid.resnets[1](h, temb, f)
         if mid_residual is not None:
-            h = add_per_frame(h, mid_residual, f)
-        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=f)
+            h = add_residual(h, mid_residual)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=b * f)
         eps = self._out(h, f)
-        return eps[:1], eps[1:]
+        return eps[:b], eps[b:]
 
     # ------------------------------------------------------------------ pieces
     def _check_bank(self, refs: list) -> None:
@@ -150,10 +155,10 @@ class TemporalUNet(nn.Module):
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
-            skips = [add_per_frame(s, r, f) for s, r in zip(skips, down_residuals)]
+            skips = [add_residual(s, r) for s, r in zip(skips, down_residuals)]
         return h, skips
 
-    def _up(self, h, skips, temb, context, f, refs, plain_rows):
+    def _up(self, h, skips, temb, context, f, refs, plain_rows, ref_kv_per_frame=False):
         refs = iter(refs)
         for blk in self.up_blocks:
             for j, resnet in enumerate(blk.resnets):
@@ -162,7 +167,8 @@ class TemporalUNet(nn.Module):
                     skip = skip.repeat(h.shape[0] // skip.shape[0], 1, 1, 1)
                 h = resnet(torch.cat([h, skip], dim=1), temb, f)
                 if len(blk.attentions):
-                    h = blk.attentions[j](h, context, ref=next(refs), plain_rows=plain_rows)
+                    h = blk.attentions[j](h, context, ref=next(refs), plain_rows=plain_rows,
+                                          ref_kv_per_frame=ref_kv_per_frame)
                 if len(blk.motion_modules):
                     h = blk.motion_modules[j](h, f)
             if hasattr(blk, "upsamplers"):
