@@ -33,6 +33,33 @@ from .timing import StageTimer
 from .windows import padded_length
 
 
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the pipeline batches its work; every setting gives the same frames.
+
+    Fields:
+        overlap: frames shared by consecutive 16-frame windows (4, the original's).
+        controlnet_chunk: frames per ControlNet call (the original: 16).
+        decode_chunk: frames per VAE decode call (the original: 1).
+    """
+
+    overlap: int = 4
+    controlnet_chunk: int = 16
+    decode_chunk: int = 8
+
+    @classmethod
+    def original(cls) -> "PipelineOptions":
+        """The original implementation's batching."""
+        return cls(controlnet_chunk=16, decode_chunk=1)
+
+    def __post_init__(self):
+        for name in ("controlnet_chunk", "decode_chunk"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.overlap < 16:
+            raise InputError(f"overlap must be in 0..15, got {self.overlap!r}")
+
+
 @dataclass
 class AnimationResult:
     frames: np.ndarray  #: (F0, size, size, 3) uint8
@@ -52,24 +79,27 @@ def validate_settings(size, steps, guidance_scale) -> None:
 class AnimationPipeline:
     """Drives one backend's stages through MagicAnimate's sampling (REFERENCE 2 and 4)."""
 
-    def __init__(self, stages: Stages, ddim: DDIMSettings = DDIMSettings(), overlap: int = 4,
-                 controlnet_chunk: int = 16, decode_chunk: int = 8):
+    def __init__(self, stages: Stages, ddim: DDIMSettings = DDIMSettings(),
+                 options: PipelineOptions = PipelineOptions()):
         self.stages = stages
         self.ddim = ddim
-        self.overlap = overlap
-        self.controlnet_chunk = controlnet_chunk
-        self.decode_chunk = decode_chunk
+        self.options = options
 
     @classmethod
-    def from_pretrained(cls, models_dir, backend: str = "torch", device="cpu", dtype="float32", **kwargs):
-        """Load a model directory in the real layout (README 'Weights')."""
-        return cls(pretrained_factory(backend)(models_dir, device=device, dtype=dtype), **kwargs)
+    def from_pretrained(cls, models_dir, backend: str = "torch", device="cpu", dtype="float32",
+                        backend_options=None, options: PipelineOptions = PipelineOptions()):
+        """Load a model directory in the real layout (README 'Weights'). ``backend_options``
+        goes to the backend (e.g. ``TorchOptions`` for "torch")."""
+        extra = {} if backend_options is None else {"options": backend_options}
+        return cls(pretrained_factory(backend)(models_dir, device=device, dtype=dtype, **extra), options=options)
 
     @classmethod
-    def from_engines(cls, engine_dir, backend: str = "onnxruntime", device="cpu", **kwargs):
+    def from_engines(cls, engine_dir, backend: str = "onnxruntime", device="cpu", backend_options=None,
+                     options: PipelineOptions = PipelineOptions()):
         """Load an engine directory written by build_engines.py."""
-        stages = engine_factory(backend)(engine_dir, device=device)
-        return cls(stages, ddim=getattr(stages, "ddim", DDIMSettings()), **kwargs)
+        extra = {} if backend_options is None else {"options": backend_options}
+        stages = engine_factory(backend)(engine_dir, device=device, **extra)
+        return cls(stages, ddim=getattr(stages, "ddim", DDIMSettings()), options=options)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -136,8 +166,8 @@ class AnimationPipeline:
         else:
             on_step = None
         try:
-            latents = denoise(st, ref, control, latents, sampler, float(guidance_scale), self.overlap,
-                              self.controlnet_chunk, timer, on_step)
+            latents = denoise(st, ref, control, latents, sampler, float(guidance_scale), self.options.overlap,
+                              self.options.controlnet_chunk, timer, on_step)
         finally:
             if bar is not None:
                 bar.close()
@@ -167,7 +197,8 @@ class AnimationPipeline:
         """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded in chunks; the host sees the
         frames once."""
         frames = latents[0].transpose(0, 1)
-        out = [self.stages.decode(frames[i : i + self.decode_chunk]) for i in range(0, frames.shape[0], self.decode_chunk)]
+        k = self.options.decode_chunk
+        out = [self.stages.decode(frames[i : i + k]) for i in range(0, frames.shape[0], k)]
         video = torch.cat(out).float()
         # (video * 255) truncated to uint8, as the original saves it
         return (video * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

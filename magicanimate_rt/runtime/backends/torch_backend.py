@@ -1,8 +1,15 @@
-"""The PyTorch backend: the stage interface over :mod:`magicanimate_rt.models`."""
+"""The PyTorch backend: the stage interface over :mod:`magicanimate_rt.models`, on the CPU
+or on CUDA (the torch-CUDA backend is this module with ``device="cuda"``).
+
+:class:`TorchOptions` chooses how the stages compute. Every combination is the same
+function up to float rounding; :meth:`TorchOptions.original` computes the way the original
+MagicAnimate does (the reference-schedule baseline of the benchmarks).
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,39 +30,96 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class TorchOptions:
+    """How the torch backend computes its stages.
+
+    Fields:
+        appearance_batch: copies of the reference latent the appearance encoder runs on.
+            1 (ours); 2 is the original's two identical CFG copies (same bank, twice the work).
+        share_cfg_prefix: the guided UNet call computes the two CFG halves' shared prefix
+            (everything before the first mid-block self-attention) once. False runs a full
+            forward per half, as the original.
+        bank_kv_once: the reference bank's keys/values are projected once per block and
+            shared by every frame. False projects ``concat([frame, bank])`` per frame, as
+            the original.
+        channels_last: convolution weights and activations in NHWC (helps fp16 on CUDA).
+        compile_mode: None, or a ``torch.compile`` mode for the UNet call ("default",
+            "reduce-overhead" (CUDA graphs), "max-autotune").
+    """
+
+    appearance_batch: int = 1
+    share_cfg_prefix: bool = True
+    bank_kv_once: bool = True
+    channels_last: bool = False
+    compile_mode: Optional[str] = None
+
+    @classmethod
+    def original(cls) -> "TorchOptions":
+        """The original implementation's schedule (same function, more work)."""
+        return cls(appearance_batch=2, share_cfg_prefix=False, bank_kv_once=False)
+
+    def __post_init__(self):
+        if self.appearance_batch not in (1, 2):
+            raise InputError(f"appearance_batch must be 1 or 2, got {self.appearance_batch!r}")
+        if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
+            raise InputError(f"compile_mode {self.compile_mode!r} is not a torch.compile mode")
+
+
 class TorchStages(Stages):
     name = "torch"
 
-    def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype):
+    def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype,
+                 options: TorchOptions = TorchOptions()):
         self.models = models
         self.device = device
         self.dtype = dtype
+        self.options = options
         self.text_embedding = models.text_embedding
+        if options.channels_last:
+            for m in (models.vae, models.appearance_encoder, models.controlnet, models.unet):
+                m.to(memory_format=torch.channels_last)
+        self._guided = models.unet.guided
+        self._forward = models.unet.forward
+        if options.compile_mode is not None:
+            self._guided = torch.compile(self._guided, mode=options.compile_mode, dynamic=False)
+            self._forward = torch.compile(self._forward, mode=options.compile_mode, dynamic=False)
 
     @classmethod
-    def from_pretrained(cls, models_dir, device="cpu", dtype="float32") -> "TorchStages":
+    def from_pretrained(cls, models_dir, device="cpu", dtype="float32",
+                        options: TorchOptions = TorchOptions()) -> "TorchStages":
         device, dtype = torch.device(device), parse_dtype(dtype)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("device 'cuda' requested but PyTorch sees no CUDA GPU; use --device cpu")
         if device.type == "cpu" and dtype == torch.float16:
             raise InputError("dtype float16 needs a CUDA device; use float32 (or bfloat16) on the CPU")
-        return cls(load_model_set(models_dir, device=device, dtype=dtype), device, dtype)
+        return cls(load_model_set(models_dir, device=device, dtype=dtype), device, dtype, options)
 
     def encode_reference(self, image: Tensor) -> Tensor:
         return self.models.vae.encode(image)
 
     def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
-        return self.models.appearance_encoder(ref_latent, t, self.text_embedding)
+        n = self.options.appearance_batch
+        bank = self.models.appearance_encoder(ref_latent.expand(n, -1, -1, -1), t, self.text_embedding)
+        return bank if n == 1 else [b[:1] for b in bank]  # the copies are identical
 
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         return list(self.models.controlnet(latents, t, self.text_embedding, cond))
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
-        return self.models.unet.guided(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank)
+        down, mid = residuals[:-1], residuals[-1]
+        if self.options.share_cfg_prefix:
+            return self._guided(latents, t, self.text_embedding, down, mid, bank)
+        eps_u = self._forward(latents, t, self.text_embedding, down, mid)
+        return eps_u, self.unet_cond(latents, t, residuals, bank)
 
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
-        return self.models.unet(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank)
+        return self._forward(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank,
+                             ref_kv_per_frame=not self.options.bank_kv_once)
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.models.vae.decode(latents)
 
     def close(self) -> None:
         self.models = None  # type: ignore[assignment]
+        self._guided = self._forward = None
