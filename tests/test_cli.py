@@ -8,25 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import linked_copy, replace_file
 
 
 def run_cli(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "magicanimate_rt.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def linked_copy(src: Path, dst: Path) -> Path:
-    """A model set whose files are symlinks to ``src`` (cheap), to damage one file."""
-    for p in src.rglob("*"):
-        q = dst / p.relative_to(src)
-        if p.is_dir():
-            q.mkdir(parents=True, exist_ok=True)
-        else:
-            q.parent.mkdir(parents=True, exist_ok=True)
-            q.symlink_to(p)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +87,7 @@ def test_missing_component(tiny, inputs, tmp_path):
 def test_truncated_weights(tiny, inputs, tmp_path):
     models = linked_copy(tiny, tmp_path / "models")
     f = models / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors"
-    data = f.read_bytes()
-    f.unlink()
-    f.write_bytes(data[: len(data) // 2])
+    replace_file(f, f.read_bytes()[: f.stat().st_size // 2])
     out = tmp_path / "out.mp4"
     assert_clean_failure(run_cli(*base_args(models, inputs, out)), out, str(f), "truncated or corrupt")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -96,7 +95,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                     "(only weights_only=True checkpoints are loaded)"
                 ) from None
             raise ModelLoadError(f"{path}: corrupt checkpoint ({_first_line(e)})") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        except Exception as e:  # zip, pickle and storage parsing fail in many ways on a damaged file
             raise ModelLoadError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
@@ -114,22 +113,21 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def load_into(
-    module: nn.Module,
+def check_weights(
+    expected: Mapping[str, torch.Size],
     sources: Mapping[Path, Mapping[str, Tensor]],
     what: str,
     ignore: Iterable[str] = (),
-) -> None:
-    """Copy tensors from one or more files into ``module``, checking every key.
+) -> dict[str, Tensor]:
+    """Match the tensors of one or more files to a module's parameter/buffer shapes.
 
     ``sources`` maps each file to its tensors; a later file overrides an earlier one for
     the same key. Any key that matches no parameter or buffer (except ``ignore``), any
-    parameter or buffer that no file provides, any shape mismatch raises ModelLoadError.
+    parameter or buffer that no file provides, any shape mismatch raises ModelLoadError
+    naming the file. Returns the tensors to load, by name.
     """
-    expected = module.state_dict()
     ignore = set(ignore)
     merged: dict[str, Tensor] = {}
-    origin: dict[str, Path] = {}
     for path, sd in sources.items():
         for k, v in sd.items():
             if k in ignore:
@@ -140,20 +138,46 @@ def load_into(
                     f"{path}: {n_bad} key(s) match no parameter of the {what}, e.g. {k!r} "
                     "(is this the right file, and does config.json match it?)"
                 )
-            if tuple(v.shape) != tuple(expected[k].shape):
+            if tuple(v.shape) != tuple(expected[k]):
                 raise ModelLoadError(
                     f"{path}: {k!r} has shape {tuple(v.shape)} but the {what} expects "
-                    f"{tuple(expected[k].shape)} (does config.json match the weights?)"
+                    f"{tuple(expected[k])} (does config.json match the weights?)"
                 )
             merged[k] = v
-            origin[k] = path
     missing = [k for k in expected if k not in merged]
     if missing:
         files = ", ".join(str(p) for p in sources)
         raise ModelLoadError(f"{files}: missing {len(missing)} weight(s) of the {what}, e.g. {missing[0]!r}")
+    return merged
+
+
+def load_component(build, config_path: Path, sources: Mapping[Path, Mapping[str, Tensor]], what: str,
+                   ignore: Iterable[str] = (), part=lambda m: m) -> nn.Module:
+    """Build a module with ``build()``, check every weight of ``sources`` against
+    ``part(module)`` and load them, in eval mode.
+
+    The module is first built on the meta device (no memory, no random init), so a config
+    that does not match its weights fails on the shape check before anything is allocated;
+    then it gets uninitialised storage (or, if it has non-persistent buffers that loading
+    would not fill, a normal build) and every weight is copied in.
+    """
+    try:
+        with torch.device("meta"):
+            module = build()
+    except ModelLoadError:
+        raise
+    except Exception as e:  # diffusers/transformers raise many kinds for configs they cannot build
+        raise ModelLoadError(f"{config_path}: cannot build the {what} from this config ({_first_line(e)})") from None
+    expected = part(module).state_dict()
+    merged = check_weights({k: v.shape for k, v in expected.items()}, sources, what, ignore)
+    if any(name not in expected for name, _ in part(module).named_buffers()):
+        module = build()
+    else:
+        module = module.to_empty(device="cpu")
     with torch.no_grad():
-        for k, t in expected.items():
+        for k, t in part(module).state_dict().items():
             t.copy_(merged[k].to(t.dtype))
+    return module.eval()
 
 
 def _convert_legacy_vae_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -169,19 +193,6 @@ def _convert_legacy_vae_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 v = v[:, :, 0, 0]
         out[k] = v
     return out
-
-
-def build_empty(factory, *args):
-    """Build a module without initialising its weights (they are all about to be loaded):
-    constructed on the meta device, then given uninitialised CPU storage. Random init of
-    SD-sized modules costs more than reading their weights. Only for modules whose every
-    buffer is persistent (a non-persistent one would stay uninitialised): checked."""
-    with torch.device("meta"):
-        module = factory(*args)
-    persistent = module.state_dict()
-    if any(name not in persistent for name, _ in module.named_buffers()):
-        return factory(*args)
-    return module.to_empty(device="cpu")
 
 
 # --------------------------------------------------------------------------- model set
@@ -242,59 +253,69 @@ class ModelSet:
         return self
 
 
+def _unet_config(path: Path) -> UNetConfig:
+    try:
+        return UNetConfig.from_dict(read_config(path), str(path))
+    except (TypeError, ValueError, AttributeError) as e:  # wrong value types in the JSON
+        raise ModelLoadError(f"{path}: unusable UNet config ({_first_line(e)})") from None
+
+
 def load_unet(paths: ModelPaths, motion: MotionModuleConfig = MotionModuleConfig()) -> TemporalUNet:
-    cfg = UNetConfig.from_dict(read_config(paths.unet / "config.json"), str(paths.unet / "config.json"))
-    unet = build_empty(TemporalUNet, cfg, motion)
+    cfg_path = paths.unet / "config.json"
+    cfg = _unet_config(cfg_path)
     spatial = find_weights(paths.unet)
-    load_into(unet, {spatial: read_state_dict(spatial), paths.motion: read_state_dict(paths.motion)}, "temporal UNet")
-    return unet.eval()
+    sources = {spatial: read_state_dict(spatial), paths.motion: read_state_dict(paths.motion)}
+    return load_component(lambda: TemporalUNet(cfg, motion), cfg_path, sources, "temporal UNet")
 
 
 def load_appearance_encoder(paths: ModelPaths) -> AppearanceEncoder:
     cfg_path = paths.appearance_encoder / "config.json"
-    enc = build_empty(AppearanceEncoder, UNetConfig.from_dict(read_config(cfg_path), str(cfg_path)))
+    cfg = _unet_config(cfg_path)
     w = find_weights(paths.appearance_encoder)
-    load_into(enc, {w: read_state_dict(w)}, "appearance encoder", ignore=enc.pruned_keys)
-    return enc.eval()
+    with torch.device("meta"):
+        pruned = AppearanceEncoder(cfg).pruned_keys
+    return load_component(lambda: AppearanceEncoder(cfg), cfg_path, {w: read_state_dict(w)},
+                          "appearance encoder", ignore=pruned)
 
 
 def load_controlnet(paths: ModelPaths) -> ControlNet:
-    cn = _build(ControlNet, paths.controlnet / "config.json")
+    cfg_path = paths.controlnet / "config.json"
+    cfg = read_config(cfg_path)
     w = find_weights(paths.controlnet)
-    load_into(cn.net, {w: read_state_dict(w)}, "ControlNet")
-    return cn.eval()
+    return load_component(lambda: ControlNet(cfg), cfg_path, {w: read_state_dict(w)}, "ControlNet",
+                          part=lambda m: m.net)
 
 
 def load_vae(paths: ModelPaths) -> VAE:
-    vae = _build(VAE, paths.vae / "config.json")
+    cfg_path = paths.vae / "config.json"
+    cfg = read_config(cfg_path)
     w = find_weights(paths.vae)
-    load_into(vae.vae, {w: _convert_legacy_vae_keys(read_state_dict(w))}, "VAE")
-    return vae.eval()
+    return load_component(lambda: VAE(cfg), cfg_path, {w: _convert_legacy_vae_keys(read_state_dict(w))}, "VAE",
+                          part=lambda m: m.vae)
 
 
 def load_text_embedding(paths: ModelPaths) -> Tensor:
     cfg_path = paths.text_encoder / "config.json"
-    try:
-        enc = build_text_encoder(read_config(cfg_path))
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{cfg_path}: unusable CLIP text config ({_first_line(e)})") from None
+    cfg = read_config(cfg_path)
     w = find_weights(paths.text_encoder, TRANSFORMERS_WEIGHTS)
     sd = read_state_dict(w)
+    with torch.device("meta"):
+        try:
+            names = build_text_encoder(cfg).state_dict()
+        except Exception as e:
+            raise ModelLoadError(f"{cfg_path}: cannot build the text encoder from this config ({_first_line(e)})") from None
     # Checkpoints name CLIP's weights "text_model.*"; transformers 5's CLIPTextModel drops
     # that level. position_ids is a buffer older versions saved and newer ones recompute.
-    if not any(k.startswith("text_model.") for k in enc.state_dict()):
+    if not any(k.startswith("text_model.") for k in names):
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    load_into(enc, {w: sd}, "text encoder", ignore={"text_model.embeddings.position_ids", "embeddings.position_ids"})
-    return empty_prompt_embedding(enc, tokenize_empty(paths.tokenizer))
-
-
-def _build(cls, cfg_path: Path):
-    try:
-        return build_empty(cls, read_config(cfg_path))
-    except ModelLoadError:
-        raise
-    except Exception as e:  # diffusers raises TypeError/ValueError/KeyError for configs it cannot build
-        raise ModelLoadError(f"{cfg_path}: cannot build {cls.__name__} from this config ({_first_line(e)})") from None
+    enc = load_component(lambda: build_text_encoder(cfg), cfg_path, {w: sd}, "text encoder",
+                         ignore={"text_model.embeddings.position_ids", "embeddings.position_ids"})
+    ids = tokenize_empty(paths.tokenizer)
+    vocab = int(cfg.get("vocab_size", 0))
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ModelLoadError(f"{paths.tokenizer}: token ids up to {int(ids.max())} do not fit the text encoder's "
+                             f"vocabulary of {vocab} (tokenizer and text_encoder/config.json disagree)")
+    return empty_prompt_embedding(enc, ids)
 
 
 @torch.no_grad()
