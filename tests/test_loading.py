@@ -156,7 +156,7 @@ def test_writer_is_deterministic_and_has_no_zero_weights(tmp_path):
     for rel in (VAE, AE, Path("stable-diffusion-v1-5/unet/diffusion_pytorch_model.safetensors")):
         assert (a / rel).read_bytes() == (b / rel).read_bytes()
         for k, v in load_file(str(a / rel)).items():
-            assert float((v == 0).float().mean()) < 1e-4, k  # nothing zero-initialised
+            assert bool((v != 0).all()), k  # nothing zero-initialised
     ms = load_model_set(a)  # the writer's layout loads through the real loader
     assert ms.unet.num_bank == 10 and ms.text_embedding.shape == (1, 77, 32)
     assert not list(tmp_path.glob(".*tmp*"))

@@ -83,6 +83,7 @@ def random_tensor(key: str, shape: torch.Size, seed: int, component: str) -> Ten
     nothing is zero."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{component}/{key}".encode())) % 2**63)
     x = torch.randn(shape, generator=g, dtype=torch.float32)
+    x[x == 0] = 1e-3  # torch's sampler does return exact zeros now and then
     is_norm = any(s in key for s in ("norm", "layer_norm", "ln_"))
     if key.endswith("embedding.weight"):
         return x * 0.5
