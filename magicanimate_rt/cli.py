@@ -172,6 +172,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; lower --size or --max-frames", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            raise
+        print(f"{PROG}: error: CUDA out of memory; use --dtype float16, a smaller --size or fewer "
+              "--max-frames, or the TensorRT engines (--engines)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -131,3 +131,18 @@ def test_demo_runs_without_downloads(tmp_path):
 
     frames = read_video(out)
     assert frames.shape == (16, 128, 128, 3) and frames.std() > 1.0
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    """CUDA OOM (simulated) ends with one line naming the options that lower memory."""
+    import torch
+
+    from magicanimate_rt import cli
+
+    def oom(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_demo", oom)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA out of memory" in err[0] and "--dtype float16" in err[0]
