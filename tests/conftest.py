@@ -16,3 +16,48 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data directory not found at {path}")
     return path
+
+
+# --------------------------------------------------------------------------- engine directories
+# Exporting the tiny set takes about a minute, so it happens once per session: fp32 through
+# build_engines.py itself (its output is checked in test_engine_dir.py), fp16 converted from
+# those fp32 graphs in-process (build_engines.py --from-fp32 --no-validate: test_export.py
+# checks the fp16 graphs against the torch stages itself).
+ENGINE_SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_models(shared_dir) -> Path:
+    return shared_dir / "conformance" / "tiny-models"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_set(tiny_models):
+    from magicanimate_rt.models import load_model_set
+
+    return load_model_set(tiny_models)
+
+
+@pytest.fixture(scope="session")
+def engines_fp32(tiny_models, tmp_path_factory):
+    """(engine dir, CompletedProcess) of ``build_engines.py --precision fp32 --onnx-only``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("engines") / "fp32"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "build_engines.py"), "--models", str(tiny_models), "--out",
+                           str(out), "--size", str(ENGINE_SIZE), "--precision", "fp32", "--onnx-only"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def engines_fp16(tiny_models, engines_fp32, tmp_path_factory) -> Path:
+    from magicanimate_rt.export.build import BuildSettings, build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "fp16"
+    build_engines(BuildSettings(models=tiny_models, out=out, size=ENGINE_SIZE, precision="fp16", onnx_only=True,
+                                validate=False, fp32_graphs=engines_fp32[0]), log=lambda msg: None)
+    return out

@@ -16,7 +16,10 @@ PRETRAINED_BACKENDS = {
 }
 
 #: backends that load an engine directory (build_engines.py output)
-ENGINE_BACKENDS: dict[str, str] = {}
+ENGINE_BACKENDS = {
+    "onnxruntime": "magicanimate_rt.runtime.backends.onnxruntime_backend:OnnxRuntimeStages.from_engines",
+    "tensorrt": "magicanimate_rt.runtime.backends.tensorrt_backend:TensorRTStages.from_engines",
+}
 
 
 def _resolve(table: dict[str, str], name: str, kind: str):
