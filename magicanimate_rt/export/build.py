@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..engines.tensorrt_build import PlanBuildSettings
 from ..engines.manifest import (
     FORMAT_VERSION, MANIFEST, TEXT_EMBEDDING, EngineManifest, FileRecord, StageRecord, check_files,
     load_manifest, model_set_fingerprint, read_manifest,
@@ -55,6 +56,8 @@ class BuildSettings:
         batches: profiles of the dynamic batch axes.
         fp32_graphs: for an fp16 build, an fp32 engine directory of the same model set and
             size whose graphs are converted instead of tracing the stages again.
+        plans: how TensorRT plans are built (optimisation level, workspace).
+        validate_plans: compare every TensorRT plan with ONNX Runtime and print the errors.
     """
 
     models: Path
@@ -67,6 +70,8 @@ class BuildSettings:
     exporter: str = "auto"
     batches: BatchRanges = BatchRanges()
     fp32_graphs: Optional[Path] = None
+    plans: PlanBuildSettings = PlanBuildSettings()
+    validate_plans: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -198,7 +203,16 @@ def build_plans(engine_dir: Path, s: BuildSettings, log: Callable[[str], None],
     from ..engines.tensorrt_build import build_plans as build_tensorrt_plans
 
     seed = timing_cache_seed if timing_cache_seed is not None and timing_cache_seed.is_file() else None
-    build_tensorrt_plans(engine_dir, timing_cache_seed=seed, log=log)
+    build_tensorrt_plans(engine_dir, s.plans, timing_cache_seed=seed, log=log)
+    if s.validate_plans:
+        from ..runtime.backends.tensorrt_backend import format_validation, validate_engines
+
+        checks = validate_engines(engine_dir)
+        log(format_validation(checks))
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise EngineError(f"{len(failed)} of {len(checks)} TensorRT plan outputs differ from ONNX Runtime "
+                              "beyond tolerance (table above)")
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -317,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of exporting again")
     p.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
                    help="torch.onnx exporter (default auto: torchscript where torch has it)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0..5 (default 3)")
+    p.add_argument("--workspace-gib", type=float, default=None,
+                   help="TensorRT builder workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--validate-plans", action="store_true",
+                   help="compare every TensorRT plan with ONNX Runtime on random inputs and print the errors")
     return p
 
 
@@ -327,7 +346,11 @@ def main(argv=None) -> int:
     try:
         settings = BuildSettings(models=args.models, out=args.out, size=args.size, precision=args.precision,
                                  onnx_only=args.onnx_only, force=args.force, validate=args.validate,
-                                 exporter=args.exporter, fp32_graphs=args.fp32_graphs)
+                                 exporter=args.exporter, fp32_graphs=args.fp32_graphs,
+                                 plans=PlanBuildSettings(optimization_level=args.opt_level,
+                                                         workspace_bytes=None if args.workspace_gib is None
+                                                         else int(args.workspace_gib * 2**30)),
+                                 validate_plans=args.validate_plans)
         report = build_engines(settings)
     except MagicAnimateError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
