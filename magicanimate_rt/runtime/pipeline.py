@@ -27,37 +27,80 @@ from ..errors import InputError
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSampler, DDIMSettings
 from .media import load_source_image, read_video, resize_frames
-from .sampling import denoise, initial_noise
+from .cache import ReferenceCache
+from .sampling import LoopPlan, denoise, initial_noise, max_windows, plan_loop
 from .stages import Stages
 from .timing import StageTimer
-from .windows import padded_length
+from .windows import context_windows, padded_length
+
+
+#: the most windows per UNet call and frames per decode call that "auto" picks, per device
+#: type: larger calls do not pay on the CPU, where one window already fills both cores and
+#: bigger working sets fall out of the caches (docs/PERFORMANCE.md)
+AUTO_LIMITS = {"cpu": (1, 4), "cuda": (4, 16)}
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """How the pipeline batches its work; every setting gives the same frames.
+    """How the pipeline batches its work and what it keeps between requests; every setting
+    gives the same frames (up to float rounding where the batching changes).
 
     Fields:
         overlap: frames shared by consecutive 16-frame windows (4, the original's).
         controlnet_chunk: frames per ControlNet call (the original: 16).
-        decode_chunk: frames per VAE decode call (the original: 1).
+        decode_chunk: frames per VAE decode call (the original: 1); None: as many as the
+            memory budget allows, up to the device's limit (``AUTO_LIMITS``).
+        windows_per_call: windows per UNet call (the original: 1); None: as many as the
+            memory budget allows, up to the device's limit (``AUTO_LIMITS``) and what the
+            backend accepts (fixed-shape engines: 1).
+        controlnet_residuals: "all": ControlNet residuals of every frame computed once per
+            step and kept through it (the original; memory grows with the frame count);
+            "per_window": computed for each UNet call's windows (bounded memory, frames in
+            two calls computed twice); "auto": "all" if it fits ``memory_budget_mb``.
+        memory_budget_mb: working memory, in MiB, that the denoising loop and the decode
+            may use on top of the weights (residual store, UNet/ControlNet/VAE calls).
+            None: half of what the device has available when the request starts (CPU:
+            ``MemAvailable``; CUDA: free device memory). Estimates come from the backend's
+            ``memory_model`` (docs/PERFORMANCE.md, "Memory"); a backend without one gets
+            the unbudgeted choices (residuals "all", one window per call unless it says more).
+        control_uint8: keep the driving frames on the device as uint8 (4x smaller than
+            float32) and convert each ControlNet call's frames (same arithmetic, same
+            values). False: convert all frames up front, as the original.
+        reference_cache_entries: source images whose reference latent and banks are kept
+            for later requests (``runtime/cache.py``); 0 disables the cache (the original).
+        reference_cache_mb: bound, in MiB, on the cache's tensors.
     """
 
     overlap: int = 4
     controlnet_chunk: int = 16
-    decode_chunk: int = 8
+    decode_chunk: Optional[int] = None
+    windows_per_call: Optional[int] = None
+    controlnet_residuals: str = "auto"
+    memory_budget_mb: Optional[float] = None
+    control_uint8: bool = True
+    reference_cache_entries: int = 4
+    reference_cache_mb: float = 512.0
 
     @classmethod
     def original(cls) -> "PipelineOptions":
-        """The original implementation's batching."""
-        return cls(controlnet_chunk=16, decode_chunk=1)
+        """The original implementation's batching, and no reference cache."""
+        return cls(controlnet_chunk=16, decode_chunk=1, windows_per_call=1, controlnet_residuals="all",
+                   control_uint8=False, reference_cache_entries=0)
 
     def __post_init__(self):
-        for name in ("controlnet_chunk", "decode_chunk"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("controlnet_chunk", "decode_chunk", "windows_per_call"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0 <= self.overlap < 16:
             raise InputError(f"overlap must be in 0..15, got {self.overlap!r}")
+        if self.controlnet_residuals not in ("auto", "all", "per_window"):
+            raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', "
+                             f"got {self.controlnet_residuals!r}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise InputError(f"memory_budget_mb must be > 0 (or None), got {self.memory_budget_mb!r}")
+        if self.reference_cache_entries < 0 or self.reference_cache_mb < 0:
+            raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
 
 
 @dataclass
@@ -65,6 +108,8 @@ class AnimationResult:
     frames: np.ndarray  #: (F0, size, size, 3) uint8
     latents: Tensor  #: (1, 4, N, size/8, size/8) float32 on the CPU, before decode
     timings: dict[str, float] = field(default_factory=dict)  #: seconds per stage, and "total"
+    plan: Optional[LoopPlan] = None  #: how the work was batched
+    reference_cached: bool = False  #: the source's latent came from the reference cache
 
 
 def validate_settings(size, steps, guidance_scale) -> None:
@@ -84,6 +129,9 @@ class AnimationPipeline:
         self.stages = stages
         self.ddim = ddim
         self.options = options
+        #: reference latents and banks of recent sources (see runtime/cache.py)
+        self.reference_cache = ReferenceCache(options.reference_cache_entries,
+                                              int(options.reference_cache_mb * 2**20))
 
     @classmethod
     def from_pretrained(cls, models_dir, backend: str = "torch", device="cpu", dtype="float32",
@@ -106,6 +154,7 @@ class AnimationPipeline:
         if self.stages is not None:
             self.stages.close()
             self.stages = None
+        self.reference_cache.clear()
 
     def __enter__(self) -> "AnimationPipeline":
         return self
@@ -148,12 +197,29 @@ class AnimationPipeline:
         if n > f0:  # pad by repeating the last frame (np.pad mode="edge" in the original)
             ctl = np.concatenate([ctl, np.repeat(ctl[-1:], n - f0, axis=0)], axis=0)
 
+        o = self.options
         with timer.stage("prepare"):
             image = torch.from_numpy(src).to(st.device).permute(2, 0, 1)[None].to(st.dtype)
-            control = torch.from_numpy(ctl).to(st.device).permute(0, 3, 1, 2).to(st.dtype) / 255.0
+            control = torch.from_numpy(ctl).to(st.device).permute(0, 3, 1, 2)
+            if not o.control_uint8:
+                control = control.to(st.dtype) / 255.0
             latents = initial_noise(seed, n, size // 8, st.window).to(st.device, st.dtype)
+            plan = self.plan(size, n)
         with timer.stage("vae_encode"):
-            ref = st.encode_reference(image)
+            key = ReferenceCache.key(src, st.device, st.dtype)
+            entry = self.reference_cache.lookup(key)
+            cached = entry is not None
+            if entry is None:
+                entry = self.reference_cache.insert(key, st.encode_reference(image))
+        cache = self.reference_cache
+
+        def bank_fn(i: int, t: Tensor):
+            ts = sampler.timesteps[i]
+            bank = entry.banks.get(ts)
+            if bank is None:
+                bank = st.bank(entry.latent, t)
+                cache.add_bank(key, entry, ts, bank)
+            return bank
 
         bar = None
         if progress is True:
@@ -166,17 +232,39 @@ class AnimationPipeline:
         else:
             on_step = None
         try:
-            latents = denoise(st, ref, control, latents, sampler, float(guidance_scale), self.options.overlap,
-                              self.options.controlnet_chunk, timer, on_step)
+            latents = denoise(st, entry.latent, control, latents, sampler, float(guidance_scale), o.overlap,
+                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn)
         finally:
             if bar is not None:
                 bar.close()
 
         with timer.stage("vae_decode"):
-            frames = self._decode(latents[:, :, :f0])
+            frames = self._decode(latents[:, :, :f0], plan.decode_chunk)
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
-        return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings)
+        return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
+                               reference_cached=cached)
+
+    def plan(self, size: int, num_frames: int) -> LoopPlan:
+        """The batching of a request of ``num_frames`` padded frames at ``size``, from the
+        options, the memory budget and the backend's memory model."""
+        st, o = self.stages, self.options
+        n_windows = len(context_windows(num_frames, st.window, o.overlap))
+        model = getattr(st, "memory_model", None)
+        win_cap, dec_cap = AUTO_LIMITS.get(st.device.type, AUTO_LIMITS["cpu"])
+        return plan_loop(
+            num_frames, n_windows, self.memory_budget_bytes(), model(size) if callable(model) else None,
+            windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
+            controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
+            max_windows_per_call=max_windows(st), window=st.window,
+            max_auto_windows=win_cap, max_auto_decode=dec_cap,
+        )
+
+    def memory_budget_bytes(self) -> float:
+        """``memory_budget_mb`` in bytes, or half of the device's available memory now."""
+        if self.options.memory_budget_mb is not None:
+            return self.options.memory_budget_mb * 2**20
+        return available_memory(self.stages.device) / 2
 
     # ------------------------------------------------------------------ pieces
     @staticmethod
@@ -193,12 +281,30 @@ class AnimationPipeline:
             raise InputError("driving video has no frames")
         return resize_frames(arr, size)
 
-    def _decode(self, latents: Tensor) -> np.ndarray:
-        """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded in chunks; the host sees the
-        frames once."""
+    def _decode(self, latents: Tensor, chunk: int) -> np.ndarray:
+        """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded ``chunk`` frames at a time, each
+        chunk made uint8 at once (the float video is never whole); the host sees the frames
+        once."""
         frames = latents[0].transpose(0, 1)
-        k = self.options.decode_chunk
-        out = [self.stages.decode(frames[i : i + k]) for i in range(0, frames.shape[0], k)]
-        video = torch.cat(out).float()
-        # (video * 255) truncated to uint8, as the original saves it
-        return (video * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out = []
+        for i in range(0, frames.shape[0], chunk):
+            video = self.stages.decode(frames[i : i + chunk]).float()
+            # (video * 255) truncated to uint8, as the original saves it
+            out.append((video * 255).to(torch.uint8).permute(0, 2, 3, 1))
+        return torch.cat(out).cpu().numpy()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device can still give: free CUDA memory, or the CPU's ``MemAvailable``
+    (``/proc/meminfo``; without it, a conservative 4 GiB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30

@@ -2,19 +2,30 @@
 
 It knows only the stage interface (:class:`~.stages.Stages`); tensors stay on the
 backend's device for the whole loop, and nothing here reads them back to the host.
+
+How the work is batched never changes the result (:class:`LoopPlan`): several windows may
+go through one UNet call, and the ControlNet residuals may be computed once per step for
+all frames (the original; memory grows with the frame count) or per group of windows
+(bounded memory, overlapping frames computed twice). :func:`plan_loop` picks these from a
+memory budget and the backend's :class:`MemoryModel`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .ddim import DDIMSampler
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows
+
+#: how ``LoopPlan.controlnet_residuals`` may be set
+RESIDUAL_MODES = ("all", "per_window")
 
 
 def initial_noise(seed: int, num_frames: int, latent_size: int, window: int = 16) -> Tensor:
@@ -27,16 +38,169 @@ def initial_noise(seed: int, num_frames: int, latent_size: int, window: int = 16
     return z.repeat(1, 1, num_frames // window, 1, 1)
 
 
+def control_slice(control: Tensor, frames, dtype: torch.dtype) -> Tensor:
+    """ControlNet conditioning of some frames, in [0, 1] and ``dtype``.
+
+    ``control`` is (N, 3, S, S): either already in [0, 1], or the uint8 driving frames
+    (4x less memory), converted here per call with the same arithmetic as up front
+    (``x.to(dtype) / 255``), so the values are identical. ``frames`` is a slice or an index
+    tensor."""
+    part = control[frames] if isinstance(frames, slice) else control.index_select(0, frames)
+    return part.to(dtype) / 255.0 if control.dtype == torch.uint8 else part
+
+
+def _in_chunks(call: Callable[[int, int], Sequence[Tensor]], n: int, chunk: int) -> list[Tensor]:
+    """Run ``call(i, j)`` on frames [i, j) for every chunk and gather the outputs into
+    tensors of all ``n`` frames, written in place as the chunks come (no concatenation,
+    so the gathered residuals are never held twice)."""
+    first = call(0, min(chunk, n))
+    if n <= chunk:
+        return list(first)
+    out = [r.new_empty((n, *r.shape[1:])) for r in first]
+    for o, r in zip(out, first):
+        o[: r.shape[0]].copy_(r)
+    del first
+    for i in range(chunk, n, chunk):
+        for o, r in zip(out, call(i, min(i + chunk, n))):
+            o[i : i + r.shape[0]].copy_(r)
+    return out
+
+
 def controlnet_all_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, chunk: int) -> list[Tensor]:
     """ControlNet residuals of every frame, computed in chunks of ``chunk`` frames (the
     batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, S, S)
     -> 13 tensors (N, C_i, h_i, w_i)."""
     frames = latents[0].transpose(0, 1)  # (N, 4, h, w)
-    n = frames.shape[0]
-    parts = [stages.controlnet(frames[i : i + chunk], t, control[i : i + chunk]) for i in range(0, n, chunk)]
-    if len(parts) == 1:
-        return parts[0]
-    return [torch.cat(rs, dim=0) for rs in zip(*parts)]
+    return _in_chunks(lambda i, j: stages.controlnet(frames[i:j], t, control_slice(control, slice(i, j), latents.dtype)),
+                      frames.shape[0], chunk)
+
+
+def controlnet_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, frames: Tensor,
+                      chunk: int) -> list[Tensor]:
+    """ControlNet residuals of the frames ``frames`` (1-D index tensor, no repeats), in
+    chunks of ``chunk`` -> 13 tensors (len(frames), C_i, h_i, w_i). Per frame, so the same
+    values as :func:`controlnet_all_frames` gives for those frames."""
+    x = latents[0].transpose(0, 1).index_select(0, frames)  # (n, 4, h, w)
+    return _in_chunks(lambda i, j: stages.controlnet(x[i:j], t, control_slice(control, frames[i:j], latents.dtype)),
+                      x.shape[0], chunk)
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class MemoryModel:
+    """Working memory of the loop's parts in bytes, as a backend estimates them for one
+    output size (``TorchStages.memory_model``). Only the residual size is exact (it follows
+    from the shapes); the others are measured peaks of this runtime's calls, rounded up
+    (see docs/PERFORMANCE.md, "Memory").
+
+    Fields:
+        residuals_per_frame: the 13 ControlNet residuals of one frame.
+        unet_per_window: peak working memory of one guided UNet call per window in it.
+        controlnet_per_frame: peak working memory of a ControlNet call per frame in it.
+        decode_per_frame: peak working memory of a VAE decode call per frame in it.
+    """
+
+    residuals_per_frame: int
+    unet_per_window: int
+    controlnet_per_frame: int
+    decode_per_frame: int
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """How one request's work is batched (every plan gives the same result).
+
+    Fields:
+        windows_per_call: windows per UNet call (the last call may hold fewer).
+        controlnet_residuals: "all": residuals of every frame computed once per step and
+            kept for the step (the original; memory grows with the frame count);
+            "per_window": computed for each UNet call's windows just before it (bounded
+            memory; frames shared by windows of different calls are computed again).
+        controlnet_chunk: frames per ControlNet call.
+        decode_chunk: frames per VAE decode call.
+    """
+
+    windows_per_call: int = 1
+    controlnet_residuals: str = "all"
+    controlnet_chunk: int = 16
+    decode_chunk: int = 1
+
+    def __post_init__(self):
+        for name in ("windows_per_call", "controlnet_chunk", "decode_chunk"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.controlnet_residuals not in RESIDUAL_MODES:
+            raise InputError(f"controlnet_residuals must be one of {RESIDUAL_MODES}, got {self.controlnet_residuals!r}")
+
+
+def plan_loop(
+    num_frames: int,
+    num_windows: int,
+    budget_bytes: Optional[float],
+    memory: Optional[MemoryModel],
+    windows_per_call: Optional[int] = None,
+    controlnet_residuals: str = "auto",
+    controlnet_chunk: int = 16,
+    decode_chunk: Optional[int] = None,
+    max_windows_per_call: Optional[int] = None,
+    window: int = 16,
+    max_auto_windows: int = 4,
+    max_auto_decode: int = 16,
+) -> LoopPlan:
+    """Choose the batching of one request within a working-memory budget.
+
+    Explicit settings are kept; ``None`` / "auto" ones are chosen in this order:
+
+    1. ControlNet residuals: "all" if keeping every frame's residuals plus one one-window
+       UNet call fits the budget, else "per_window".
+    2. Windows per UNet call: the most (at most ``max_auto_windows``, the backend's
+       ``max_windows_per_call`` and the number of windows) whose UNet working memory, plus
+       the residual store of step 1 (or the call's own residuals), fits.
+    3. Decode chunk: the most frames (at most ``max_auto_decode``) whose decode working
+       memory fits (the loop's memory is free by then).
+
+    Without a budget (``budget_bytes`` None) or without a memory model, "auto" means
+    residuals "all", the most windows allowed and decode chunks of ``max_auto_decode``.
+    Whatever the budget, at least one window per call and one frame per decode call.
+    """
+    cap = num_windows if max_windows_per_call is None else max(1, min(num_windows, max_windows_per_call))
+    if windows_per_call is not None:
+        windows_per_call = max(1, min(windows_per_call, cap))
+    if controlnet_residuals not in ("auto",) + RESIDUAL_MODES:
+        raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', got {controlnet_residuals!r}")
+    if budget_bytes is None or memory is None:
+        return LoopPlan(
+            windows_per_call=windows_per_call or min(cap, max_auto_windows),
+            controlnet_residuals="all" if controlnet_residuals == "auto" else controlnet_residuals,
+            controlnet_chunk=controlnet_chunk,
+            decode_chunk=decode_chunk or max_auto_decode,
+        )
+
+    m = memory
+    store_all = m.residuals_per_frame * num_frames
+    cn_call = m.controlnet_per_frame * controlnet_chunk
+    if controlnet_residuals == "auto":
+        fits = store_all + max(m.unet_per_window, cn_call) <= budget_bytes
+        controlnet_residuals = "all" if fits else "per_window"
+
+    def loop_bytes(b: int) -> float:
+        if controlnet_residuals == "all":
+            return store_all + max(b * m.unet_per_window, cn_call)
+        own = m.residuals_per_frame * min(b * window, num_frames)
+        return own + max(b * m.unet_per_window, cn_call)
+
+    if windows_per_call is None:
+        windows_per_call = 1
+        for b in range(2, min(cap, max_auto_windows) + 1):
+            if loop_bytes(b) <= budget_bytes:
+                windows_per_call = b
+    if decode_chunk is None:
+        decode_chunk = max(1, min(max_auto_decode, int(budget_bytes // max(m.decode_per_frame, 1))))
+    return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk)
+
+
+# --------------------------------------------------------------------------- the loop
+BankFn = Callable[[int, Tensor], Sequence[Tensor]]
 
 
 def denoise(
@@ -50,42 +214,79 @@ def denoise(
     controlnet_chunk: int = 16,
     timer: Optional[StageTimer] = None,
     on_step: Optional[Callable[[int], None]] = None,
+    plan: Optional[LoopPlan] = None,
+    bank_fn: Optional[BankFn] = None,
 ) -> Tensor:
     """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window.
 
-    Per step t: (1) the bank from the reference latent; (2) ControlNet residuals for all
-    frames; (3) for each window the UNet's two CFG halves (one guided call), added into
-    per-frame running sums, then divided by each frame's visit count; (4) guidance
-    eps = eps_u + g (eps_c - eps_u); (5) one DDIM update. With g == 1 only the
-    conditional half is computed (the guidance formula then gives eps_c).
+    Per step t: (1) the bank from the reference latent (``bank_fn(i, t)`` when given, e.g.
+    a cache lookup); (2) ControlNet residuals for all frames; (3) for each window the
+    UNet's two CFG halves (one guided call), added into per-frame running sums, then
+    divided by each frame's visit count; (4) guidance eps = eps_u + g (eps_c - eps_u);
+    (5) one DDIM update. With g == 1 only the conditional half is computed (the guidance
+    formula then gives eps_c).
+
+    ``control`` (N, 3, S, S) is in [0, 1] or uint8 (see :func:`control_slice`). ``plan``
+    batches the work (default: one window per call, residuals of all frames, chunks of
+    ``controlnet_chunk``); every plan gives the same sums: each window's predictions are
+    added in window order, one window at a time, whatever call computed them.
     """
     timer = timer or StageTimer(latents.device)
+    plan = plan or LoopPlan(controlnet_chunk=controlnet_chunk)
     n = latents.shape[2]
     device = latents.device
-    windows = [torch.tensor(w, device=device) for w in context_windows(n, stages.window, overlap)]
+    win = context_windows(n, stages.window, overlap)
+    f = len(win[0])
+    windows = [torch.tensor(w, device=device) for w in win]
     counts = torch.zeros(n, device=device, dtype=latents.dtype)
     for idx in windows:
         counts.index_add_(0, idx, torch.ones(len(idx), device=device, dtype=latents.dtype))
     counts = counts.view(1, 1, n, 1, 1)
     guided = guidance_scale != 1.0
+    per_window = plan.controlnet_residuals == "per_window"
+
+    # Calls: groups of consecutive windows, their frames concatenated (B*F indices; a frame
+    # of two windows of one group appears twice), and for per-window residuals the group's
+    # distinct frames and where each row finds its residual among them.
+    groups = []
+    for g in range(0, len(windows), plan.windows_per_call):
+        members = windows[g : g + plan.windows_per_call]
+        rows = torch.cat(members)
+        distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
+        groups.append((members, rows, distinct, where))
+
+    if bank_fn is None:
+        def bank_fn(i: int, t: Tensor) -> Sequence[Tensor]:
+            return stages.bank(ref_latent, t)
 
     for i, t in enumerate(sampler.timestep_tensors):
         with timer.stage("appearance_encoder"):
-            bank = stages.bank(ref_latent, t)
-        with timer.stage("controlnet"):
-            residuals = controlnet_all_frames(stages, latents, t, control, controlnet_chunk)
+            bank = bank_fn(i, t)
+        residuals = None
+        if not per_window:
+            with timer.stage("controlnet"):
+                residuals = controlnet_all_frames(stages, latents, t, control, plan.controlnet_chunk)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
-        with timer.stage("unet"):
-            for idx in windows:
-                lat_w = latents.index_select(2, idx)
-                res_w = [r.index_select(0, idx) for r in residuals]
+        for members, rows, distinct, where in groups:
+            b = len(members)
+            if per_window:
+                with timer.stage("controlnet"):
+                    own = controlnet_frames(stages, latents, t, control, distinct, plan.controlnet_chunk)
+                    res = [r.index_select(0, where) for r in own]
+            else:
+                res = [r.index_select(0, rows) for r in residuals]
+            with timer.stage("unet"):
+                # (1, 4, B*F, h, w) -> (B, 4, F, h, w): window k of the call is batch row k
+                lat = latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1)
                 if guided:
-                    eps_u, eps_c = stages.unet_guided(lat_w, t, res_w, bank)
-                    sum_u.index_add_(2, idx, eps_u)
+                    eps_u, eps_c = stages.unet_guided(lat, t, res, bank)
                 else:
-                    eps_c = stages.unet_cond(lat_w, t, res_w, bank)
-                sum_c.index_add_(2, idx, eps_c)
+                    eps_c = stages.unet_cond(lat, t, res, bank)
+                for k, idx in enumerate(members):
+                    if guided:
+                        sum_u.index_add_(2, idx, eps_u[k : k + 1])
+                    sum_c.index_add_(2, idx, eps_c[k : k + 1])
         with timer.stage("scheduler"):
             eps = sum_c / counts
             if guided:
@@ -95,3 +296,11 @@ def denoise(
         if on_step is not None:
             on_step(i)
     return latents
+
+
+def max_windows(stages: Stages) -> Optional[int]:
+    """How many windows one UNet call of ``stages`` may take: the backend's
+    ``max_windows_per_call`` (None: any), 1 for backends that do not say (fixed-shape
+    engines take one window)."""
+    return getattr(stages, "max_windows_per_call", 1)
+

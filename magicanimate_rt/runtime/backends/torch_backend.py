@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ...errors import InputError
 from ...models import ModelSet, load_model_set
+from ..sampling import MemoryModel
 from ..stages import Stages
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -66,8 +67,21 @@ class TorchOptions:
             raise InputError(f"compile_mode {self.compile_mode!r} is not a torch.compile mode")
 
 
+#: measured peak working memory of this backend's calls, as multiples of a size that
+#: follows from the shapes (docs/PERFORMANCE.md, "Memory"; measured on the tiny and mid
+#: model sets at 128 and 256 px, float32, rounded up): a guided UNet call per window, in
+#: units of its 16 frames' ControlNet residuals; a ControlNet call per frame, in units of
+#: one frame's residuals; a VAE decode per frame, in units of one frame's top decoder
+#: activation (first decoder channel count x S x S).
+UNET_WINDOW_FACTOR = 26
+CONTROLNET_FRAME_FACTOR = 32
+DECODE_FRAME_FACTOR = 26
+
+
 class TorchStages(Stages):
     name = "torch"
+    #: any number of windows per UNet call (``TemporalUNet.guided`` takes B windows)
+    max_windows_per_call: Optional[int] = None
 
     def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype,
                  options: TorchOptions = TorchOptions()):
@@ -94,6 +108,32 @@ class TorchStages(Stages):
         if device.type == "cpu" and dtype == torch.float16:
             raise InputError("dtype float16 needs a CUDA device; use float32 (or bfloat16) on the CPU")
         return cls(load_model_set(models_dir, device=device, dtype=dtype), device, dtype, options)
+
+    def residual_numel(self, size: int) -> int:
+        """Elements of one frame's 13 ControlNet residuals at output size ``size``: one
+        per skip feature of the UNet's down path (conv_in, every resnet, every
+        downsampler) plus the mid block's output."""
+        cfg = self.models.unet.config
+        ch, side = cfg.block_out_channels, size // 8
+        total = ch[0] * side * side  # conv_in
+        for i, c in enumerate(ch):
+            s = side >> i
+            total += cfg.layers_per_block * c * s * s
+            if i < len(ch) - 1:
+                total += c * (s // 2) * (s // 2)  # downsampler
+        return total + ch[-1] * (side >> (len(ch) - 1)) ** 2  # mid
+
+    def memory_model(self, size: int) -> MemoryModel:
+        """Working-memory estimates of this backend's calls at output size ``size``."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        residuals = self.residual_numel(size) * item
+        vae_top = self.models.vae.vae.config.block_out_channels[0] * size * size * item
+        return MemoryModel(
+            residuals_per_frame=residuals,
+            unet_per_window=UNET_WINDOW_FACTOR * self.window * residuals,
+            controlnet_per_frame=CONTROLNET_FRAME_FACTOR * residuals,
+            decode_per_frame=DECODE_FRAME_FACTOR * vae_top,
+        )
 
     def encode_reference(self, image: Tensor) -> Tensor:
         return self.models.vae.encode(image)

@@ -1,0 +1,94 @@
+"""FLOP counts of every stage call, by :class:`torch.utils.flop_counter.FlopCounterMode`.
+
+:class:`CountingStages` wraps a backend's stages: the first call of each stage with given
+input shapes runs under the counter; later calls with the same shapes add the same count
+(the models have no data-dependent control flow, so the count is a function of the
+shapes). One request through it gives the FLOPs of that request per stage, and the number
+of calls. Counted: matrix multiplies, convolutions and attention, 2 FLOPs per
+multiply-add; elementwise work (norms, activations, adds, copies) is not counted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from magicanimate_rt.runtime.stages import Stages
+
+#: stage method -> the timing name the pipeline reports it under
+STAGE_OF = {"encode_reference": "vae_encode", "bank": "appearance_encoder", "controlnet": "controlnet",
+            "unet_guided": "unet", "unet_cond": "unet", "decode": "vae_decode"}
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """The CPU flash-attention kernel is not in torch's FLOP registry; same formula."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def _shapes(obj):
+    if isinstance(obj, Tensor):
+        return tuple(obj.shape)
+    if isinstance(obj, (list, tuple)):
+        return tuple(_shapes(o) for o in obj)
+    return None
+
+
+class CountingStages(Stages):
+    """Stages that count FLOPs and calls per stage, delegating everything to ``inner``."""
+
+    def __init__(self, inner: Stages):
+        self.inner = inner
+        self.name = inner.name
+        self.device, self.dtype, self.window = inner.device, inner.dtype, inner.window
+        self.text_embedding = inner.text_embedding
+        self.flops: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._known: dict[tuple, int] = {}
+
+    def __getattr__(self, name):  # max_windows_per_call, memory_model, ...
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _call(self, method: str, *args):
+        key = (method, _shapes(args))
+        fn = getattr(self.inner, method)
+        if key in self._known:
+            out = fn(*args)
+        else:
+            counter = FlopCounterMode(display=False, custom_mapping=CUSTOM)
+            with counter:
+                out = fn(*args)
+            self._known[key] = counter.get_total_flops()
+        stage = STAGE_OF[method]
+        self.flops[stage] += self._known[key]
+        self.calls[stage] += 1
+        return out
+
+    def encode_reference(self, image: Tensor) -> Tensor:
+        return self._call("encode_reference", image)
+
+    def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
+        return self._call("bank", ref_latent, t)
+
+    def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
+        return self._call("controlnet", latents, t, cond)
+
+    def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
+        return self._call("unet_guided", latents, t, residuals, bank)
+
+    def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
+        return self._call("unet_cond", latents, t, residuals, bank)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self._call("decode", latents)
+
+    def close(self) -> None:
+        """The wrapped stages belong to their pipeline; nothing to free here."""

@@ -1,0 +1,106 @@
+"""The benchmark's own arithmetic: FLOP counting per stage, summaries, memory fits and the
+atomic report writer, on synthetic inputs (no model runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import report as rep
+from benchmarks.flops import CountingStages
+from benchmarks.run import write_report
+from magicanimate_rt.runtime.stages import Stages
+
+
+class MatmulStages(Stages):
+    """Each stage is one (n, 64) x (64, 32) matmul: 2 * n * 64 * 32 FLOPs."""
+
+    name = "matmul"
+    device = torch.device("cpu")
+    dtype = torch.float32
+    window = 16
+    max_windows_per_call = 3
+
+    def __init__(self):
+        self.text_embedding = torch.zeros(1, 77, 8)
+        self.w = torch.ones(64, 32)
+
+    def _mm(self, x):
+        return x.reshape(-1, 64) @ self.w
+
+    def encode_reference(self, image):
+        return self._mm(image)
+
+    def bank(self, ref_latent, t):
+        return [self._mm(ref_latent)]
+
+    def controlnet(self, latents, t, cond):
+        return [self._mm(latents)]
+
+    def unet_guided(self, latents, t, residuals, bank):
+        return self._mm(latents), self._mm(latents)
+
+    def unet_cond(self, latents, t, residuals, bank):
+        return self._mm(latents)
+
+    def decode(self, latents):
+        return self._mm(latents)
+
+
+def test_counting_stages_counts_per_stage_and_reuses_counts_per_shape():
+    st = CountingStages(MatmulStages())
+    t = torch.zeros(1)
+    st.controlnet(torch.zeros(3, 64), t, None)
+    st.controlnet(torch.zeros(3, 64), t, None)  # same shapes: counted from the cache
+    st.controlnet(torch.zeros(5, 64), t, None)
+    st.unet_guided(torch.zeros(2, 64), t, [], [])
+    assert st.flops["controlnet"] == 2 * 64 * 32 * (3 + 3 + 5)
+    assert st.calls["controlnet"] == 3
+    assert st.flops["unet"] == 2 * (2 * 2 * 64 * 32)
+    assert st.max_windows_per_call == 3 and st.window == 16  # delegated
+
+
+def fake_result(totals: dict[str, list[float]], flops: dict[str, int]) -> dict:
+    variants = {}
+    for key, ts in totals.items():
+        runs = [{"timings": {"unet": 0.8 * x, "vae_decode": 0.2 * x, "total": x}, "wall_s": x,
+                 "memory": {"peak_bytes": 100 + i, "working_bytes": 10, "baseline_bytes": 90 + i},
+                 "load_before": 0.1, "load_after": 0.2} for i, x in enumerate(ts)]
+        variants[key] = {"label": key, "note": "", "plan": None, "calls": {}, "flops": {"unet": flops[key]},
+                         "rel_l2_vs_reference": 0.0, "runs": runs}
+    return {"spec": {"frames": 32, "steps": 3, "size": 128, "repeats": 3}, "variants": variants}
+
+
+def test_summary_ratios_are_ratios_of_medians():
+    s = rep.summarize_timing(fake_result({"reference": [10, 12, 30], "default": [7, 6, 8]},
+                                         {"reference": 1000, "default": 800}))
+    assert s["reference"]["stages"]["total"]["median"] == 12
+    assert s["default"]["ratio_measured"] == pytest.approx(7 / 12)
+    assert s["default"]["ratio_flops"] == pytest.approx(0.8)
+    assert s["default"]["fps"] == pytest.approx(32 / 7)
+    assert s["default"]["stages"]["total"]["min"] == 6 and s["default"]["stages"]["total"]["max"] == 8
+    assert s["reference"]["peak_rss_bytes"] == 102
+
+
+def test_memory_fit_recovers_a_line():
+    fit = rep.fit_memory([(16, 1000 + 16 * 50), (32, 1000 + 32 * 50), (64, 1000 + 64 * 50)])
+    assert fit["per_frame_bytes"] == pytest.approx(50) and fit["fixed_bytes"] == pytest.approx(1000)
+    assert rep.fit_memory([(16, 5)]) is None
+
+
+def test_report_written_atomically(tmp_path):
+    timing = fake_result({"reference": [10, 12, 11], "default": [7, 6, 8]}, {"reference": 1000, "default": 800})
+    report = {"name": "r", "command": "x", "environment": {"machine": "m", "device": "cpu", "dtype": "float32",
+                                                           "torch": "t", "threads": 2, "cores": 2},
+              "configs": {"tiny": {"spec": timing["spec"], "raw_timing": timing,
+                                   "timing": rep.summarize_timing(timing)}}}
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "stale.txt").write_text("old")
+    final = write_report(report, tmp_path)
+    assert final == tmp_path / "r" and not (final / "stale.txt").exists()
+    assert json.loads((final / "report.json").read_text())["name"] == "r"
+    md = (final / "report.md").read_text()
+    assert "| default | 7.00 [6.00–8.00] | 4.571 | 0.636 | 0.800 |" in md
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary directory left
