@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on generated inputs and a tiny random model set")
     d.add_argument("--output", type=Path, default=Path("magicanimate-demo.mp4"), help="where to write the mp4")
-    d.add_argument("--frames", type=int, default=64, help="driving frames to generate (default 64, 2.6 s)")
-    d.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    d.add_argument("--frames", type=int, default=48, help="driving frames to generate (default 48, ~2 s)")
+    d.add_argument("--steps", type=int, default=6, help="DDIM steps (default 6)")
     d.set_defaults(func=cmd_demo)
     return p
 
