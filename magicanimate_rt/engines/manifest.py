@@ -47,19 +47,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_EMBEDDING = "text_embedding.npy"
 
-# The files a model set is made of, as models/loading.py reads them (kept in step with it
-# by tests/test_engine_dir.py; importing it here would pull in the PyTorch models).
-SD_DIR = "stable-diffusion-v1-5"
-VAE_MSE_DIR = "sd-vae-ft-mse"
-MA_DIR = "MagicAnimate"
-MOTION_CKPT = f"{MA_DIR}/temporal_attention/temporal_attention.ckpt"
-DIFFUSERS_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.fp16.bin",
-)
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+# The files a model set is made of: the layout module shared with models/loading.py.
+from ..layout import DIFFUSERS_WEIGHTS, MA_DIR, MOTION_CKPT, SD_DIR, TRANSFORMERS_WEIGHTS, VAE_MSE_DIR  # noqa: E402
 
 
 # --------------------------------------------------------------------------- model sets

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelLoadError
+from ..layout import DIFFUSERS_WEIGHTS, MA_DIR, SD_DIR, TRANSFORMERS_WEIGHTS, VAE_MSE_DIR
+from ..layout import MOTION_CKPT as MOTION_CKPT_NAME
 from .appearance import AppearanceEncoder
 from .config import MotionModuleConfig, UNetConfig
 from .controlnet import ControlNet
@@ -32,18 +34,7 @@ from .text import build_text_encoder, empty_prompt_embedding, tokenize_empty
 from .unet import TemporalUNet
 from .vae import VAE
 
-SD_DIR = "stable-diffusion-v1-5"
-VAE_MSE_DIR = "sd-vae-ft-mse"
-MA_DIR = "MagicAnimate"
-MOTION_CKPT = Path(MA_DIR) / "temporal_attention" / "temporal_attention.ckpt"
-
-DIFFUSERS_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.fp16.bin",
-)
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+MOTION_CKPT = Path(MOTION_CKPT_NAME)
 
 
 # --------------------------------------------------------------------------- files
