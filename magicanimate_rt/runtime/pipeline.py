@@ -285,7 +285,7 @@ class AnimationPipeline:
         """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded ``chunk`` frames at a time, each
         chunk made uint8 at once (the float video is never whole); the host sees the frames
         once."""
-        frames = latents[0].transpose(0, 1)
+        frames = latents[0].transpose(0, 1).to(self.stages.dtype)
         out = []
         for i in range(0, frames.shape[0], chunk):
             video = self.stages.decode(frames[i : i + chunk]).float()

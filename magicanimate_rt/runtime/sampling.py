@@ -217,7 +217,8 @@ def denoise(
     plan: Optional[LoopPlan] = None,
     bank_fn: Optional[BankFn] = None,
 ) -> Tensor:
-    """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window.
+    """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window, in
+    the stages' dtype; returns the final latents in float32 (float64 for float64 stages).
 
     Per step t: (1) the bank from the reference latent (``bank_fn(i, t)`` when given, e.g.
     a cache lookup); (2) ControlNet residuals for all frames; (3) for each window the
@@ -233,6 +234,11 @@ def denoise(
     """
     timer = timer or StageTimer(latents.device)
     plan = plan or LoopPlan(controlnet_chunk=controlnet_chunk)
+    # The step state (latents, running sums, guidance) is at least float32 whatever the
+    # stages' dtype: guidance multiplies (eps_c - eps_u) by g, which would amplify
+    # half-precision rounding. Only the stage inputs are cast.
+    stage_dtype = latents.dtype
+    latents = latents.to(torch.promote_types(stage_dtype, torch.float32))
     n = latents.shape[2]
     device = latents.device
     win = context_windows(n, stages.window, overlap)
@@ -265,28 +271,29 @@ def denoise(
         residuals = None
         if not per_window:
             with timer.stage("controlnet"):
-                residuals = controlnet_all_frames(stages, latents, t, control, plan.controlnet_chunk)
+                residuals = controlnet_all_frames(stages, latents.to(stage_dtype), t, control, plan.controlnet_chunk)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
         for members, rows, distinct, where in groups:
             b = len(members)
             if per_window:
                 with timer.stage("controlnet"):
-                    own = controlnet_frames(stages, latents, t, control, distinct, plan.controlnet_chunk)
+                    own = controlnet_frames(stages, latents.to(stage_dtype), t, control, distinct,
+                                            plan.controlnet_chunk)
                     res = [r.index_select(0, where) for r in own]
             else:
                 res = [r.index_select(0, rows) for r in residuals]
             with timer.stage("unet"):
                 # (1, 4, B*F, h, w) -> (B, 4, F, h, w): window k of the call is batch row k
-                lat = latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1)
+                lat = latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1).to(stage_dtype)
                 if guided:
                     eps_u, eps_c = stages.unet_guided(lat, t, res, bank)
                 else:
                     eps_c = stages.unet_cond(lat, t, res, bank)
                 for k, idx in enumerate(members):
                     if guided:
-                        sum_u.index_add_(2, idx, eps_u[k : k + 1])
-                    sum_c.index_add_(2, idx, eps_c[k : k + 1])
+                        sum_u.index_add_(2, idx, eps_u[k : k + 1].to(sum_u.dtype))
+                    sum_c.index_add_(2, idx, eps_c[k : k + 1].to(sum_c.dtype))
         with timer.stage("scheduler"):
             eps = sum_c / counts
             if guided:
@@ -295,7 +302,7 @@ def denoise(
             latents = sampler.step(i, latents, eps)
         if on_step is not None:
             on_step(i)
-    return latents
+    return latents  # the step state's dtype (float32, or float64 for float64 stages)
 
 
 def max_windows(stages: Stages) -> Optional[int]:

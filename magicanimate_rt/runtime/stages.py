@@ -4,6 +4,11 @@ implements, and all the sampling loop knows about.
 Every tensor in and out lives on the backend's ``device`` in its ``dtype`` (timesteps are
 float32 tensors of shape (1,)); shapes use S = size, h = w = S/8, F = window length, N = a
 batch of frames. Backends are context managers; ``close()`` frees what they hold.
+
+Two optional attributes let the pipeline plan its batching (``runtime/sampling.py``):
+``max_windows_per_call`` (windows one ``unet_guided`` call accepts; 1 when absent, as for
+fixed-shape engines) and ``memory_model(size)`` (working memory per call, see
+docs/PERFORMANCE.md "Memory"; without it the pipeline uses fixed chunk sizes).
 """
 
 from __future__ import annotations
