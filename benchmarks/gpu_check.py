@@ -198,7 +198,7 @@ def correctness(c: Check, args, shared: Path, cache: Path) -> None:
         return
     case_c_check(c, "torch cuda fp16", torch_pipe("cuda", torch.float16), case, TOLERANCE["fp16"])
     case_c_check(c, "torch cuda fp16, original schedule",
-                 torch_pipe("cuda", torch.float16, TorchOptions.original(), PipelineOptions.original()), case,
+                 torch_pipe("cuda", torch.float16, TorchOptions.original("cuda"), PipelineOptions.original()), case,
                  TOLERANCE["fp16"])
     case_c_check(c, "torch cuda fp32", torch_pipe("cuda", torch.float32), case, TOLERANCE["cuda-fp32"])
 
@@ -343,7 +343,7 @@ def timings(c: Check, args, shared: Path, cache: Path, budget: Budget) -> None:
     cold = PipelineOptions(reference_cache_entries=0)
     configs: list[tuple[str, Callable[[], Any]]] = [
         ("original schedule", lambda: AnimationPipeline(
-            TorchStages(models, torch.device(setup.device), dtype, TorchOptions.original()),
+            TorchStages(models, torch.device(setup.device), dtype, TorchOptions.original(setup.device)),
             options=PipelineOptions.original())),
         ("ours (torch)", lambda: AnimationPipeline(TorchStages(models, torch.device(setup.device), dtype),
                                                    options=cold)),

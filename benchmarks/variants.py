@@ -42,7 +42,8 @@ class Variant:
 
 REFERENCE = Variant("reference", "reference schedule", REF_T, REF_P,
                     note="the original's schedule: appearance encoder at batch 2, a full UNet per CFG half with "
-                         "per-frame bank K/V, per-frame decode, no cache")
+                         "per-frame bank and text K/V, materialised temporal attention (no xformers on a CPU), "
+                         "per-frame decode, no cache")
 DEFAULT = Variant("default", "default runtime (all savings)", note="TorchOptions() + PipelineOptions()")
 
 ABLATION = (
@@ -52,6 +53,14 @@ ABLATION = (
             note="down path + first mid resnet once for both halves (guided call)"),
     Variant("bank_kv_once", "+ bank K/V projected once", replace(REF_T, bank_kv_once=True), REF_P,
             note="to_k/to_v of the bank once per block instead of once per frame"),
+    Variant("text_kv_once", "+ text K/V projected once", replace(REF_T, text_kv_once=True), REF_P,
+            note="cross-attention to_k/to_v of the text embedding once per call instead of once per frame"),
+    Variant("fused_temporal", "+ fused temporal attention", replace(REF_T, temporal_attention="fused"), REF_P,
+            note="motion-module attention by scaled_dot_product_attention instead of baddbmm/softmax/bmm "
+                 "(CPU only: the original uses xformers on CUDA)"),
+    Variant("control_embed_once", "+ ControlNet conditioning embedded once", REF_T,
+            replace(REF_P, embed_control_once=True),
+            note="each driving frame's conditioning embedding once per request instead of once per step"),
     Variant("ref_cache", "+ reference cache (repeat request)", REF_T, replace(REF_P, reference_cache_entries=4),
             warm_reference=True, note="same source again: no VAE encode, no appearance encoder"),
     Variant("decode_batch", "+ batched VAE decode", REF_T, replace(REF_P, decode_chunk=None),
@@ -74,6 +83,12 @@ DEFAULT_BOUNDED = Variant("default_bounded", "default, ControlNet per window",
 
 ALL = (REFERENCE, DEFAULT) + ABLATION + (DEFAULT_WARM, DEFAULT_BOUNDED)
 BY_KEY = {v.key: v for v in ALL}
+
+
+def torch_options_on(v: Variant, device_type: str) -> TorchOptions:
+    """A variant's torch options on a device: on CUDA the original's motion modules run
+    xformers' fused attention, so every variant uses the fused kernel there."""
+    return replace(v.torch, temporal_attention="fused") if device_type == "cuda" else v.torch
 
 
 def onnxruntime_variant(engine_dir: str) -> Variant:

@@ -31,7 +31,7 @@ from magicanimate_rt.runtime.backends.torch_backend import TorchStages, parse_dt
 
 from . import memory
 from .flops import CountingStages
-from .variants import BY_KEY, Variant, onnxruntime_variant
+from .variants import BY_KEY, Variant, onnxruntime_variant, torch_options_on
 
 
 def inputs(size: int, frames: int):
@@ -44,7 +44,8 @@ def make_pipeline(v: Variant, models, device, dtype, engine_dir=None) -> Animati
     if v.backend == "onnxruntime":
         return AnimationPipeline.from_engines(engine_dir, backend="onnxruntime", device=str(device),
                                               options=v.pipeline)
-    return AnimationPipeline(TorchStages(models, device, dtype, v.torch), options=v.pipeline)
+    return AnimationPipeline(TorchStages(models, device, dtype, torch_options_on(v, device.type)),
+                             options=v.pipeline)
 
 
 def variants_of(spec) -> list[Variant]:

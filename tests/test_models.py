@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from magicanimate_rt.models import load_model_set
+from magicanimate_rt.models.layers import ORIGINAL, Arithmetic, attention
 
 TOL = 1e-4  # relative L2, float32 on the CPU (issue 2)
 
@@ -121,9 +122,48 @@ def test_bank_projected_once_equals_per_frame_projection(models, stages):
     original's per-frame projection of concat([frame, bank])."""
     lat, t, e, down, mid, bank = unet_inputs(models, stages)
     once = models.unet(lat, t, e, down, mid, bank)
-    per_frame = models.unet(lat, t, e, down, mid, bank, ref_kv_per_frame=True)
+    per_frame = models.unet(lat, t, e, down, mid, bank, arithmetic=Arithmetic(bank_kv_per_frame=True))
     assert rel_l2(once, per_frame) < 1e-6
     assert rel_l2(per_frame, stages["unet_eps_cond"]) < TOL
+
+
+@torch.no_grad()
+def test_original_arithmetic_is_the_same_function(models, stages):
+    """The original's arrangement (bank and text K/V per frame, materialised temporal
+    attention) matches the conformance outputs, as ours does, in both CFG halves."""
+    lat, t, e, down, mid, bank = unet_inputs(models, stages)
+    for half, b in (("unet_eps_uncond", None), ("unet_eps_cond", bank)):
+        ours = models.unet(lat, t, e, down, mid, b)
+        orig = models.unet(lat, t, e, down, mid, b, arithmetic=ORIGINAL)
+        assert rel_l2(orig, ours) < 1e-5  # float32 rounding through the whole UNet
+        assert rel_l2(orig, stages[half]) < TOL
+
+
+@torch.no_grad()
+def test_controlnet_in_two_parts_equals_diffusers(models):
+    """Our ControlNet (embedding, then the rest) against diffusers' own forward."""
+    g = torch.Generator().manual_seed(5)
+    lat, cond = torch.randn(3, 4, 16, 16, generator=g), torch.rand(3, 3, 128, 128, generator=g)
+    t, e = torch.tensor([501.0]), models.text_embedding
+    ours = models.controlnet(lat, t, e, cond)
+    down, mid = models.controlnet.net(lat, t.expand(3), encoder_hidden_states=e.expand(3, -1, -1),
+                                      controlnet_cond=cond, return_dict=False)
+    assert len(ours) == len(down) + 1
+    for a, b in zip(ours, (*down, mid)):
+        assert rel_l2(a, b) < 1e-6
+    split = models.controlnet.forward_embedded(lat, t, e, models.controlnet.embed(cond))
+    assert all(torch.equal(a, b) for a, b in zip(split, ours))
+
+
+def test_materialised_attention_equals_fused():
+    """The original's baddbmm/softmax/bmm attention against SDPA, and both against an
+    independent float64 computation."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, n, 64, generator=g) for n in (16, 40, 40))
+    fused, mat = attention(q, k, v, 8), attention(q, k, v, 8, fused=False)
+    qd, kd, vd = (x.double().reshape(6, -1, 8, 8).transpose(1, 2) for x in (q, k, v))
+    want = (torch.softmax(qd @ kd.transpose(-1, -2) / 8**0.5, -1) @ vd).transpose(1, 2).reshape(6, 16, 64)
+    assert rel_l2(fused, want) < 1e-6 and rel_l2(mat, want) < 1e-6
 
 
 @torch.no_grad()

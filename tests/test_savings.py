@@ -126,6 +126,28 @@ def test_bank_kv_once_is_the_same_function(models, window_inputs):
     assert rel(once, per_frame) < 1e-6
 
 
+@torch.inference_mode()
+def test_text_kv_once_is_the_same_function(models, window_inputs):
+    once = stages(models, text_kv_once=True, share_cfg_prefix=False).unet_guided(*window_inputs)
+    per_frame = stages(models, text_kv_once=False, share_cfg_prefix=False).unet_guided(*window_inputs)
+    assert rel(once[0], per_frame[0]) < 1e-6 and rel(once[1], per_frame[1]) < 1e-6
+
+
+@torch.inference_mode()
+def test_fused_temporal_attention_is_the_same_function(models, window_inputs):
+    fused = stages(models, temporal_attention="fused").unet_guided(*window_inputs)
+    mat = stages(models, temporal_attention="materialised").unet_guided(*window_inputs)
+    assert rel(fused[0], mat[0]) < 1e-5 and rel(fused[1], mat[1]) < 1e-5
+    assert rel(fused[1], fused[0]) > 1e-3  # the halves differ: the comparison can fail
+
+
+def test_original_options_follow_the_device():
+    assert TorchOptions.original().temporal_attention == "materialised"  # no xformers on a CPU
+    assert TorchOptions.original("cuda").temporal_attention == "fused"  # xformers, as the original's demo
+    with pytest.raises(InputError, match="temporal_attention"):
+        TorchOptions(temporal_attention="flash")
+
+
 # --------------------------------------------------------------------------- pipeline level
 class CountingStages(TorchStages):
     """The torch stages, counting the calls the reference cache should save."""
@@ -181,6 +203,38 @@ def test_reference_cache_off_recomputes(models, clip):
     assert PipelineOptions.original().reference_cache_entries == 0
 
 
+class EmbedCounting(TorchStages):
+    """Counts the frames whose ControlNet conditioning is embedded, by either path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedded_frames = 0
+
+    def controlnet(self, latents, t, cond):
+        self.embedded_frames += cond.shape[0]
+        return super().controlnet(latents, t, cond)
+
+    def controlnet_embed(self, cond):
+        self.embedded_frames += cond.shape[0]
+        return super().controlnet_embed(cond)
+
+
+def test_control_embedded_once_is_the_same_function(models, clip):
+    source, driving = clip  # 12 frames -> 16 padded, one window
+    runs = {}
+    for once in (True, False):
+        st = EmbedCounting(models, torch.device("cpu"), torch.float32)
+        pipe = AnimationPipeline(st, options=PipelineOptions(embed_control_once=once, reference_cache_entries=0))
+        runs[once] = (pipe.animate(source, driving, size=SIZE, steps=3, seed=3), st.embedded_frames)
+    (a, frames_once), (b, frames_each) = runs[True], runs[False]
+    assert a.plan.embed_control_once and not b.plan.embed_control_once
+    assert (frames_once, frames_each) == (16, 48)  # once per request vs once per step
+    assert rel(a.latents, b.latents) < 1e-5
+    # bounded-memory residuals compute the embedding per call, as the original
+    bounded = AnimationPipeline(stages(models), options=PipelineOptions(controlnet_residuals="per_window"))
+    assert not bounded.animate(source, driving[:2], size=SIZE, steps=1).plan.embed_control_once
+
+
 @torch.inference_mode()
 def test_decode_in_chunks_is_the_same_function(models, inputs):
     pipe = AnimationPipeline(stages(models))
@@ -207,6 +261,16 @@ def test_plan_without_budget_keeps_all_residuals_and_caps():
     assert plan == LoopPlan(windows_per_call=4, controlnet_residuals="all", decode_chunk=16)
     # the backend's own limit wins (fixed-shape engines take one window)
     assert plan_loop(64, 6, None, MM, max_windows_per_call=1).windows_per_call == 1
+
+
+def test_plan_counts_the_control_embedding_in_the_residual_store():
+    mm = MemoryModel(residuals_per_frame=10, unet_per_window=1000, controlnet_per_frame=20, decode_per_frame=100,
+                     control_embedding_per_frame=5)
+    # 64 frames: residuals 640 B + embeddings 320 B + one window 1000 B
+    assert plan_loop(64, 6, 1960, mm, embed_control=True) == LoopPlan(1, "all", 16, 16, embed_control_once=True)
+    assert plan_loop(64, 6, 1959, mm, embed_control=True).controlnet_residuals == "per_window"
+    assert not plan_loop(64, 6, 1959, mm, embed_control=True).embed_control_once
+    assert not plan_loop(64, 6, None, mm, controlnet_residuals="per_window", embed_control=True).embed_control_once
 
 
 def test_plan_fits_the_budget():

@@ -23,7 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 
 from .config import UNetConfig
-from .layers import build_blocks, count_bank_blocks, run_down_blocks
+from .layers import FAST, Arithmetic, build_blocks, count_bank_blocks, run_down_blocks
 from .unet import time_embedding
 
 
@@ -61,15 +61,18 @@ class AppearanceEncoder(nn.Module):
         for name in ("attn1", "norm2", "attn2", "norm3", "ff"):
             delattr(tb, name)
 
-    def forward(self, latent: Tensor, timestep: Tensor, text_embedding: Tensor) -> list[Tensor]:
-        """latent (1, 4, h, w) -> the reference bank, ``num_bank`` tensors (1, L_j, C_j)."""
+    def forward(self, latent: Tensor, timestep: Tensor, text_embedding: Tensor,
+                arithmetic: Arithmetic = FAST) -> list[Tensor]:
+        """latent (N, 4, h, w) -> the reference bank, ``num_bank`` tensors (N, L_j, C_j) (N is
+        1 in the export contract; the original runs 2 identical copies). ``arithmetic``:
+        only its ``text_kv_per_frame`` applies (per copy, as the original)."""
         temb = time_embedding(self, timestep, latent.dtype)
         ctx = text_embedding
-        h, skips = run_down_blocks(self.down_blocks, self.conv_in(latent), temb, ctx, 1)
+        h, skips = run_down_blocks(self.down_blocks, self.conv_in(latent), temb, ctx, 1, arithmetic)
         bank: list[Tensor] = []
         mid = self.mid_block
         h = mid.resnets[0](h, temb, 1)
-        h = mid.attentions[0](h, ctx, bank_out=bank)
+        h = mid.attentions[0](h, ctx, bank_out=bank, arithmetic=arithmetic)
         h = mid.resnets[1](h, temb, 1)
         for blk in self.up_blocks:
             for j, resnet in enumerate(blk.resnets):
@@ -79,7 +82,7 @@ class AppearanceEncoder(nn.Module):
                     if len(bank) == self.num_bank - 1:  # the last bank tensor: stop here
                         bank.append(att.transformer_blocks[0].norm1(att.tokens(h)))
                         return bank
-                    h = att(h, ctx, bank_out=bank)
+                    h = att(h, ctx, bank_out=bank, arithmetic=arithmetic)
             if hasattr(blk, "upsamplers"):
                 h = blk.upsamplers[0](h)
         raise AssertionError("unreachable: the last up block holds the last bank tensor")

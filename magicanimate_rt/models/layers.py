@@ -16,6 +16,7 @@ reference attention (REFERENCE 3.6) can project the bank's keys and values once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -27,15 +28,66 @@ from torch import Tensor, nn
 from .config import UNetConfig
 
 
+# --------------------------------------------------------------------------- how the work is arranged
+@dataclass(frozen=True)
+class Arithmetic:
+    """How the UNet arranges work whose result is the same function (up to float rounding).
+
+    The defaults are ours; :data:`ORIGINAL` is the way the original computes on a machine
+    without xformers (every CPU), kept so that the reference-schedule benchmark measures
+    the work the original does.
+
+    Fields:
+        bank_kv_per_frame: reference attention projects ``concat([frame, bank])`` for every
+            frame (the original's ``attn1(h, concat([h] + bank))``) instead of the bank's
+            keys/values once per block. Only in full forwards (the guided call always
+            projects the bank once).
+        text_kv_per_frame: cross-attention projects the text embedding's keys/values for
+            every frame (the original repeats the embedding per frame,
+            ``repeat(e, "b n c -> (b f) n c")``) instead of once per call.
+        temporal_attention: "fused" (``scaled_dot_product_attention``) or "materialised":
+            the motion modules' attention as the original's ``CrossAttention._attention``
+            (``baddbmm`` scores, ``softmax``, ``bmm``), which it runs unless xformers is
+            installed (xformers needs CUDA). Its spatial attention is diffusers'
+            ``Attention`` (SDPA under PyTorch 2) in both.
+    """
+
+    bank_kv_per_frame: bool = False
+    text_kv_per_frame: bool = False
+    temporal_attention: str = "fused"
+
+    def __post_init__(self):
+        if self.temporal_attention not in ("fused", "materialised"):
+            raise ValueError(f"temporal_attention must be 'fused' or 'materialised', got {self.temporal_attention!r}")
+
+
+#: ours: shared projections and fused attention
+FAST = Arithmetic()
+#: the original's arrangement without xformers (CPU)
+ORIGINAL = Arithmetic(bank_kv_per_frame=True, text_kv_per_frame=True, temporal_attention="materialised")
+
+
 # --------------------------------------------------------------------------- attention
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, fused: bool = True) -> Tensor:
     """Multi-head softmax attention with scale ``1/sqrt(head_dim)``.
 
     q: (N, Lq, C); k, v: (N, Lk, C) -> (N, Lq, C). Any float dtype; PyTorch's fused
     ``scaled_dot_product_attention`` keeps the softmax in float32 internally.
+    ``fused=False`` computes it as the original's ``CrossAttention._attention`` does:
+    heads folded into the batch, scores materialised by ``baddbmm``, softmax in the input
+    dtype, ``bmm`` with the values (same function, more memory traffic).
     """
     n, lq, c = q.shape
     d = c // heads
+    if not fused:
+        def to_batch(x: Tensor) -> Tensor:  # (N, L, C) -> (N*heads, L, d)
+            return x.reshape(n, -1, heads, d).permute(0, 2, 1, 3).reshape(n * heads, -1, d)
+
+        qb, kb, vb = to_batch(q), to_batch(k), to_batch(v)
+        scores = torch.baddbmm(torch.empty(qb.shape[0], lq, kb.shape[1], dtype=q.dtype, device=q.device),
+                               qb, kb.transpose(-1, -2), beta=0, alpha=d**-0.5)
+        out = torch.bmm(scores.softmax(dim=-1), vb)
+        return out.reshape(n, heads, lq, d).permute(0, 2, 1, 3).reshape(n, lq, c)
     q = q.reshape(n, lq, heads, d).transpose(1, 2)
     k = k.reshape(n, -1, heads, d).transpose(1, 2)
     v = v.reshape(n, -1, heads, d).transpose(1, 2)
@@ -95,12 +147,17 @@ def self_attention(
     return attn.to_out[0](out)
 
 
-def cross_attention(attn: Attention, h: Tensor, context: Tensor) -> Tensor:
+def cross_attention(attn: Attention, h: Tensor, context: Tensor, kv_per_frame: bool = False) -> Tensor:
     """Cross-attention of ``h`` (N, L, C) to ``context`` (1, Lc, Cx), shared by all rows:
-    its keys and values are projected once. Returns the output after ``to_out``."""
+    its keys and values are projected once (``kv_per_frame``: once per row, as the
+    original, which repeats the context per frame). Returns the output after ``to_out``."""
     n = h.shape[0]
-    k = attn.to_k(context).expand(n, -1, -1)
-    v = attn.to_v(context).expand(n, -1, -1)
+    if kv_per_frame:
+        ctx = context.expand(n, -1, -1)
+        k, v = attn.to_k(ctx), attn.to_v(ctx)
+    else:
+        k = attn.to_k(context).expand(n, -1, -1)
+        v = attn.to_v(context).expand(n, -1, -1)
     return attn.to_out[0](attention(attn.to_q(h), k, v, attn.heads))
 
 
@@ -171,16 +228,17 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
 
     def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
-                split: bool = False, bank_out: Optional[list] = None, ref_kv_per_frame: bool = False) -> Tensor:
+                split: bool = False, bank_out: Optional[list] = None, arithmetic: Arithmetic = FAST) -> Tensor:
         """x: (N, L, C) tokens; context: (1, 77, Cx); ref: (1, Lr, C) or None.
         Returns (N, L, C), or (2N, L, C) when ``split``. ``bank_out``, when given, receives
         this block's ``norm1`` output (what the appearance encoder contributes to the bank)."""
         h = self.norm1(x)
         if bank_out is not None:
             bank_out.append(h)
-        a = self_attention(self.attn1, h, ref, plain_rows, split, ref_kv_per_frame)
+        per_frame = arithmetic.bank_kv_per_frame and not split and plain_rows == 0  # full forwards only
+        a = self_attention(self.attn1, h, ref, plain_rows, split, per_frame)
         x = (x.repeat(2, 1, 1) if split else x) + a
-        x = x + cross_attention(self.attn2, self.norm2(x), context)
+        x = x + cross_attention(self.attn2, self.norm2(x), context, arithmetic.text_kv_per_frame)
         return x + self.ff(self.norm3(x))
 
 
@@ -206,10 +264,10 @@ class SpatialTransformer(nn.Module):
         return self.proj_in(h).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
 
     def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
-                split: bool = False, bank_out: Optional[list] = None, ref_kv_per_frame: bool = False) -> Tensor:
+                split: bool = False, bank_out: Optional[list] = None, arithmetic: Arithmetic = FAST) -> Tensor:
         """x: (N, C, H, W) -> (N, C, H, W), or (2N, C, H, W) when ``split``."""
         _, c, hh, ww = x.shape
-        t = self.transformer_blocks[0](self.tokens(x), context, ref, plain_rows, split, bank_out, ref_kv_per_frame)
+        t = self.transformer_blocks[0](self.tokens(x), context, ref, plain_rows, split, bank_out, arithmetic)
         n = t.shape[0]
         if self.linear_proj:
             h = self.proj_out(t).reshape(n, hh, ww, c).permute(0, 3, 1, 2)
@@ -242,14 +300,15 @@ class TemporalAttention(Attention):
         super().__init__(dim, heads=heads, dim_head=dim // heads, bias=False)
         self.pos_encoder = PositionalEncoding(dim, max_len)
 
-    def forward(self, h: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
-        """h: (B*F, L, C) normalised tokens -> (B*F, L, C) attention output."""
+    def forward(self, h: Tensor, num_frames: int, fused: bool = True) -> Tensor:  # type: ignore[override]
+        """h: (B*F, L, C) normalised tokens -> (B*F, L, C) attention output (``fused``: see
+        :func:`attention`)."""
         n, l, c = h.shape
         b = n // num_frames
         # (b f) l c -> (b l) f c: each spatial position attends over its frames
         s = h.reshape(b, num_frames, l, c).transpose(1, 2).reshape(b * l, num_frames, c)
         s = s + self.pos_encoder.pe[:, :num_frames].to(s.dtype)
-        out = attention(self.to_q(s), self.to_k(s), self.to_v(s), self.heads)
+        out = attention(self.to_q(s), self.to_k(s), self.to_v(s), self.heads, fused)
         out = self.to_out[0](out)
         return out.reshape(b, l, num_frames, c).transpose(1, 2).reshape(n, l, c)
 
@@ -262,9 +321,9 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+    def forward(self, x: Tensor, num_frames: int, fused: bool = True) -> Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = x + attn(norm(x), num_frames)
+            x = x + attn(norm(x), num_frames, fused)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -276,10 +335,10 @@ class TemporalTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, max_len, n_attn)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+    def forward(self, x: Tensor, num_frames: int, fused: bool = True) -> Tensor:
         n, c, hh, ww = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c))
-        h = self.transformer_blocks[0](h, num_frames)
+        h = self.transformer_blocks[0](h, num_frames, fused)
         h = self.proj_out(h).reshape(n, hh, ww, c).permute(0, 3, 1, 2)
         return h + x
 
@@ -291,8 +350,8 @@ class MotionModule(nn.Module):
         super().__init__()
         self.temporal_transformer = TemporalTransformer(channels, heads, max_len, n_attn, groups)
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        return self.temporal_transformer(x, num_frames)
+    def forward(self, x: Tensor, num_frames: int, arithmetic: Arithmetic = FAST) -> Tensor:
+        return self.temporal_transformer(x, num_frames, arithmetic.temporal_attention == "fused")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -375,7 +434,8 @@ def build_blocks(cfg: UNetConfig, motion=None) -> tuple[nn.ModuleList, Block, nn
 
 
 def run_down_blocks(
-    blocks: Sequence[Block], h: Tensor, temb: Tensor, context: Tensor, num_frames: int
+    blocks: Sequence[Block], h: Tensor, temb: Tensor, context: Tensor, num_frames: int,
+    arithmetic: Arithmetic = FAST,
 ) -> tuple[Tensor, list[Tensor]]:
     """The down path shared by every UNet here: returns the last feature and the skip
     features (conv_in's output first, as ``h`` is given)."""
@@ -384,9 +444,9 @@ def run_down_blocks(
         for j, resnet in enumerate(blk.resnets):
             h = resnet(h, temb, num_frames)
             if len(blk.attentions):
-                h = blk.attentions[j](h, context)
+                h = blk.attentions[j](h, context, arithmetic=arithmetic)
             if len(blk.motion_modules):
-                h = blk.motion_modules[j](h, num_frames)
+                h = blk.motion_modules[j](h, num_frames, arithmetic)
             skips.append(h)
         if hasattr(blk, "downsamplers"):
             h = blk.downsamplers[0](h)

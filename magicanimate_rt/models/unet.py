@@ -28,7 +28,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 
 from .config import MotionModuleConfig, UNetConfig
-from .layers import FrameGroupNorm, build_blocks, count_bank_blocks, run_down_blocks
+from .layers import FAST, Arithmetic, FrameGroupNorm, build_blocks, count_bank_blocks, run_down_blocks
 
 
 def time_embedding(unet: nn.Module, timestep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -85,29 +85,30 @@ class TemporalUNet(nn.Module):
         down_residuals: Optional[Sequence[Tensor]] = None,
         mid_residual: Optional[Tensor] = None,
         bank: Optional[Sequence[Tensor]] = None,
-        ref_kv_per_frame: bool = False,
+        arithmetic: Arithmetic = FAST,
     ) -> Tensor:
         """One full forward, as the original runs each CFG half.
 
         latents (B, 4, F, h, w) -> eps (B, 4, F, h, w). With ``bank`` (the conditional half)
         every mid/up self-attention uses reference attention; without it (the
         unconditional half) plain self-attention. Residuals are per frame (see module doc).
-        ``ref_kv_per_frame`` projects the bank's keys/values once per frame, as the
-        original does (same function, more FLOPs: the reference-schedule baseline).
+        ``arithmetic`` (:class:`~.layers.Arithmetic`) chooses how some work is arranged;
+        ``layers.ORIGINAL`` does it the original's way (same function, more work: the
+        reference-schedule baseline).
         """
         f = latents.shape[2]
         x = to_frames(latents)
         temb = time_embedding(self, timestep, x.dtype)
-        h, skips = self._down(x, temb, text_embedding, f, down_residuals)
+        h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
         refs = list(bank) if bank is not None else [None] * self.num_bank
         self._check_bank(refs)
         mid = self.mid_block
         h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0], ref_kv_per_frame=ref_kv_per_frame)
+        h = mid.attentions[0](h, text_embedding, ref=refs[0], arithmetic=arithmetic)
         h = mid.resnets[1](h, temb, f)
         if mid_residual is not None:
             h = add_residual(h, mid_residual)
-        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=0, ref_kv_per_frame=ref_kv_per_frame)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], 0, arithmetic)
         return self._out(h, f)
 
     def guided(
@@ -118,6 +119,7 @@ class TemporalUNet(nn.Module):
         down_residuals: Optional[Sequence[Tensor]],
         mid_residual: Optional[Tensor],
         bank: Sequence[Tensor],
+        arithmetic: Arithmetic = FAST,
     ) -> tuple[Tensor, Tensor]:
         """Both CFG halves of B windows: latents (B, 4, F, h, w) -> (eps_uncond, eps_cond),
         each (B, 4, F, h, w). B is 1 in the export contract; the residuals are (F, ...)
@@ -127,21 +129,21 @@ class TemporalUNet(nn.Module):
         to the first mid-block self-attention is computed once; from there the batch
         doubles (rows of all B windows unconditional first, then conditional with reference
         attention). Equal to ``forward(bank=None)`` and ``forward(bank=bank)`` up to float
-        rounding.
+        rounding. ``arithmetic`` as in :meth:`forward` (the bank is always projected once).
         """
         b, f = latents.shape[0], latents.shape[2]
         refs = list(bank)
         self._check_bank(refs)
         x = to_frames(latents)
         temb = time_embedding(self, timestep, x.dtype)
-        h, skips = self._down(x, temb, text_embedding, f, down_residuals)
+        h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
         mid = self.mid_block
         h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0], split=True)  # batch B -> 2B
+        h = mid.attentions[0](h, text_embedding, ref=refs[0], split=True, arithmetic=arithmetic)  # B -> 2B
         h = mid.resnets[1](h, temb, f)
         if mid_residual is not None:
             h = add_residual(h, mid_residual)
-        h = self._up(h, skips, temb, text_embedding, f, refs[1:], plain_rows=b * f)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], b * f, arithmetic)
         eps = self._out(h, f)
         return eps[:b], eps[b:]
 
@@ -150,15 +152,15 @@ class TemporalUNet(nn.Module):
         if len(refs) != self.num_bank:
             raise ValueError(f"reference bank has {len(refs)} tensors, the UNet has {self.num_bank} mid/up blocks")
 
-    def _down(self, x, temb, context, f, down_residuals):
-        h, skips = run_down_blocks(self.down_blocks, self.conv_in(x), temb, context, f)
+    def _down(self, x, temb, context, f, down_residuals, arithmetic):
+        h, skips = run_down_blocks(self.down_blocks, self.conv_in(x), temb, context, f, arithmetic)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
             skips = [add_residual(s, r) for s, r in zip(skips, down_residuals)]
         return h, skips
 
-    def _up(self, h, skips, temb, context, f, refs, plain_rows, ref_kv_per_frame=False):
+    def _up(self, h, skips, temb, context, f, refs, plain_rows, arithmetic):
         refs = iter(refs)
         for blk in self.up_blocks:
             for j, resnet in enumerate(blk.resnets):
@@ -168,9 +170,9 @@ class TemporalUNet(nn.Module):
                 h = resnet(torch.cat([h, skip], dim=1), temb, f)
                 if len(blk.attentions):
                     h = blk.attentions[j](h, context, ref=next(refs), plain_rows=plain_rows,
-                                          ref_kv_per_frame=ref_kv_per_frame)
+                                          arithmetic=arithmetic)
                 if len(blk.motion_modules):
-                    h = blk.motion_modules[j](h, f)
+                    h = blk.motion_modules[j](h, f, arithmetic)
             if hasattr(blk, "upsamplers"):
                 h = blk.upsamplers[0](h)
         return h

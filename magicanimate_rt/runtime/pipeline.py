@@ -28,7 +28,7 @@ from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSampler, DDIMSettings
 from .media import load_source_image, read_video, resize_frames
 from .cache import ReferenceCache
-from .sampling import LoopPlan, denoise, initial_noise, max_windows, plan_loop
+from .sampling import LoopPlan, can_embed_control, denoise, initial_noise, max_windows, plan_loop
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
@@ -63,6 +63,10 @@ class PipelineOptions:
             ``MemAvailable``; CUDA: free device memory). Estimates come from the backend's
             ``memory_model`` (docs/PERFORMANCE.md, "Memory"); a backend without one gets
             the unbudgeted choices (residuals "all", one window per call unless it says more).
+        embed_control_once: compute the ControlNet conditioning embedding of each driving
+            frame once per request instead of once per step (the original), when the
+            backend offers it and the residuals of all frames are kept (it is kept with
+            them: C_0 x h x w per frame).
         control_uint8: keep the driving frames on the device as uint8 (4x smaller than
             float32) and convert each ControlNet call's frames (same arithmetic, same
             values). False: convert all frames up front, as the original.
@@ -77,6 +81,7 @@ class PipelineOptions:
     windows_per_call: Optional[int] = None
     controlnet_residuals: str = "auto"
     memory_budget_mb: Optional[float] = None
+    embed_control_once: bool = True
     control_uint8: bool = True
     reference_cache_entries: int = 4
     reference_cache_mb: float = 512.0
@@ -85,7 +90,7 @@ class PipelineOptions:
     def original(cls) -> "PipelineOptions":
         """The original implementation's batching, and no reference cache."""
         return cls(controlnet_chunk=16, decode_chunk=1, windows_per_call=1, controlnet_residuals="all",
-                   control_uint8=False, reference_cache_entries=0)
+                   embed_control_once=False, control_uint8=False, reference_cache_entries=0)
 
     def __post_init__(self):
         for name in ("controlnet_chunk", "decode_chunk", "windows_per_call"):
@@ -258,6 +263,7 @@ class AnimationPipeline:
             controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
             max_windows_per_call=max_windows(st), window=st.window,
             max_auto_windows=win_cap, max_auto_decode=dec_cap,
+            embed_control=o.embed_control_once and can_embed_control(st),
         )
 
     def memory_budget_bytes(self) -> float:

@@ -66,23 +66,44 @@ def _in_chunks(call: Callable[[int, int], Sequence[Tensor]], n: int, chunk: int)
     return out
 
 
-def controlnet_all_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, chunk: int) -> list[Tensor]:
+def _controlnet_call(stages: Stages, embedded: bool):
+    """The ControlNet call on (latents, t, control part): from the driving frames, or from
+    their conditioning embedding when ``embedded`` (see :func:`embed_control`)."""
+    return stages.controlnet_embedded if embedded else stages.controlnet
+
+
+def controlnet_all_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, chunk: int,
+                          embedded: bool = False) -> list[Tensor]:
     """ControlNet residuals of every frame, computed in chunks of ``chunk`` frames (the
-    batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, S, S)
-    -> 13 tensors (N, C_i, h_i, w_i)."""
+    batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, S, S) (or its
+    embedding (N, C_0, h, w) when ``embedded``) -> 13 tensors (N, C_i, h_i, w_i)."""
     frames = latents[0].transpose(0, 1)  # (N, 4, h, w)
-    return _in_chunks(lambda i, j: stages.controlnet(frames[i:j], t, control_slice(control, slice(i, j), latents.dtype)),
+    call = _controlnet_call(stages, embedded)
+    return _in_chunks(lambda i, j: call(frames[i:j], t, control_slice(control, slice(i, j), latents.dtype)),
                       frames.shape[0], chunk)
 
 
 def controlnet_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, frames: Tensor,
-                      chunk: int) -> list[Tensor]:
+                      chunk: int, embedded: bool = False) -> list[Tensor]:
     """ControlNet residuals of the frames ``frames`` (1-D index tensor, no repeats), in
     chunks of ``chunk`` -> 13 tensors (len(frames), C_i, h_i, w_i). Per frame, so the same
     values as :func:`controlnet_all_frames` gives for those frames."""
     x = latents[0].transpose(0, 1).index_select(0, frames)  # (n, 4, h, w)
-    return _in_chunks(lambda i, j: stages.controlnet(x[i:j], t, control_slice(control, frames[i:j], latents.dtype)),
+    call = _controlnet_call(stages, embedded)
+    return _in_chunks(lambda i, j: call(x[i:j], t, control_slice(control, frames[i:j], latents.dtype)),
                       x.shape[0], chunk)
+
+
+def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
+    """The ControlNet conditioning embedding of every driving frame, (N, C_0, h, w), in
+    chunks of ``chunk`` frames. It depends on the frames only, so one request computes it
+    once instead of once per step (the original)."""
+    n = control.shape[0]
+    return _in_chunks(lambda i, j: (stages.controlnet_embed(control_slice(control, slice(i, j), dtype)),), n, chunk)[0]
+
+
+def can_embed_control(stages: Stages) -> bool:
+    return callable(getattr(stages, "controlnet_embed", None)) and callable(getattr(stages, "controlnet_embedded", None))
 
 
 # --------------------------------------------------------------------------- planning
@@ -98,12 +119,15 @@ class MemoryModel:
         unet_per_window: peak working memory of one guided UNet call per window in it.
         controlnet_per_frame: peak working memory of a ControlNet call per frame in it.
         decode_per_frame: peak working memory of a VAE decode call per frame in it.
+        control_embedding_per_frame: one frame's ControlNet conditioning embedding (kept
+            for the request when the plan embeds the driving frames once).
     """
 
     residuals_per_frame: int
     unet_per_window: int
     controlnet_per_frame: int
     decode_per_frame: int
+    control_embedding_per_frame: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,12 +142,16 @@ class LoopPlan:
             memory; frames shared by windows of different calls are computed again).
         controlnet_chunk: frames per ControlNet call.
         decode_chunk: frames per VAE decode call.
+        embed_control_once: the driving frames' ControlNet conditioning embedding is
+            computed once for the request and kept (with residuals "all" only: it grows
+            with the frame count) instead of once per step, as the original.
     """
 
     windows_per_call: int = 1
     controlnet_residuals: str = "all"
     controlnet_chunk: int = 16
     decode_chunk: int = 1
+    embed_control_once: bool = False
 
     def __post_init__(self):
         for name in ("windows_per_call", "controlnet_chunk", "decode_chunk"):
@@ -146,6 +174,7 @@ def plan_loop(
     window: int = 16,
     max_auto_windows: int = 4,
     max_auto_decode: int = 16,
+    embed_control: bool = False,
 ) -> LoopPlan:
     """Choose the batching of one request within a working-memory budget.
 
@@ -159,6 +188,10 @@ def plan_loop(
     3. Decode chunk: the most frames (at most ``max_auto_decode``) whose decode working
        memory fits (the loop's memory is free by then).
 
+    ``embed_control`` (asked for and offered by the backend) keeps every frame's
+    ControlNet conditioning embedding with the residuals "all" store (counted in it); with
+    "per_window" residuals the embedding is computed per call, as the original.
+
     Without a budget (``budget_bytes`` None) or without a memory model, "auto" means
     residuals "all", the most windows allowed and decode chunks of ``max_auto_decode``.
     Whatever the budget, at least one window per call and one frame per decode call.
@@ -169,15 +202,17 @@ def plan_loop(
     if controlnet_residuals not in ("auto",) + RESIDUAL_MODES:
         raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', got {controlnet_residuals!r}")
     if budget_bytes is None or memory is None:
+        residuals = "all" if controlnet_residuals == "auto" else controlnet_residuals
         return LoopPlan(
             windows_per_call=windows_per_call or min(cap, max_auto_windows),
-            controlnet_residuals="all" if controlnet_residuals == "auto" else controlnet_residuals,
+            controlnet_residuals=residuals,
             controlnet_chunk=controlnet_chunk,
             decode_chunk=decode_chunk or max_auto_decode,
+            embed_control_once=embed_control and residuals == "all",
         )
 
     m = memory
-    store_all = m.residuals_per_frame * num_frames
+    store_all = (m.residuals_per_frame + (m.control_embedding_per_frame if embed_control else 0)) * num_frames
     cn_call = m.controlnet_per_frame * controlnet_chunk
     if controlnet_residuals == "auto":
         fits = store_all + max(m.unet_per_window, cn_call) <= budget_bytes
@@ -196,7 +231,8 @@ def plan_loop(
                 windows_per_call = b
     if decode_chunk is None:
         decode_chunk = max(1, min(max_auto_decode, int(budget_bytes // max(m.decode_per_frame, 1))))
-    return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk)
+    return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk,
+                    embed_control_once=embed_control and controlnet_residuals == "all")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -260,6 +296,10 @@ def denoise(
         rows = torch.cat(members)
         distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
         groups.append((members, rows, distinct, where))
+    embedded = plan.embed_control_once and can_embed_control(stages)
+    if embedded:  # the driving frames -> their conditioning embedding, once for all steps
+        with timer.stage("controlnet"):
+            control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype)
 
     if bank_fn is None:
         def bank_fn(i: int, t: Tensor) -> Sequence[Tensor]:
@@ -271,7 +311,8 @@ def denoise(
         residuals = None
         if not per_window:
             with timer.stage("controlnet"):
-                residuals = controlnet_all_frames(stages, latents.to(stage_dtype), t, control, plan.controlnet_chunk)
+                residuals = controlnet_all_frames(stages, latents.to(stage_dtype), t, control, plan.controlnet_chunk,
+                                                  embedded)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
         for members, rows, distinct, where in groups:
@@ -279,7 +320,7 @@ def denoise(
             if per_window:
                 with timer.stage("controlnet"):
                     own = controlnet_frames(stages, latents.to(stage_dtype), t, control, distinct,
-                                            plan.controlnet_chunk)
+                                            plan.controlnet_chunk, embedded)
                     res = [r.index_select(0, where) for r in own]
             else:
                 res = [r.index_select(0, rows) for r in residuals]

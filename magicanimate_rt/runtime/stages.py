@@ -9,6 +9,11 @@ Two optional attributes let the pipeline plan its batching (``runtime/sampling.p
 ``max_windows_per_call`` (windows one ``unet_guided`` call accepts; 1 when absent, as for
 fixed-shape engines) and ``memory_model(size)`` (working memory per call, see
 docs/PERFORMANCE.md "Memory"; without it the pipeline uses fixed chunk sizes).
+
+A backend that can run the ControlNet in two parts also offers ``controlnet_embed(cond)``
+((N, 3, S, S) in [0, 1] -> conditioning embedding (N, C_0, h, w)) and
+``controlnet_embedded(latents, t, embedding)`` (-> the 13 residuals, as ``controlnet``);
+the loop then embeds each driving frame once per request instead of once per step.
 """
 
 from __future__ import annotations

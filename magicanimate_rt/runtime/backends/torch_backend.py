@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ...errors import InputError
 from ...models import ModelSet, load_model_set
+from ...models.layers import Arithmetic
 from ..sampling import MemoryModel
 from ..stages import Stages
 
@@ -44,6 +45,12 @@ class TorchOptions:
         bank_kv_once: the reference bank's keys/values are projected once per block and
             shared by every frame. False projects ``concat([frame, bank])`` per frame, as
             the original.
+        text_kv_once: cross-attention projects the text embedding's keys/values once per
+            call. False projects them for every frame, as the original (which repeats the
+            embedding per frame).
+        temporal_attention: the motion modules' attention: "fused" (PyTorch's
+            ``scaled_dot_product_attention``) or "materialised" (the original's
+            ``baddbmm``/``softmax``/``bmm``, what it runs without xformers, i.e. on a CPU).
         channels_last: convolution weights and activations in NHWC (helps fp16 on CUDA).
         compile_mode: None, or a ``torch.compile`` mode for the UNet call ("default",
             "reduce-overhead" (CUDA graphs), "max-autotune").
@@ -52,17 +59,31 @@ class TorchOptions:
     appearance_batch: int = 1
     share_cfg_prefix: bool = True
     bank_kv_once: bool = True
+    text_kv_once: bool = True
+    temporal_attention: str = "fused"
     channels_last: bool = False
     compile_mode: Optional[str] = None
 
     @classmethod
-    def original(cls) -> "TorchOptions":
-        """The original implementation's schedule (same function, more work)."""
-        return cls(appearance_batch=2, share_cfg_prefix=False, bank_kv_once=False)
+    def original(cls, device: str = "cpu") -> "TorchOptions":
+        """The original implementation's schedule on ``device`` (same function, more work).
+        Its motion modules use xformers' fused attention where xformers runs (CUDA) and the
+        materialised ``baddbmm``/``softmax``/``bmm`` elsewhere."""
+        fused = torch.device(device).type == "cuda"
+        return cls(appearance_batch=2, share_cfg_prefix=False, bank_kv_once=False, text_kv_once=False,
+                   temporal_attention="fused" if fused else "materialised")
+
+    @property
+    def arithmetic(self) -> Arithmetic:
+        """The model-level arrangement these options ask for (models/layers.py)."""
+        return Arithmetic(bank_kv_per_frame=not self.bank_kv_once, text_kv_per_frame=not self.text_kv_once,
+                          temporal_attention=self.temporal_attention)
 
     def __post_init__(self):
         if self.appearance_batch not in (1, 2):
             raise InputError(f"appearance_batch must be 1 or 2, got {self.appearance_batch!r}")
+        if self.temporal_attention not in ("fused", "materialised"):
+            raise InputError(f"temporal_attention must be 'fused' or 'materialised', got {self.temporal_attention!r}")
         if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
             raise InputError(f"compile_mode {self.compile_mode!r} is not a torch.compile mode")
 
@@ -90,6 +111,7 @@ class TorchStages(Stages):
         self.dtype = dtype
         self.options = options
         self.text_embedding = models.text_embedding
+        self._arithmetic = options.arithmetic
         if options.channels_last:
             for m in (models.vae, models.appearance_encoder, models.controlnet, models.unet):
                 m.to(memory_format=torch.channels_last)
@@ -133,6 +155,7 @@ class TorchStages(Stages):
             unet_per_window=UNET_WINDOW_FACTOR * self.window * residuals,
             controlnet_per_frame=CONTROLNET_FRAME_FACTOR * residuals,
             decode_per_frame=DECODE_FRAME_FACTOR * vae_top,
+            control_embedding_per_frame=self.models.unet.config.block_out_channels[0] * (size // 8) ** 2 * item,
         )
 
     def encode_reference(self, image: Tensor) -> Tensor:
@@ -140,22 +163,29 @@ class TorchStages(Stages):
 
     def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
         n = self.options.appearance_batch
-        bank = self.models.appearance_encoder(ref_latent.expand(n, -1, -1, -1), t, self.text_embedding)
+        bank = self.models.appearance_encoder(ref_latent.expand(n, -1, -1, -1), t, self.text_embedding,
+                                              self._arithmetic)
         return bank if n == 1 else [b[:1] for b in bank]  # the copies are identical
 
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         return list(self.models.controlnet(latents, t, self.text_embedding, cond))
 
+    def controlnet_embed(self, cond: Tensor) -> Tensor:
+        return self.models.controlnet.embed(cond)
+
+    def controlnet_embedded(self, latents: Tensor, t: Tensor, embedding: Tensor) -> list[Tensor]:
+        return list(self.models.controlnet.forward_embedded(latents, t, self.text_embedding, embedding))
+
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         down, mid = residuals[:-1], residuals[-1]
         if self.options.share_cfg_prefix:
-            return self._guided(latents, t, self.text_embedding, down, mid, bank)
-        eps_u = self._forward(latents, t, self.text_embedding, down, mid)
+            return self._guided(latents, t, self.text_embedding, down, mid, bank, self._arithmetic)
+        eps_u = self._forward(latents, t, self.text_embedding, down, mid, None, self._arithmetic)
         return eps_u, self.unet_cond(latents, t, residuals, bank)
 
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
         return self._forward(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank,
-                             ref_kv_per_frame=not self.options.bank_kv_once)
+                             self._arithmetic)
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.models.vae.decode(latents)
