@@ -17,11 +17,21 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from magicanimate_rt.runtime.sampling import can_embed_control
 from magicanimate_rt.runtime.stages import Stages
 
 #: stage method -> the timing name the pipeline reports it under
 STAGE_OF = {"encode_reference": "vae_encode", "bank": "appearance_encoder", "controlnet": "controlnet",
+            "controlnet_embed": "controlnet", "controlnet_embedded": "controlnet",
             "unet_guided": "unet", "unet_cond": "unet", "decode": "vae_decode"}
+
+
+def wrap_control_embedding(wrapper, inner, call) -> None:
+    """Give ``wrapper`` the optional two-part ControlNet methods, routed through
+    ``call(method, *args)``, exactly when ``inner`` has them (the loop checks for them)."""
+    if can_embed_control(inner):
+        wrapper.controlnet_embed = lambda cond: call("controlnet_embed", cond)
+        wrapper.controlnet_embedded = lambda latents, t, emb: call("controlnet_embedded", latents, t, emb)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -51,6 +61,7 @@ class CountingStages(Stages):
         self.flops: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
         self._known: dict[tuple, int] = {}
+        wrap_control_embedding(self, inner, self._call)
 
     def __getattr__(self, name):  # max_windows_per_call, memory_model, ...
         if name == "inner":

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from magicanimate_rt.runtime.stages import Stages
 
-from .flops import STAGE_OF
+from .flops import STAGE_OF, wrap_control_embedding
 
 #: operator-name fragments -> kind of work (first match wins)
 KINDS = (
@@ -42,6 +42,7 @@ class ProfiledStages(Stages):
         self.name = inner.name
         self.device, self.dtype, self.window = inner.device, inner.dtype, inner.window
         self.text_embedding = inner.text_embedding
+        wrap_control_embedding(self, inner, self._call)
 
     def __getattr__(self, name):
         if name == "inner":

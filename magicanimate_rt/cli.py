@@ -11,6 +11,7 @@ ends with one line and exit code 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -87,17 +88,24 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _run(pipe, source, driving, size, steps, guidance, seed):
+def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None):
+    """Animate and write the mp4 (and the grid) chunk by chunk as frames are decoded: the
+    decoded video is never in memory whole. Both files are written to temporary paths and
+    renamed when complete; on any error or Ctrl-C neither appears."""
+    from .runtime.media import VideoWriter, grid_frames
+
     _log(f"animating {driving.shape[0]} frames at {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}")
-    return pipe.animate(source, driving, size=size, steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+    with contextlib.ExitStack() as writers:
+        video = writers.enter_context(VideoWriter(output))
+        side = writers.enter_context(VideoWriter(grid)) if grid is not None else None
 
+        def sink(first: int, frames) -> None:
+            video.write(frames)
+            if side is not None:
+                side.write(grid_frames(source, driving[first : first + frames.shape[0]], frames))
 
-def _write_outputs(result, source, driving, output: Path, grid: Path | None) -> None:
-    from .runtime.media import grid_frames, write_video
-
-    write_video(output, result.frames)
-    if grid is not None:
-        write_video(grid, grid_frames(source, driving, result.frames))
+        return pipe.animate(source, driving, size=size, steps=steps, guidance_scale=guidance, seed=seed,
+                            progress=True, frame_sink=sink)
 
 
 def cmd_animate(args) -> int:
@@ -130,10 +138,9 @@ def cmd_animate(args) -> int:
         pipe = AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device)
     with pipe:
         _log(f"loaded in {time.perf_counter() - t0:.1f} s")
-        result = _run(pipe, source, driving, args.size, args.steps, args.guidance, args.seed)
-    _write_outputs(result, source, driving, args.output, args.grid)
+        result = _run(pipe, source, driving, args.size, args.steps, args.guidance, args.seed, args.output, args.grid)
     _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
-         f" ({result.frames.shape[0]} frames, {result.timings['total']:.1f} s)")
+         f" ({driving.shape[0]} frames, {result.timings['total']:.1f} s)")
     return 0
 
 
@@ -150,10 +157,9 @@ def cmd_demo(args) -> int:
     models = demo.demo_models()
     _log(f"tiny random model set: {models}")
     source, driving = demo.source_image(size), demo.driving_clip(args.frames, size)
-    with AnimationPipeline.from_pretrained(models) as pipe:
-        result = _run(pipe, source, driving, size, args.steps, 7.5, 0)
     grid = args.output.with_name(args.output.stem + "-grid.mp4")
-    _write_outputs(result, source, driving, args.output, grid)
+    with AnimationPipeline.from_pretrained(models) as pipe:
+        _run(pipe, source, driving, size, args.steps, 7.5, 0, args.output, grid)
     print(f"demo animation: {args.output.resolve()}")
     print(f"side by side [source | driving | result]: {grid.resolve()}")
     print(f"({time.perf_counter() - t0:.0f} s.) The demo's weights are random, so the video shows the pipeline "

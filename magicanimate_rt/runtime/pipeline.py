@@ -108,9 +108,13 @@ class PipelineOptions:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
 
 
+#: receives the decoded video chunk by chunk: (index of the chunk's first frame, (n, S, S, 3) uint8)
+FrameSink = Callable[[int, np.ndarray], None]
+
+
 @dataclass
 class AnimationResult:
-    frames: np.ndarray  #: (F0, size, size, 3) uint8
+    frames: Optional[np.ndarray]  #: (F0, size, size, 3) uint8; None when they went to a ``frame_sink``
     latents: Tensor  #: (1, 4, N, size/8, size/8) float32 on the CPU, before decode
     timings: dict[str, float] = field(default_factory=dict)  #: seconds per stage, and "total"
     plan: Optional[LoopPlan] = None  #: how the work was batched
@@ -180,11 +184,15 @@ class AnimationPipeline:
         progress: Union[bool, Callable[[int, int], None]] = False,
         start_frame: int = 0,
         max_frames: Optional[int] = None,
+        frame_sink: Optional[FrameSink] = None,
     ) -> AnimationResult:
         """Animate ``source`` (a path, PIL image or HxWx3 uint8 array) with ``driving`` (a
         video path or (F, H, W, 3) uint8 DensePose frames).
 
         ``progress``: True for a tqdm bar over the steps, or a callback(step, steps).
+        ``frame_sink``: called with each decoded chunk of frames, in order, as soon as it
+        is decoded (e.g. a :class:`~.media.VideoWriter`'s ``write``); the result then holds
+        no frames, so the decoded video is never in memory whole (long clips).
         """
         if self.stages is None:
             raise InputError("this pipeline is closed")
@@ -244,7 +252,7 @@ class AnimationPipeline:
                 bar.close()
 
         with timer.stage("vae_decode"):
-            frames = self._decode(latents[:, :, :f0], plan.decode_chunk)
+            frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink)
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
@@ -287,17 +295,21 @@ class AnimationPipeline:
             raise InputError("driving video has no frames")
         return resize_frames(arr, size)
 
-    def _decode(self, latents: Tensor, chunk: int) -> np.ndarray:
+    def _decode(self, latents: Tensor, chunk: int, sink: Optional[FrameSink] = None) -> Optional[np.ndarray]:
         """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded ``chunk`` frames at a time, each
         chunk made uint8 at once (the float video is never whole); the host sees the frames
-        once."""
+        once. With ``sink`` each chunk goes there instead and nothing is returned."""
         frames = latents[0].transpose(0, 1).to(self.stages.dtype)
         out = []
         for i in range(0, frames.shape[0], chunk):
             video = self.stages.decode(frames[i : i + chunk]).float()
             # (video * 255) truncated to uint8, as the original saves it
-            out.append((video * 255).to(torch.uint8).permute(0, 2, 3, 1))
-        return torch.cat(out).cpu().numpy()
+            part = (video * 255).to(torch.uint8).permute(0, 2, 3, 1)
+            if sink is None:
+                out.append(part)
+            else:
+                sink(i, part.cpu().numpy())
+        return None if sink is not None else torch.cat(out).cpu().numpy()
 
 
 def available_memory(device: torch.device) -> int:
