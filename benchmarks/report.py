@@ -90,8 +90,12 @@ def markdown(report: dict) -> str:
              f"{env['dtype']}. Command: `{report['command']}`.", ""]
     loads = report.get("load_summary")
     if loads:
+        # the benchmark's own threads account for a load of about their number
+        busy = loads["max"] > min(env["threads"], env["cores"]) + 0.5
+        note = (" — **other work was running: timings are distorted**" if busy
+                else " (the benchmark's own threads: a quiet machine)")
         lines += [f"Load average during the timed runs: median {loads['median']:.2f}, max {loads['max']:.2f} "
-                  f"(on {env['cores']} cores){' — **the machine was busy: timings are distorted**' if loads['max'] > 1.2 else ''}.", ""]
+                  f"(on {env['cores']} cores){note}.", ""]
     for cfg, c in report["configs"].items():
         spec = c["spec"]
         lines += [f"## {cfg}: {spec['frames']} frames, {spec['steps']} steps, {spec['size']} px, "

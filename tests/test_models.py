@@ -155,6 +155,27 @@ def test_controlnet_in_two_parts_equals_diffusers(models):
     assert all(torch.equal(a, b) for a, b in zip(split, ours))
 
 
+def test_frame_group_norm_keeps_channels_last_and_its_values():
+    """NHWC input (TorchOptions.channels_last) gives the NCHW result, still NHWC, and both
+    match an independent float64 computation over (group, F, H, W)."""
+    from magicanimate_rt.models.layers import FrameGroupNorm
+
+    g = torch.Generator().manual_seed(7)
+    norm = FrameGroupNorm(4, 16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+        norm.bias.copy_(torch.randn(16, generator=g))
+    x = torch.randn(2 * 3, 16, 5, 5, generator=g)  # B=2 windows of F=3 frames
+    nchw = norm(x, 3)
+    nhwc = norm(x.contiguous(memory_format=torch.channels_last), 3)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    xd = x.double().reshape(2, 3, 4, 4, 5, 5)
+    mean, var = xd.mean(dim=(1, 3, 4, 5), keepdim=True), xd.var(dim=(1, 3, 4, 5), keepdim=True, unbiased=False)
+    want = ((xd - mean) / (var + 1e-5).sqrt()).reshape(6, 16, 5, 5) * norm.weight.double()[:, None, None] \
+        + norm.bias.double()[:, None, None]
+    assert rel_l2(nchw, want) < 1e-6 and rel_l2(nhwc, want) < 1e-6
+
+
 def test_materialised_attention_equals_fused():
     """The original's baddbmm/softmax/bmm attention against SDPA, and both against an
     independent float64 computation."""

@@ -141,6 +141,14 @@ def test_fused_temporal_attention_is_the_same_function(models, window_inputs):
     assert rel(fused[1], fused[0]) > 1e-3  # the halves differ: the comparison can fail
 
 
+@torch.inference_mode()
+def test_channels_last_is_the_same_function(shared_dir, window_inputs):
+    models_cl = load_model_set(shared_dir / "conformance" / "tiny-models")  # converted in place: its own copy
+    plain = stages(load_model_set(shared_dir / "conformance" / "tiny-models")).unet_guided(*window_inputs)
+    cl = stages(models_cl, channels_last=True).unet_guided(*window_inputs)
+    assert rel(cl[0], plain[0]) < 1e-5 and rel(cl[1], plain[1]) < 1e-5
+
+
 def test_original_options_follow_the_device():
     assert TorchOptions.original().temporal_attention == "materialised"  # no xformers on a CPU
     assert TorchOptions.original("cuda").temporal_attention == "fused"  # xformers, as the original's demo
