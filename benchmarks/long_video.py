@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -96,8 +97,10 @@ def main(argv=None) -> int:
     for n, b in result["peak_rss_bytes"].items():
         print(f"  {n:5d} frames: {b / 2**20:8.1f} MiB")
     print(f"  per extra frame: {result['mib_per_frame']:.3f} MiB (bound at 128 px, tiny: {MIB_PER_FRAME_BOUND} MiB)")
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=1))
+    if args.out is not None:  # atomically: a temporary file renamed when complete
+        tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.out)
     return 0
 
 
