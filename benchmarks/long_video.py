@@ -3,7 +3,7 @@
     python -m benchmarks.long_video --frames 32,320 [--models DIR] [--size 128] [--steps 1]
 
 Each frame count runs ``magicanimate-rt animate`` (read the driving mp4, denoise, write the
-mp4 chunk by chunk) in a fresh process whose peak resident set (``ru_maxrss``) is the
+mp4 chunk by chunk) in a fresh process whose peak resident set (``VmHWM``) is the
 figure: weights, imports and code are the same in every run, so the difference between
 two frame counts is what the extra frames cost. docs/PERFORMANCE.md ("Long videos") gives
 the formula this should match; tests/test_long_video.py checks 32 vs 320 frames on the
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from .memory import _status_kib
 
 #: the bound docs/PERFORMANCE.md states for the tiny model set at 128 px
 MIB_PER_FRAME_BOUND = 1.0
@@ -46,7 +48,10 @@ def child(argv: list[str]) -> None:
     from magicanimate_rt.cli import main
 
     rc = main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM: this process image's own high-water mark. Not ru_maxrss: Linux carries the
+    # parent's peak into a forked child across exec (a test runner's 2 GB would mask ours).
+    hwm = _status_kib("VmHWM")
+    peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"rc": rc, "peak_rss_bytes": peak}))
 
 
