@@ -328,3 +328,25 @@ def test_reference_cache_lru_by_entries_and_bytes():
     disabled = ReferenceCache(max_entries=0)
     disabled.insert(keys[0], torch.zeros(1))
     assert disabled.lookup(keys[0]) is None and len(disabled) == 0
+
+
+def test_cuda_graph_steps_marked_and_first_half_kept(models, monkeypatch):
+    """compile_mode="reduce-overhead" (CUDA graphs): every UNet call starts a new graph step,
+    and the unconditional half of a two-forward call is copied out before the same graph
+    runs again. The compiled calls are replaced by fakes that share one output buffer, as
+    a CUDA graph does (torch.compile itself is lazy: nothing compiles here)."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    st = stages(models, compile_mode="reduce-overhead", share_cfg_prefix=False)
+    pool = torch.zeros(1, 4, 16, 8, 8)
+
+    def fake_forward(latents, t, e, down, mid, bank, arithmetic):
+        pool.fill_(2.0 if bank is not None else 1.0)
+        return pool
+
+    st._forward = fake_forward
+    eps_u, eps_c = st.unet_guided(torch.zeros(1, 4, 16, 8, 8), torch.tensor([1.0]), [None] * 13, [None])
+    assert len(marks) == 2
+    assert float(eps_u.mean()) == 1.0 and float(eps_c.mean()) == 2.0  # not overwritten by the second run
+    st.unet_cond(torch.zeros(1, 4, 16, 8, 8), torch.tensor([1.0]), [None] * 13, [None])
+    assert len(marks) == 3

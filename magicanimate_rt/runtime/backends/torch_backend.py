@@ -176,14 +176,26 @@ class TorchStages(Stages):
     def controlnet_embedded(self, latents: Tensor, t: Tensor, embedding: Tensor) -> list[Tensor]:
         return list(self.models.controlnet.forward_embedded(latents, t, self.text_embedding, embedding))
 
+    def _new_graph_step(self) -> None:
+        """With CUDA graphs ("reduce-overhead") a compiled call's outputs live in the graph's
+        memory pool; marking each UNet call as a new step tells torch.compile that the
+        previous outputs (already added to the running sums) may be overwritten."""
+        if self.options.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         down, mid = residuals[:-1], residuals[-1]
         if self.options.share_cfg_prefix:
+            self._new_graph_step()
             return self._guided(latents, t, self.text_embedding, down, mid, bank, self._arithmetic)
+        self._new_graph_step()
         eps_u = self._forward(latents, t, self.text_embedding, down, mid, None, self._arithmetic)
+        if self.options.compile_mode == "reduce-overhead":
+            eps_u = eps_u.clone()  # the next call of the same graph reuses its output memory
         return eps_u, self.unet_cond(latents, t, residuals, bank)
 
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
+        self._new_graph_step()
         return self._forward(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank,
                              self._arithmetic)
 
