@@ -81,13 +81,19 @@ def test_fingerprint_covers_configs_and_weights(tiny_models, tmp_path):
     assert model_set_fingerprint(copy) == model_set_fingerprint(copy)
 
 
-def test_fingerprint_files_follow_the_loader():
-    from magicanimate_rt.models import loading
+def test_fingerprint_files_follow_the_loader(tiny_models):
+    """The fingerprinted weights are exactly the files the loader reads (both resolve the
+    layout through magicanimate_rt/layout.py: the VAE-MSE override, the weights order)."""
+    from magicanimate_rt.layout import weights_names
+    from magicanimate_rt.models.loading import ModelPaths, find_weights
 
-    assert mf.DIFFUSERS_WEIGHTS == loading.DIFFUSERS_WEIGHTS
-    assert mf.TRANSFORMERS_WEIGHTS == loading.TRANSFORMERS_WEIGHTS
-    assert (mf.SD_DIR, mf.VAE_MSE_DIR, mf.MA_DIR) == (loading.SD_DIR, loading.VAE_MSE_DIR, loading.MA_DIR)
-    assert mf.MOTION_CKPT == loading.MOTION_CKPT.as_posix()
+    paths = ModelPaths.locate(tiny_models)
+    read = {find_weights(getattr(paths, c), weights_names(c))
+            for c in ("unet", "vae", "text_encoder", "appearance_encoder", "controlnet")} | {paths.motion}
+    files = set(mf.model_set_files(tiny_models))
+    assert read <= files
+    assert {f for f in files if f.suffix in (".safetensors", ".bin", ".ckpt")} == read
+    assert paths.vae.name == "sd-vae-ft-mse"  # the override is taken in both
 
 
 # --------------------------------------------------------------------------- refusals

@@ -42,13 +42,11 @@ import numpy as np
 
 from ..errors import EngineError, ModelLoadError
 from ..export.specs import PRECISIONS, BatchRanges, ModelDims, StageSpec, STAGE_NAMES
+from ..layout import COMPONENTS, MOTION_CKPT, component_dirs, pick_weights, weights_names  # shared with the loader
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_EMBEDDING = "text_embedding.npy"
-
-# The files a model set is made of: the layout module shared with models/loading.py.
-from ..layout import DIFFUSERS_WEIGHTS, MA_DIR, MOTION_CKPT, SD_DIR, TRANSFORMERS_WEIGHTS, VAE_MSE_DIR  # noqa: E402
 
 
 # --------------------------------------------------------------------------- model sets
@@ -58,22 +56,17 @@ def model_set_files(models_dir) -> list[Path]:
     root = Path(models_dir)
     if not root.is_dir():
         raise ModelLoadError(f"{root}: models directory not found")
-    sd = root / SD_DIR
-    vae = root / VAE_MSE_DIR if (root / VAE_MSE_DIR).is_dir() else sd / "vae"
-    components = [
-        (sd / "unet", DIFFUSERS_WEIGHTS),
-        (vae, DIFFUSERS_WEIGHTS),
-        (sd / "text_encoder", TRANSFORMERS_WEIGHTS),
-        (root / MA_DIR / "appearance_encoder", DIFFUSERS_WEIGHTS),
-        (root / MA_DIR / "densepose_controlnet", DIFFUSERS_WEIGHTS),
-    ]
+    dirs = component_dirs(root)
     files = []
-    for d, names in components:
-        weights = next((d / n for n in names if (d / n).is_file()), None)
+    for name in COMPONENTS:
+        if name == "tokenizer":
+            continue
+        d = dirs[name]
+        weights = pick_weights(d, weights_names(name))
         if not (d / "config.json").is_file() or weights is None:
             raise ModelLoadError(f"{d}: missing config.json or weights; expected the layout in README 'Weights'")
         files += [d / "config.json", weights]
-    tok = sd / "tokenizer"
+    tok = dirs["tokenizer"]
     if not tok.is_dir():
         raise ModelLoadError(f"{tok}: missing tokenizer directory")
     files += sorted(p for p in tok.iterdir() if p.is_file())

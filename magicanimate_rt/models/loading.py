@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelLoadError
-from ..layout import DIFFUSERS_WEIGHTS, MA_DIR, SD_DIR, TRANSFORMERS_WEIGHTS, VAE_MSE_DIR
+from ..layout import COMPONENTS, DIFFUSERS_WEIGHTS
 from ..layout import MOTION_CKPT as MOTION_CKPT_NAME
+from ..layout import component_dirs, pick_weights, weights_names
 from .appearance import AppearanceEncoder
 from .config import MotionModuleConfig, UNetConfig
 from .controlnet import ControlNet
@@ -55,9 +56,9 @@ def find_weights(component_dir: Path, names: Iterable[str] = DIFFUSERS_WEIGHTS) 
     """The first weights file present, in order: full precision before the fp16 variant,
     safetensors before pickles."""
     names = tuple(names)
-    for name in names:
-        if (component_dir / name).is_file():
-            return component_dir / name
+    found = pick_weights(component_dir, names)
+    if found is not None:
+        return found
     raise ModelLoadError(f"{component_dir}: no weights file (looked for {', '.join(names)})")
 
 
@@ -205,19 +206,8 @@ class ModelPaths:
         root = Path(models_dir)
         if not root.is_dir():
             raise ModelLoadError(f"{root}: models directory not found")
-        sd = root / SD_DIR
-        vae = root / VAE_MSE_DIR if (root / VAE_MSE_DIR).is_dir() else sd / "vae"
-        paths = cls(
-            root=root,
-            unet=sd / "unet",
-            vae=vae,
-            text_encoder=sd / "text_encoder",
-            tokenizer=sd / "tokenizer",
-            appearance_encoder=root / MA_DIR / "appearance_encoder",
-            controlnet=root / MA_DIR / "densepose_controlnet",
-            motion=root / MOTION_CKPT,
-        )
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "appearance_encoder", "controlnet"):
+        paths = cls(root=root, motion=root / MOTION_CKPT, **component_dirs(root))
+        for name in COMPONENTS:
             d = getattr(paths, name)
             if not d.is_dir():
                 raise ModelLoadError(f"{d}: missing component directory ({name}); expected the layout in README 'Weights'")
@@ -288,7 +278,7 @@ def load_vae(paths: ModelPaths) -> VAE:
 def load_text_embedding(paths: ModelPaths) -> Tensor:
     cfg_path = paths.text_encoder / "config.json"
     cfg = read_config(cfg_path)
-    w = find_weights(paths.text_encoder, TRANSFORMERS_WEIGHTS)
+    w = find_weights(paths.text_encoder, weights_names("text_encoder"))
     sd = read_state_dict(w)
     with torch.device("meta"):
         try:

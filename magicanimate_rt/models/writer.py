@@ -26,7 +26,8 @@ from .config import MotionModuleConfig, UNetConfig
 from .controlnet import ControlNet
 from .layers import PositionalEncoding
 from .presets import write_byte_tokenizer
-from .loading import MA_DIR, MOTION_CKPT, SD_DIR, VAE_MSE_DIR, read_config
+from ..layout import MA_DIR, SD_DIR, VAE_MSE_DIR
+from .loading import MOTION_CKPT, read_config
 from .text import build_text_encoder
 from .unet import TemporalUNet
 from .vae import VAE
