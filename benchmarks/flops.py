@@ -26,14 +26,6 @@ STAGE_OF = {"encode_reference": "vae_encode", "bank": "appearance_encoder", "con
             "unet_guided": "unet", "unet_cond": "unet", "decode": "vae_decode"}
 
 
-def wrap_control_embedding(wrapper, inner, call) -> None:
-    """Give ``wrapper`` the optional two-part ControlNet methods, routed through
-    ``call(method, *args)``, exactly when ``inner`` has them (the loop checks for them)."""
-    if can_embed_control(inner):
-        wrapper.controlnet_embed = lambda cond: call("controlnet_embed", cond)
-        wrapper.controlnet_embedded = lambda latents, t, emb: call("controlnet_embedded", latents, t, emb)
-
-
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     """The CPU flash-attention kernel is not in torch's FLOP registry; same formula."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -50,18 +42,18 @@ def _shapes(obj):
     return None
 
 
-class CountingStages(Stages):
-    """Stages that count FLOPs and calls per stage, delegating everything to ``inner``."""
+class RoutedStages(Stages):
+    """Stages that delegate everything to ``inner`` and route every stage call through
+    :meth:`_call` (``method``, args), which subclasses wrap with what they measure."""
 
     def __init__(self, inner: Stages):
         self.inner = inner
         self.name = inner.name
         self.device, self.dtype, self.window = inner.device, inner.dtype, inner.window
         self.text_embedding = inner.text_embedding
-        self.flops: dict[str, int] = defaultdict(int)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._known: dict[tuple, int] = {}
-        wrap_control_embedding(self, inner, self._call)
+        if can_embed_control(inner):  # the optional two-part ControlNet, exactly when inner has it
+            self.controlnet_embed = lambda cond: self._call("controlnet_embed", cond)
+            self.controlnet_embedded = lambda latents, t, emb: self._call("controlnet_embedded", latents, t, emb)
 
     def __getattr__(self, name):  # max_windows_per_call, memory_model, ...
         if name == "inner":
@@ -69,19 +61,7 @@ class CountingStages(Stages):
         return getattr(self.inner, name)
 
     def _call(self, method: str, *args):
-        key = (method, _shapes(args))
-        fn = getattr(self.inner, method)
-        if key in self._known:
-            out = fn(*args)
-        else:
-            counter = FlopCounterMode(display=False, custom_mapping=CUSTOM)
-            with counter:
-                out = fn(*args)
-            self._known[key] = counter.get_total_flops()
-        stage = STAGE_OF[method]
-        self.flops[stage] += self._known[key]
-        self.calls[stage] += 1
-        return out
+        return getattr(self.inner, method)(*args)
 
     def encode_reference(self, image: Tensor) -> Tensor:
         return self._call("encode_reference", image)
@@ -103,3 +83,28 @@ class CountingStages(Stages):
 
     def close(self) -> None:
         """The wrapped stages belong to their pipeline; nothing to free here."""
+
+
+class CountingStages(RoutedStages):
+    """Stages that count FLOPs and calls per stage, delegating everything to ``inner``."""
+
+    def __init__(self, inner: Stages):
+        super().__init__(inner)
+        self.flops: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._known: dict[tuple, int] = {}
+
+    def _call(self, method: str, *args):
+        key = (method, _shapes(args))
+        fn = getattr(self.inner, method)
+        if key in self._known:
+            out = fn(*args)
+        else:
+            counter = FlopCounterMode(display=False, custom_mapping=CUSTOM)
+            with counter:
+                out = fn(*args)
+            self._known[key] = counter.get_total_flops()
+        stage = STAGE_OF[method]
+        self.flops[stage] += self._known[key]
+        self.calls[stage] += 1
+        return out

@@ -4,15 +4,10 @@ attributed to the stage it ran in and to a kind of work."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
 
-import torch
-from torch import Tensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from magicanimate_rt.runtime.stages import Stages
-
-from .flops import STAGE_OF, wrap_control_embedding
+from .flops import STAGE_OF, RoutedStages
 
 #: operator-name fragments -> kind of work (first match wins)
 KINDS = (
@@ -34,42 +29,12 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-class ProfiledStages(Stages):
+class ProfiledStages(RoutedStages):
     """Stages whose every call is a ``record_function`` range named after its stage."""
-
-    def __init__(self, inner: Stages):
-        self.inner = inner
-        self.name = inner.name
-        self.device, self.dtype, self.window = inner.device, inner.dtype, inner.window
-        self.text_embedding = inner.text_embedding
-        wrap_control_embedding(self, inner, self._call)
-
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def _call(self, method, *args):
         with record_function("stage::" + STAGE_OF[method]):
             return getattr(self.inner, method)(*args)
-
-    def encode_reference(self, image: Tensor) -> Tensor:
-        return self._call("encode_reference", image)
-
-    def bank(self, ref_latent: Tensor, t: Tensor):
-        return self._call("bank", ref_latent, t)
-
-    def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor):
-        return self._call("controlnet", latents, t, cond)
-
-    def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
-        return self._call("unet_guided", latents, t, residuals, bank)
-
-    def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
-        return self._call("unet_cond", latents, t, residuals, bank)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return self._call("decode", latents)
 
 
 def profile_request(pipe, run) -> dict:

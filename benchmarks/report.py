@@ -198,6 +198,13 @@ def charts(report: dict, out_dir) -> list[str]:
         return []
     written = []
     cfgs = report["configs"]
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
     # 1. time per stage, stacked, per variant
     fig, axes = plt.subplots(1, len(cfgs), figsize=(7 * len(cfgs), 5), squeeze=False)
     for ax, (cfg, c) in zip(axes[0], cfgs.items()):
@@ -212,10 +219,7 @@ def charts(report: dict, out_dir) -> list[str]:
         ax.set_xlabel("seconds (median)")
         ax.set_title(f"{cfg}: time per stage")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "time_per_stage.png", dpi=110)
-    plt.close(fig)
-    written.append("time_per_stage.png")
+    save(fig, "time_per_stage.png")
     # 2. ratio to the reference schedule, measured vs FLOPs
     fig, axes = plt.subplots(1, len(cfgs), figsize=(7 * len(cfgs), 5), squeeze=False)
     for ax, (cfg, c) in zip(axes[0], cfgs.items()):
@@ -231,10 +235,7 @@ def charts(report: dict, out_dir) -> list[str]:
         ax.set_xlabel("time / reference schedule")
         ax.set_title(f"{cfg}: ratio to the reference schedule")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "ratio_to_reference.png", dpi=110)
-    plt.close(fig)
-    written.append("ratio_to_reference.png")
+    save(fig, "ratio_to_reference.png")
     # 3. memory versus frame count
     mems = {cfg: c["memory"] for cfg, c in cfgs.items() if c.get("memory")}
     if mems:
@@ -246,8 +247,5 @@ def charts(report: dict, out_dir) -> list[str]:
             ax.set_ylabel("peak RSS, MiB")
             ax.set_title(f"{cfg}: peak memory vs frames")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "memory_vs_frames.png", dpi=110)
-        plt.close(fig)
-        written.append("memory_vs_frames.png")
+        save(fig, "memory_vs_frames.png")
     return written
