@@ -175,20 +175,18 @@ class FrameGroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor, num_frames: int = 1) -> Tensor:  # type: ignore[override]
         n, c, h, w = x.shape
-        g = self.num_groups
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # NHWC memory (TorchOptions.channels_last): group the channels of each pixel
-            # on a free view and keep the layout, so the next convolution gets NHWC too
-            xg = x.permute(0, 2, 3, 1).reshape(n // num_frames, num_frames * h * w, g, c // g)
-            x32 = xg.float()
-            var, mean = torch.var_mean(x32, dim=(1, 3), keepdim=True, correction=0)
-            y = ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype).reshape(n, h, w, c)
-            return (y * self.weight + self.bias).permute(0, 3, 1, 2)
-        xg = x.reshape(n // num_frames, num_frames, g, (c // g) * h * w)
+        g, b = self.num_groups, n // num_frames
+        # NHWC memory (TorchOptions.channels_last): group each pixel's channels on a free
+        # view and keep the layout, so the next convolution gets NHWC too
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        xg = x.permute(0, 2, 3, 1).reshape(b, num_frames * h * w, g, c // g) if nhwc \
+            else x.reshape(b, num_frames, g, (c // g) * h * w)
         x32 = xg.float()
         var, mean = torch.var_mean(x32, dim=(1, 3), keepdim=True, correction=0)
-        y = ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype).reshape(n, c, h, w)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
+        y = ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        if nhwc:
+            return (y.reshape(n, h, w, c) * self.weight + self.bias).permute(0, 3, 1, 2)
+        return y.reshape(n, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 class ResnetBlock(nn.Module):

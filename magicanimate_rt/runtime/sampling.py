@@ -308,25 +308,25 @@ def denoise(
     for i, t in enumerate(sampler.timestep_tensors):
         with timer.stage("appearance_encoder"):
             bank = bank_fn(i, t)
+        stage_latents = latents.to(stage_dtype)  # the stages' inputs, cast once per step
         residuals = None
         if not per_window:
             with timer.stage("controlnet"):
-                residuals = controlnet_all_frames(stages, latents.to(stage_dtype), t, control, plan.controlnet_chunk,
-                                                  embedded)
+                residuals = controlnet_all_frames(stages, stage_latents, t, control, plan.controlnet_chunk, embedded)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
         for members, rows, distinct, where in groups:
             b = len(members)
             if per_window:
                 with timer.stage("controlnet"):
-                    own = controlnet_frames(stages, latents.to(stage_dtype), t, control, distinct,
-                                            plan.controlnet_chunk, embedded)
+                    own = controlnet_frames(stages, stage_latents, t, control, distinct, plan.controlnet_chunk,
+                                            embedded)
                     res = [r.index_select(0, where) for r in own]
             else:
                 res = [r.index_select(0, rows) for r in residuals]
             with timer.stage("unet"):
                 # (1, 4, B*F, h, w) -> (B, 4, F, h, w): window k of the call is batch row k
-                lat = latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1).to(stage_dtype)
+                lat = stage_latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1)
                 if guided:
                     eps_u, eps_c = stages.unet_guided(lat, t, res, bank)
                 else:

@@ -82,8 +82,10 @@ class TorchOptions:
     def __post_init__(self):
         if self.appearance_batch not in (1, 2):
             raise InputError(f"appearance_batch must be 1 or 2, got {self.appearance_batch!r}")
-        if self.temporal_attention not in ("fused", "materialised"):
-            raise InputError(f"temporal_attention must be 'fused' or 'materialised', got {self.temporal_attention!r}")
+        try:
+            self.arithmetic  # noqa: B018 (Arithmetic checks its own fields)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
             raise InputError(f"compile_mode {self.compile_mode!r} is not a torch.compile mode")
 
@@ -150,12 +152,13 @@ class TorchStages(Stages):
         item = torch.empty((), dtype=self.dtype).element_size()
         residuals = self.residual_numel(size) * item
         vae_top = self.models.vae.vae.config.block_out_channels[0] * size * size * item
+        cn = self.models.controlnet.net.config  # its conditioning embedding has its conv_in's width
         return MemoryModel(
             residuals_per_frame=residuals,
             unet_per_window=UNET_WINDOW_FACTOR * self.window * residuals,
             controlnet_per_frame=CONTROLNET_FRAME_FACTOR * residuals,
             decode_per_frame=DECODE_FRAME_FACTOR * vae_top,
-            control_embedding_per_frame=self.models.unet.config.block_out_channels[0] * (size // 8) ** 2 * item,
+            control_embedding_per_frame=cn.block_out_channels[0] * (size // 8) ** 2 * item,
         )
 
     def encode_reference(self, image: Tensor) -> Tensor:
@@ -185,10 +188,9 @@ class TorchStages(Stages):
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         down, mid = residuals[:-1], residuals[-1]
-        if self.options.share_cfg_prefix:
-            self._new_graph_step()
-            return self._guided(latents, t, self.text_embedding, down, mid, bank, self._arithmetic)
         self._new_graph_step()
+        if self.options.share_cfg_prefix:
+            return self._guided(latents, t, self.text_embedding, down, mid, bank, self._arithmetic)
         eps_u = self._forward(latents, t, self.text_embedding, down, mid, None, self._arithmetic)
         if self.options.compile_mode == "reduce-overhead":
             eps_u = eps_u.clone()  # the next call of the same graph reuses its output memory
