@@ -104,3 +104,20 @@ def test_report_written_atomically(tmp_path):
     md = (final / "report.md").read_text()
     assert "| default | 7.00 [6.00–8.00] | 4.571 | 0.636 | 0.800 |" in md
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary directory left
+
+
+def test_decode_chunks_script_measures_every_chunk(shared_dir, tmp_path):
+    # SD 1.5's VAE config from the conformance data, at 32 px on the CPU: a run of the
+    # script that picks the decode chunk rule's numbers on a GPU (docs/PERFORMANCE.md)
+    from benchmarks import decode_chunks
+    from magicanimate_rt.runtime.backends.torch_backend import DECODE_FRAME_FACTOR
+
+    out = tmp_path / "dc.json"
+    config = shared_dir / "conformance" / "sd15-configs" / "sd-vae-ft-mse" / "config.json"
+    assert decode_chunks.main(["--vae-config", str(config), "--size", "32", "--frames", "3", "--chunks", "1,2,3",
+                               "--device", "cpu", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["chunk"] for r in result["rows"]] == [1, 2, 3]
+    assert all(r["median_s"] > 0 and r["peak_working_mib"] is None for r in result["rows"])
+    # the backend's estimate: 26 x 128 channels x S^2 x 4 bytes per frame
+    assert result["rows"][2]["predicted_working_mib"] == pytest.approx(3 * DECODE_FRAME_FACTOR * 128 * 32 * 32 * 4 / 2**20)

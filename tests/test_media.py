@@ -448,3 +448,15 @@ def test_grid_shape_mismatch():
         grid_frames(source, np.zeros((4, 16, 16, 3), np.uint8), np.zeros((3, 16, 16, 3), np.uint8))
     with pytest.raises(InputError, match="uint8"):
         grid_frames(source.astype(np.float32), np.zeros((4, 16, 16, 3), np.uint8), np.zeros((4, 16, 16, 3), np.uint8))
+
+
+def test_without_pyav_only_video_files_fail(tmp_path, smooth_video, monkeypatch):
+    # a machine without PyAV (the GPU check's) still runs the pipeline on arrays and images
+    monkeypatch.setattr(media, "av", None)
+    with pytest.raises(InputError, match=r"driving video '.*': reading or writing video needs PyAV"):
+        read_video(smooth_video[0], size=64)
+    with pytest.raises(InputError, match=r"video '.*out\.mp4': reading or writing video needs PyAV"):
+        with VideoWriter(tmp_path / "out.mp4") as writer:
+            writer.write(np.zeros((2, 64, 64, 3), np.uint8))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    assert resize_frames(np.zeros((1, 32, 32, 3), np.uint8), 64).shape == (1, 64, 64, 3)

@@ -4,6 +4,8 @@ planner and the reference cache on their own."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -286,11 +288,20 @@ def test_plan_fits_the_budget():
     assert plan_loop(64, 6, 1640, MM) == LoopPlan(1, "all", 16, 16)
     assert plan_loop(64, 6, 2640, MM).windows_per_call == 2
     assert plan_loop(64, 6, 1639, MM).controlnet_residuals == "per_window"  # 16 frames' own: 160 B
-    assert plan_loop(64, 6, 1200, MM) == LoopPlan(1, "per_window", 16, 12)
+    # the loop's own 160 B + 1000 B also bound the decode: 11 frames of 100 B, not 12
+    assert plan_loop(64, 6, 1200, MM) == LoopPlan(1, "per_window", 16, 11)
     assert plan_loop(64, 6, 10, MM) == LoopPlan(1, "per_window", 16, 1)  # never below one
     # explicit settings are kept whatever the budget
     assert plan_loop(64, 6, 10, MM, windows_per_call=3, controlnet_residuals="all", decode_chunk=2) == \
         LoopPlan(3, "all", 16, 2)
+
+
+def test_decode_never_sets_the_peak():
+    # a large budget: the decode chunk is still bounded by the loop's working memory
+    mm = replace(MM, decode_per_frame=1000)
+    assert plan_loop(64, 6, 10**9, mm) == LoopPlan(4, "all", 16, 4)  # 640 + 4 x 1000 B
+    assert plan_loop(64, 6, 10**9, mm, windows_per_call=1).decode_chunk == 1  # 640 + 1000 B
+    assert plan_loop(64, 6, 10**9, mm, windows_per_call=1, decode_chunk=8).decode_chunk == 8  # asked for
 
 
 def test_options_validated():

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -41,6 +40,16 @@ MAX_FRAME_SIDE = 8192
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 PathLike = str | os.PathLike
+
+try:
+    import av
+except ImportError:  # video files need PyAV; images and arrays do not (e.g. a GPU box without it)
+    av = None
+
+
+def _require_av(what: str) -> None:
+    if av is None:
+        raise InputError(f"{what}: reading or writing video needs PyAV, which is not installed (pip install av)")
 
 
 def _check_size(size: object, what: str = "size") -> None:
@@ -232,6 +241,7 @@ def iter_video_frames(
         raise InputError(f"driving video '{path}': no such file")
     if not path.is_file():
         raise InputError(f"driving video '{path}': not a regular file")
+    _require_av(f"driving video '{path}'")
     try:
         container = av.open(str(path), mode="r")
     except (av.error.FFmpegError, OSError) as error:
@@ -379,6 +389,7 @@ class VideoWriter:
         self.abort()
 
     def _open(self, height: int, width: int) -> None:
+        _require_av(f"video '{self.path}'")
         codec = _video_codec()
         # faststart puts the index at the front, so the file plays while it downloads.
         self._container = av.open(str(self.tmp_path), mode="w", format="mp4", options={"movflags": "+faststart"})

@@ -186,7 +186,10 @@ def plan_loop(
        ``max_windows_per_call`` and the number of windows) whose UNet working memory, plus
        the residual store of step 1 (or the call's own residuals), fits.
     3. Decode chunk: the most frames (at most ``max_auto_decode``) whose decode working
-       memory fits (the loop's memory is free by then).
+       memory fits both the budget and the loop's own working memory (the loop's memory is
+       free by then). So the decode never sets the request's peak: on an H200 at 512 px,
+       16 frames per decode call took 8.2 GB for 0.21 s against 2.0 GB and 0.24 s for 4,
+       when the loop needed about 2.4 GB (docs/PERFORMANCE.md, "GPU").
 
     ``embed_control`` (asked for and offered by the backend) keeps every frame's
     ControlNet conditioning embedding with the residuals "all" store (counted in it); with
@@ -230,7 +233,8 @@ def plan_loop(
             if loop_bytes(b) <= budget_bytes:
                 windows_per_call = b
     if decode_chunk is None:
-        decode_chunk = max(1, min(max_auto_decode, int(budget_bytes // max(m.decode_per_frame, 1))))
+        allowed = min(budget_bytes, loop_bytes(windows_per_call))
+        decode_chunk = max(1, min(max_auto_decode, int(allowed // max(m.decode_per_frame, 1))))
     return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk,
                     embed_control_once=embed_control and controlnet_residuals == "all")
 

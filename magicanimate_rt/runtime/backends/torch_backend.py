@@ -51,7 +51,9 @@ class TorchOptions:
         temporal_attention: the motion modules' attention: "fused" (PyTorch's
             ``scaled_dot_product_attention``) or "materialised" (the original's
             ``baddbmm``/``softmax``/``bmm``, what it runs without xformers, i.e. on a CPU).
-        channels_last: convolution weights and activations in NHWC (helps fp16 on CUDA).
+        channels_last: convolution weights and activations in NHWC. Converts the model
+            set's weights in place (values unchanged). Measured: ~3% on the CPU (mid),
+            within the noise on an H200 in fp16 (docs/PERFORMANCE.md), so off by default.
         compile_mode: None, or a ``torch.compile`` mode for the UNet call ("default",
             "reduce-overhead" (CUDA graphs), "max-autotune").
     """
