@@ -83,6 +83,12 @@ def _ratio(x) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+def peak_label(report: dict) -> str:
+    """What the peak-memory numbers are: the process's RSS on the CPU, allocated device
+    memory on CUDA (benchmarks/memory.py)."""
+    return "peak CUDA allocated" if str(report["environment"]["device"]).startswith("cuda") else "peak RSS"
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Benchmark {report['name']}", "",
@@ -108,7 +114,7 @@ def markdown(report: dict) -> str:
         ref = t.get("reference")
         lines += ["### End to end", "",
                   "| variant | total s, median [min–max] | frames/s | ratio to reference (measured) | ratio (FLOPs) "
-                  "| GFLOP | achieved GFLOP/s | peak RSS MiB | working MiB | rel L2 vs reference |",
+                  f"| GFLOP | achieved GFLOP/s | {peak_label(report)} MiB | working MiB | rel L2 vs reference |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for key, s in t.items():
             tot = s["stages"]["total"]
@@ -244,7 +250,7 @@ def charts(report: dict, out_dir) -> list[str]:
             for key, m in mem["variants"].items():
                 ax.plot(mem["frames"], [p / 2**20 for p in m["peak_bytes"]], marker="o", label=m["label"])
             ax.set_xlabel("frames")
-            ax.set_ylabel("peak RSS, MiB")
+            ax.set_ylabel(f"{peak_label(report)}, MiB")
             ax.set_title(f"{cfg}: peak memory vs frames")
             ax.legend(fontsize=7)
         save(fig, "memory_vs_frames.png")

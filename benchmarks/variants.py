@@ -64,7 +64,8 @@ ABLATION = (
     Variant("ref_cache", "+ reference cache (repeat request)", REF_T, replace(REF_P, reference_cache_entries=4),
             warm_reference=True, note="same source again: no VAE encode, no appearance encoder"),
     Variant("decode_batch", "+ batched VAE decode", REF_T, replace(REF_P, decode_chunk=None),
-            note="decode chunk from the memory budget (CPU limit 4) instead of 1 frame per call"),
+            note="decode chunk from the memory budget (at most 4 on the CPU, 16 on CUDA) instead of 1 frame per "
+                 "call"),
     Variant("windows_batch", "+ all windows in one UNet call", REF_T, replace(REF_P, windows_per_call=8),
             note="the guided call takes B windows (fewer, larger calls)"),
     Variant("control_u8", "+ uint8 driving frames", REF_T, replace(REF_P, control_uint8=True),
