@@ -9,8 +9,8 @@ The pipeline picks its decode chunk from a memory budget (``plan_loop``); this m
 what that choice trades: seconds for ``--frames`` frames and the decode's peak working
 memory (CUDA: ``max_memory_allocated`` above the weights; the CPU: not measured), per
 chunk size, with random VAE weights (the function's cost does not depend on the values).
-The VAE is the project's ``models.vae.VAE`` built from an ``AutoencoderKL`` config: SD
-1.5's (``sd-vae-ft-mse``) from the shared conformance data by default, else the preset.
+The VAE is the project's ``models.vae.VAE`` built from an ``AutoencoderKL`` config: by
+default the one of the benchmarks' ``sd15`` set (``benchmarks/modelsets.py``).
 """
 
 from __future__ import annotations
@@ -29,18 +29,20 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from magicanimate_rt.models.vae import VAE  # noqa: E402
-from magicanimate_rt.runtime.backends.torch_backend import DECODE_FRAME_FACTOR  # noqa: E402
+from magicanimate_rt.runtime.backends.torch_backend import decode_bytes_per_frame  # noqa: E402
 
 
 def vae_config(path: Path | None) -> dict:
+    """The VAE the loader would use for the ``sd15`` benchmark set (its fine-tuned VAE when
+    the set has one), or ``path``."""
     if path is not None:
         return json.loads(path.read_text())
-    shared = ROOT.parent / "shared" / "conformance" / "sd15-configs" / "sd-vae-ft-mse" / "config.json"
-    if shared.is_file():
-        return json.loads(shared.read_text())
-    from magicanimate_rt.models.presets import preset_configs
+    from benchmarks.modelsets import config_source
+    from magicanimate_rt.models.writer import read_config_set
 
-    return preset_configs("sd15")["vae"]
+    src = config_source("sd15")
+    cfgs = read_config_set(src) if isinstance(src, Path) else src
+    return cfgs.get("vae_mse", cfgs["vae"])
 
 
 def sync(device: torch.device) -> None:
@@ -66,9 +68,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     vae = VAE(vae_config(a.vae_config)).to(device=device, dtype=dtype).eval()
     latents = torch.randn(a.frames, 4, a.size // 8, a.size // 8, device=device, dtype=dtype)
-    # the torch backend's estimate (TorchStages.memory_model): the first decoder width x S x S
-    top = vae.vae.config.block_out_channels[0]
-    predicted = DECODE_FRAME_FACTOR * top * a.size * a.size * torch.finfo(dtype).bits // 8
+    predicted = decode_bytes_per_frame(vae, a.size, dtype)  # the torch backend's estimate
     rows = []
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.cudnn_benchmark]
     for bench in modes:

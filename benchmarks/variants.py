@@ -87,9 +87,11 @@ BY_KEY = {v.key: v for v in ALL}
 
 
 def torch_options_on(v: Variant, device_type: str) -> TorchOptions:
-    """A variant's torch options on a device: on CUDA the original's motion modules run
-    xformers' fused attention, so every variant uses the fused kernel there."""
-    return replace(v.torch, temporal_attention="fused") if device_type == "cuda" else v.torch
+    """A variant's torch options on a device: the original's temporal attention is the one
+    it runs there (``TorchOptions.original(device)``: xformers' fused kernel on CUDA)."""
+    if v.torch.temporal_attention != "materialised":
+        return v.torch
+    return replace(v.torch, temporal_attention=TorchOptions.original(device_type).temporal_attention)
 
 
 def onnxruntime_variant(engine_dir: str) -> Variant:

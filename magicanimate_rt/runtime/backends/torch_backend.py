@@ -8,7 +8,7 @@ MagicAnimate does (the reference-schedule baseline of the benchmarks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...errors import InputError
 from ...models import ModelSet, load_model_set
-from ...models.layers import Arithmetic
+from ...models.layers import ORIGINAL, Arithmetic
 from ..sampling import MemoryModel
 from ..stages import Stages
 
@@ -71,9 +71,9 @@ class TorchOptions:
         """The original implementation's schedule on ``device`` (same function, more work).
         Its motion modules use xformers' fused attention where xformers runs (CUDA) and the
         materialised ``baddbmm``/``softmax``/``bmm`` elsewhere."""
-        fused = torch.device(device).type == "cuda"
-        return cls(appearance_batch=2, share_cfg_prefix=False, bank_kv_once=False, text_kv_once=False,
-                   temporal_attention="fused" if fused else "materialised")
+        a = ORIGINAL if torch.device(device).type != "cuda" else replace(ORIGINAL, temporal_attention="fused")
+        return cls(appearance_batch=2, share_cfg_prefix=False, bank_kv_once=not a.bank_kv_per_frame,
+                   text_kv_once=not a.text_kv_per_frame, temporal_attention=a.temporal_attention)
 
     @property
     def arithmetic(self) -> Arithmetic:
@@ -101,6 +101,13 @@ class TorchOptions:
 UNET_WINDOW_FACTOR = 26
 CONTROLNET_FRAME_FACTOR = 32
 DECODE_FRAME_FACTOR = 26
+
+
+def decode_bytes_per_frame(vae, size: int, dtype: torch.dtype) -> int:
+    """Estimated peak working memory of a VAE decode call per frame in it: one frame's top
+    decoder activation (first decoder width x S x S) times DECODE_FRAME_FACTOR."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return DECODE_FRAME_FACTOR * vae.vae.config.block_out_channels[0] * size * size * item
 
 
 class TorchStages(Stages):
@@ -153,13 +160,12 @@ class TorchStages(Stages):
         """Working-memory estimates of this backend's calls at output size ``size``."""
         item = torch.empty((), dtype=self.dtype).element_size()
         residuals = self.residual_numel(size) * item
-        vae_top = self.models.vae.vae.config.block_out_channels[0] * size * size * item
         cn = self.models.controlnet.net.config  # its conditioning embedding has its conv_in's width
         return MemoryModel(
             residuals_per_frame=residuals,
             unet_per_window=UNET_WINDOW_FACTOR * self.window * residuals,
             controlnet_per_frame=CONTROLNET_FRAME_FACTOR * residuals,
-            decode_per_frame=DECODE_FRAME_FACTOR * vae_top,
+            decode_per_frame=decode_bytes_per_frame(self.models.vae, size, self.dtype),
             control_embedding_per_frame=cn.block_out_channels[0] * (size // 8) ** 2 * item,
         )
 
