@@ -213,9 +213,8 @@ def correctness(c: Check, args, shared: Path, cache: Path) -> None:
     if not (engines / "manifest.json").is_file():
         return
     if has_trt:
-        from magicanimate_rt.runtime.backends.tensorrt_backend import (
-            TensorRTOptions, format_validation, validate_engines,
-        )
+        from magicanimate_rt.plans import format_validation, validate_engines
+        from magicanimate_rt.runtime.backends.tensorrt_backend import TensorRTOptions
 
         with c.part("validate the tiny TensorRT plans against ONNX Runtime"):
             checks = validate_engines(engines)

@@ -27,7 +27,8 @@ import torch
 from magicanimate_rt import AnimationPipeline
 from magicanimate_rt.demo import driving_clip, source_image
 from magicanimate_rt.models import load_model_set
-from magicanimate_rt.runtime.backends.torch_backend import TorchStages, parse_dtype
+from magicanimate_rt.runtime.backends.torch_backend import TorchStages
+from magicanimate_rt.runtime.dtypes import float_torch_dtype
 
 from . import memory
 from .flops import CountingStages
@@ -76,7 +77,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_timing(spec) -> dict:
-    device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
+    device, dtype = torch.device(spec["device"]), float_torch_dtype(spec["dtype"])
     t0 = time.perf_counter()
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
@@ -127,7 +128,7 @@ def run_timing(spec) -> dict:
 
 
 def run_memory(spec) -> dict:
-    device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
+    device, dtype = torch.device(spec["device"]), float_torch_dtype(spec["dtype"])
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)
     v = variants_of(spec)[0]
     pipe = make_pipeline(v, models, device, dtype, spec.get("engine_dir"))
@@ -146,7 +147,7 @@ def run_memory(spec) -> dict:
 def run_profile(spec) -> dict:
     from .profiling import profile_request
 
-    device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
+    device, dtype = torch.device(spec["device"]), float_torch_dtype(spec["dtype"])
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)
     src, drv = inputs(spec["size"], spec["frames"])
     out = {}

@@ -16,15 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, MagicAnimateError
+from .command_line import OneLineParser, run_command
+from .errors import InputError
 
 PROG = "magicanimate-rt"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default adds a usage block)
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _positive_int(text: str) -> int:
@@ -38,8 +33,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Fast, faithful MagicAnimate: one photo + a DensePose motion video -> an animation.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog=PROG, description="Fast, faithful MagicAnimate: one photo + a DensePose motion video -> an animation.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     a = sub.add_parser("animate", help="animate a source image with a DensePose driving video")
     src = a.add_argument_group("inputs")
@@ -170,23 +165,7 @@ def cmd_demo(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MagicAnimateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print(f"{PROG}: error: out of memory; lower --size or --max-frames", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
-            raise
-        print(f"{PROG}: error: CUDA out of memory; use --dtype float16, a smaller --size or fewer "
-              "--max-frames, or the TensorRT engines (--engines)", file=sys.stderr)
-        return 2
+    return run_command(PROG, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ def write_fake_engine_dir(d: Path, precision: str = "fp16", size: int = 64, seed
     from magicanimate_rt.engines.manifest import (
         FORMAT_VERSION, TEXT_EMBEDDING, EngineManifest, FileRecord, StageRecord,
     )
-    from magicanimate_rt.export.specs import BatchRanges, ModelDims, stage_specs
+    from magicanimate_rt.engines.specs import BatchRanges, ModelDims, stage_specs
     from magicanimate_rt.runtime.ddim import DDIMSettings
 
     dims = ModelDims(block_out_channels=(32, 64, 64, 64), layers_per_block=2,

@@ -17,7 +17,7 @@ from helpers import linked_copy, replace_file
 from magicanimate_rt.engines import manifest as mf
 from magicanimate_rt.engines.manifest import EngineError, load_manifest, model_set_fingerprint
 from magicanimate_rt.export import build
-from magicanimate_rt.export.specs import STAGE_NAMES
+from magicanimate_rt.engines.specs import STAGE_NAMES
 from magicanimate_rt.runtime.ddim import DDIMSettings
 
 ROOT = Path(__file__).resolve().parents[1]

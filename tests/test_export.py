@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from magicanimate_rt.errors import EngineError, InputError, ModelLoadError
 from magicanimate_rt.export import onnx_export as ox
-from magicanimate_rt.export.specs import (
+from magicanimate_rt.engines.specs import (
     STAGE_NAMES, AxisRange, BatchRanges, ModelDims, StageSpec, stage_specs,
 )
 
@@ -61,7 +61,7 @@ def read_configs(root):
 
 
 def test_specs_import_without_torch():
-    code = ("import sys, magicanimate_rt.export.specs, magicanimate_rt.engines.manifest; "
+    code = ("import sys, magicanimate_rt.engines.specs, magicanimate_rt.engines.manifest; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx', 'magicanimate_rt.models') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -22,11 +22,13 @@ import torch
 from fake_tensorrt import FakeTensorRT, fake_outputs, write_fake_engine_dir
 
 from magicanimate_rt import AnimationPipeline
-from magicanimate_rt.engines import tensorrt_build as tb
+from magicanimate_rt import plans
+from magicanimate_rt.engines import tensorrt_plan as tp
 from magicanimate_rt.engines.manifest import FileRecord, load_manifest, read_manifest
-from magicanimate_rt.engines.tensorrt_build import PlanBuildSettings, PlanTarget, build_plans, plan_staleness
+from magicanimate_rt.engines.specs import STAGE_NAMES
+from magicanimate_rt.engines.tensorrt_build import PlanBuildSettings, build_plans, plan_staleness
+from magicanimate_rt.engines.tensorrt_plan import PlanTarget
 from magicanimate_rt.errors import EngineError, InputError
-from magicanimate_rt.export.specs import STAGE_NAMES
 from magicanimate_rt.runtime import stages as stages_module
 from magicanimate_rt.runtime.backends import engine_factory
 from magicanimate_rt.runtime.backends import tensorrt_backend as tbe
@@ -35,7 +37,8 @@ from magicanimate_rt.runtime.pipeline import PipelineOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = PlanTarget("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
-SOURCES = [ROOT / "magicanimate_rt" / "engines" / "tensorrt_build.py",
+SOURCES = [ROOT / "magicanimate_rt" / "engines" / "tensorrt_plan.py",
+           ROOT / "magicanimate_rt" / "engines" / "tensorrt_build.py",
            ROOT / "magicanimate_rt" / "runtime" / "backends" / "tensorrt_backend.py"]
 
 
@@ -86,7 +89,7 @@ def test_build_calls_and_manifest(engine_dir):
     # the timing cache: created empty once, attached to every config, saved after each stage
     assert trt.events("create_timing_cache") == [("create_timing_cache", b"")]
     assert len(trt.events("set_timing_cache")) == 5 and len(trt.events("serialize_timing_cache")) == 5
-    assert json.loads((engine_dir / tb.TIMING_CACHE).read_text())["entries"] == list(STAGE_NAMES)
+    assert json.loads((engine_dir / tp.TIMING_CACHE).read_text())["entries"] == list(STAGE_NAMES)
     # plans beside the graphs, recorded in the manifest with the target
     m = load_manifest(engine_dir)
     assert m.tensorrt == H100.to_dict()
@@ -99,7 +102,7 @@ def test_build_calls_and_manifest(engine_dir):
     assert m.stages["controlnet"].plans["profile"] == {"latents": [[1, 4, 8, 8], [16, 4, 8, 8], [16, 4, 8, 8]],
                                                        "cond": [[1, 3, 64, 64], [16, 3, 64, 64], [16, 3, 64, 64]]}
     assert m.stages["unet"].plans["profile"] == {}
-    tb.check_plans(m, H100, verify_hashes=True)
+    tp.check_plans(m, H100, verify_hashes=True)
 
 
 def test_defaults_leave_the_workspace_to_tensorrt(engine_dir):
@@ -115,7 +118,7 @@ def test_up_to_date_plans_are_kept_and_the_timing_cache_reused(built):
     reports = build_plans(d, trt=trt, target=H100, log=quiet)
     assert {r.skipped for r in reports} == {"up to date"} and trt.calls == []
 
-    saved = (d / tb.TIMING_CACHE).read_bytes()
+    saved = (d / tp.TIMING_CACHE).read_bytes()
     build_plans(d, PlanBuildSettings(force=True), trt=trt, target=H100, log=quiet)
     assert trt.events("create_timing_cache")[0] == ("create_timing_cache", saved)
     assert len(trt.events("build_serialized_network")) == 5
@@ -132,7 +135,7 @@ def test_another_gpu_rebuilds_every_plan_and_only_the_plans(built):
     onnx_before = {s: (d / f"{s}.onnx").read_bytes() for s in STAGE_NAMES}
     a100 = PlanTarget(H100.version, "NVIDIA A100-SXM4-80GB", "8.0")
     assert set(plan_staleness(read_manifest(d), a100).values()) == {f"built for {H100.describe()}"}
-    (d / tb.TIMING_CACHE).write_bytes(b"other-gpu timing cache")
+    (d / tp.TIMING_CACHE).write_bytes(b"other-gpu timing cache")
     trt = FakeTensorRT(H100.version)
     msgs = []
     build_plans(d, trt=trt, target=a100, log=msgs.append)
@@ -141,7 +144,7 @@ def test_another_gpu_rebuilds_every_plan_and_only_the_plans(built):
     assert [c[1] for c in trt.events("create_timing_cache")] == [b"other-gpu timing cache", b""]
     m = load_manifest(d)
     assert m.tensorrt == a100.to_dict() and {s: (d / f"{s}.onnx").read_bytes() for s in STAGE_NAMES} == onnx_before
-    tb.check_plans(m, a100)
+    tp.check_plans(m, a100)
 
 
 def test_a_changed_graph_or_a_damaged_plan_is_stale(built):
@@ -213,7 +216,7 @@ def test_missing_tensorrt_is_one_clear_error(engine_dir):
         pytest.skip("a tensorrt module is installed here")
     with pytest.raises(EngineError, match="TensorRT is not importable.*--onnx-only"):
         build_plans(engine_dir, log=quiet)
-    proc = subprocess.run([sys.executable, "-m", "magicanimate_rt.engines.tensorrt_build", str(engine_dir)],
+    proc = subprocess.run([sys.executable, "-m", "magicanimate_rt.plans", str(engine_dir)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "TensorRT is not importable" in proc.stderr
@@ -235,7 +238,7 @@ def test_plans_of_another_gpu_or_tensorrt_are_refused(built, target, needles):
     for n in needles:
         assert n in msg
     assert (f"python build_engines.py --models /models/tiny --out {d} --size 64 --precision fp16" in msg
-            and f"python -m magicanimate_rt.engines.tensorrt_build {d}" in msg)
+            and f"python -m magicanimate_rt.plans {d}" in msg)
     assert trt.calls == []  # refused before deserializing anything
 
 
@@ -472,17 +475,17 @@ def test_validate_engines_reports_each_output(built):
                                                            for o in spec.outputs]).values())
 
     with load(d) as st:
-        checks = tbe.validate_engines(d, stages_backend=st, reference=reference_like_the_plan)
+        checks = plans.validate_engines(d, stages_backend=st, reference=reference_like_the_plan)
     assert len(checks) == 2 + 10 + 2 * 13 + 2 + 2  # dynamic stages at opt and min
-    assert all(c.ok for c in checks), tbe.format_validation(checks)
+    assert all(c.ok for c in checks), plans.format_validation(checks)
     assert {c.axes for c in checks if c.stage == "controlnet"} == {"frames=16", "frames=1"}
 
     def off_by_ten_percent(path, feeds, device):
         return [x * 1.1 for x in reference_like_the_plan(path, feeds, device)]
 
     with load(d) as st:
-        checks = tbe.validate_engines(d, stages=["unet"], stages_backend=st, reference=off_by_ten_percent)
-    table = tbe.format_validation(checks)
+        checks = plans.validate_engines(d, stages=["unet"], stages_backend=st, reference=off_by_ten_percent)
+    table = plans.format_validation(checks)
     assert [c.output for c in checks] == ["eps_uncond", "eps_cond"] and not any(c.ok for c in checks)
     assert table.splitlines()[0].split() == ["stage", "axes", "output", "max", "abs", "err", "rel", "L2", "err", "ok"]
     assert table.count("FAIL") == 2
@@ -582,10 +585,13 @@ def test_every_tensorrt_name_we_use_exists_in_the_real_module(built):
 
 # --------------------------------------------------------------------------- boundaries
 def test_tensorrt_modules_import_no_model_or_export_code():
+    # what a deployment machine imports to build, run and validate plans (the static import
+    # graph is tests/test_imports.py; this is what really gets loaded)
     code = ("import sys\n"
             "import magicanimate_rt.engines.tensorrt_build, magicanimate_rt.runtime.backends.tensorrt_backend\n"
+            "import magicanimate_rt.plans\n"
             "print(sorted(m for m in ('diffusers', 'transformers', 'tensorrt', 'onnx', 'magicanimate_rt.models', "
-            "'magicanimate_rt.export.onnx_export', 'magicanimate_rt.export.build') if m in sys.modules))\n")
+            "'magicanimate_rt.export') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

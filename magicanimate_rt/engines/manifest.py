@@ -16,8 +16,8 @@
 | format_version | :data:`FORMAT_VERSION`; a runtime refuses any other |
 | model_set | ``fingerprint`` (:func:`model_set_fingerprint`) and ``source`` (the models dir it was built from, informational) |
 | size, latent_size, window, precision | output size S, S/8, frames per UNet call, "fp32" or "fp16" |
-| dims | :class:`~magicanimate_rt.export.specs.ModelDims` the specs derive from |
-| batches | the dynamic batch profiles (:class:`~magicanimate_rt.export.specs.BatchRanges`) |
+| dims | :class:`~magicanimate_rt.engines.specs.ModelDims` the specs derive from |
+| batches | the dynamic batch profiles (:class:`~magicanimate_rt.engines.specs.BatchRanges`) |
 | stages.<name> | ``onnx`` (file name), ``files`` (name, bytes, sha256 of each file), ``signature`` (the stage's spec: names, shapes, dtypes, profiles), ``validation`` (max abs / relative L2 error against the torch stage), ``plans`` ({} until TensorRT plans are built) |
 | constants | ``text_embedding`` (file record) and ``ddim`` (``DDIMSettings.to_dict()``) |
 | versions | torch, onnx, onnxruntime, diffusers, transformers, magicanimate_rt, python at build time |
@@ -41,12 +41,22 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from ..errors import EngineError, ModelLoadError
-from ..export.specs import PRECISIONS, BatchRanges, ModelDims, StageSpec, STAGE_NAMES
+from .specs import PRECISIONS, BatchRanges, ModelDims, StageSpec, STAGE_NAMES
 from ..layout import COMPONENTS, MOTION_CKPT, component_dirs, pick_weights, weights_names  # shared with the loader
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_EMBEDDING = "text_embedding.npy"
+
+
+# --------------------------------------------------------------------------- the build command
+def build_command(out, models: Optional[str] = None, size: Optional[int] = None, precision: Optional[str] = None,
+                  force: bool = False) -> str:
+    """The ``build_engines.py`` command that (re)builds the engine directory ``out``: the one
+    source of every build and rebuild hint (placeholders where a value is unknown)."""
+    cmd = (f"python build_engines.py --models {models or 'MODELS_DIR'} --out {out} --size {size or 'SIZE'} "
+           f"--precision {precision or 'fp16|fp32'}")
+    return cmd + " --force" if force else cmd
 
 
 # --------------------------------------------------------------------------- model sets
@@ -189,9 +199,8 @@ class EngineManifest:
 
     def rebuild_hint(self, size: Optional[int] = None, precision: Optional[str] = None,
                      models: Optional[str] = None) -> str:
-        models = models or self.source or "MODELS_DIR"
-        return (f"rebuild it: python build_engines.py --models {models} --out {self.directory} "
-                f"--size {size or self.size} --precision {precision or self.precision} --force")
+        return "rebuild it: " + build_command(self.directory, models or self.source, size or self.size,
+                                              precision or self.precision, force=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -247,32 +256,34 @@ def read_manifest(engine_dir) -> EngineManifest:
     is missing or damaged)."""
     d = Path(engine_dir)
     path = d / MANIFEST
-    how = f"build it with: python build_engines.py --models MODELS_DIR --out {d} --size SIZE --precision fp16|fp32"
+    how = f"build it with: {build_command(d)}"
+    rebuild = f"build it with: {build_command(d, force=True)}"
     if not d.is_dir():
         raise EngineError(f"{d}: engine directory not found; {how}")
     if not path.is_file():
-        raise EngineError(f"{d}: no {MANIFEST} (not an engine directory, or its build did not finish); {how} --force")
+        raise EngineError(f"{d}: no {MANIFEST} (not an engine directory, or its build did not finish); "
+                          f"{rebuild}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EngineError(f"{path}: damaged manifest, not valid JSON ({e}); {how} --force") from None
+        raise EngineError(f"{path}: damaged manifest, not valid JSON ({e}); {rebuild}") from None
     if not isinstance(raw, dict):
-        raise EngineError(f"{path}: damaged manifest (expected a JSON object); {how} --force")
+        raise EngineError(f"{path}: damaged manifest (expected a JSON object); {rebuild}")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        hint = how + " --force"
+        hint = rebuild
         if isinstance(raw.get("model_set"), dict) and raw.get("size") and raw.get("precision"):
-            hint = (f"rebuild it: python build_engines.py --models {raw['model_set'].get('source') or 'MODELS_DIR'} "
-                    f"--out {d} --size {raw['size']} --precision {raw['precision']} --force")
+            hint = "rebuild it: " + build_command(d, raw["model_set"].get("source"), raw["size"], raw["precision"],
+                                                  force=True)
         raise EngineError(f"{d}: engine format version {version!r}, this runtime reads version "
                           f"{FORMAT_VERSION}; {hint}")
     try:
         m = EngineManifest.from_dict(d, raw)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise EngineError(f"{path}: damaged manifest ({what}); {how} --force") from None
+        raise EngineError(f"{path}: damaged manifest ({what}); {rebuild}") from None
     if m.precision not in PRECISIONS:
-        raise EngineError(f"{path}: damaged manifest (precision {m.precision!r}); {how} --force")
+        raise EngineError(f"{path}: damaged manifest (precision {m.precision!r}); {rebuild}")
     missing = [s for s in STAGE_NAMES if s not in m.stages]
     if missing:
         raise EngineError(f"{path}: damaged manifest (no stage {missing[0]!r}); {m.rebuild_hint()}")

@@ -1,11 +1,9 @@
 """TensorRT plans for an engine directory: each stage's ONNX graph -> a serialized engine
 (``<stage>.plan``) built on, and for, the GPU it will run on.
 
-```
-python -m magicanimate_rt.engines.tensorrt_build ENGINE_DIR [--opt-level 3] [--workspace-gib N] [--force] [--validate]
-```
-
-(``build_engines.py`` calls :func:`build_plans` after exporting the graphs.) For each stage:
+``build_engines.py`` calls :func:`build_plans` after exporting the graphs, and
+``python -m magicanimate_rt.plans ENGINE_DIR`` (:mod:`magicanimate_rt.plans`) calls it on a
+GPU machine without the models. For each stage:
 
 1. parse ``<stage>.onnx`` with ``trt.OnnxParser`` (external weights beside it are found by
    the parser) into a **strongly typed** network: every tensor keeps the dtype the graph
@@ -24,104 +22,32 @@ python -m magicanimate_rt.engines.tensorrt_build ENGINE_DIR [--opt-level 3] [--w
    ``stages.<stage>.plans`` = {file, onnx_sha256, settings, profile, seconds}, and
    ``tensorrt`` = {version, gpu, compute_capability} (:class:`PlanTarget`).
 
-A plan serves exactly one TensorRT version and one GPU model. :func:`check_plans` (used by
-the TensorRT backend when loading) refuses plans built for anything else with an
-EngineError that gives the command rebuilding them; :func:`plan_staleness` says which
-plans a build has to (re)make, so a new GPU or TensorRT rebuilds only the plans, never the
-graphs.
+A plan serves exactly one TensorRT version and one GPU model:
+:func:`~.tensorrt_plan.check_plans` (the plan format, shared with the TensorRT backend)
+refuses plans built for anything else; :func:`plan_staleness` says which plans a build has
+to (re)make, so a new GPU or TensorRT rebuilds only the plans, never the graphs.
 
 This module reads only the manifest, the specs and the directory's files (never the
-PyTorch models or the export code). The ``tensorrt`` module is never imported at module
-level: it comes from :func:`import_tensorrt`, or is passed in (``trt=``) — the seam the
-tests use to run every call sequence against a recording fake on a machine without a GPU.
+PyTorch models, the export code or the runtime). The ``tensorrt`` module comes from
+:func:`~.tensorrt_plan.import_tensorrt`, or is passed in (``trt=``): the seam the tests use
+to run every call sequence against a recording fake on a machine without a GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
-from ..errors import EngineError, InputError, MagicAnimateError
-from ..export.specs import STAGE_NAMES, StageSpec
+from ..errors import EngineError, InputError
 from .manifest import EngineManifest, FileRecord, load_manifest
-
-#: the timing cache shared by every stage of a directory (not listed in the manifest: a
-#: build aid, never needed to run)
-TIMING_CACHE = "timing.cache"
-#: the first TensorRT with everything used here (ICudaEngine.device_memory_size_v2 and
-#: IExecutionContext.set_device_memory appeared in 10.1)
-MIN_TENSORRT = (10, 1)
-PROG = "python -m magicanimate_rt.engines.tensorrt_build"
-
-
-def _log_to_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- the module
-def import_tensorrt():
-    """The ``tensorrt`` module, or one EngineError saying why it cannot be used."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the module is there, its CUDA libraries are not
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise EngineError(f"TensorRT is not importable (python module 'tensorrt': {reason}); install it on the "
-                          "GPU machine (pip install tensorrt), or build the ONNX graphs only with --onnx-only"
-                          ) from None
-    if _version_tuple(trt.__version__) < MIN_TENSORRT:
-        raise EngineError(f"TensorRT {trt.__version__} is too old: this project needs TensorRT "
-                          f"{'.'.join(map(str, MIN_TENSORRT))} or newer")
-    return trt
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    out = []
-    for part in str(version).split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class PlanTarget:
-    """What a plan is built for, recorded as the manifest's ``tensorrt`` entry.
-
-    Fields:
-        version: ``tensorrt.__version__`` (plans load only in the exact version that built them).
-        gpu: the GPU's name (``torch.cuda.get_device_name``), e.g. "NVIDIA H100 80GB HBM3".
-        compute_capability: "major.minor", e.g. "9.0".
-    """
-
-    version: str
-    gpu: str
-    compute_capability: str
-
-    @classmethod
-    def current(cls, trt, device: int = 0) -> "PlanTarget":
-        """This machine: the given TensorRT module and CUDA device ``device``."""
-        import torch  # only for the device's name; no model code
-
-        if not torch.cuda.is_available():
-            raise EngineError("TensorRT plans are built and run on a CUDA GPU, and torch sees none here")
-        major, minor = torch.cuda.get_device_capability(device)
-        return cls(str(trt.__version__), torch.cuda.get_device_name(device), f"{major}.{minor}")
-
-    def to_dict(self) -> dict[str, str]:
-        return {"version": self.version, "gpu": self.gpu, "compute_capability": self.compute_capability}
-
-    @classmethod
-    def from_dict(cls, d: Optional[Mapping[str, Any]]) -> Optional["PlanTarget"]:
-        if not d:
-            return None
-        return cls(str(d.get("version", "?")), str(d.get("gpu", "?")), str(d.get("compute_capability", "?")))
-
-    def describe(self) -> str:
-        return f"TensorRT {self.version} on {self.gpu} (compute capability {self.compute_capability})"
+from .specs import STAGE_NAMES, StageSpec
+from .tensorrt_plan import (
+    TIMING_CACHE, PlanTarget, import_tensorrt, log_to_stderr, make_logger, onnx_sha256, plan_file,
+    plan_record_problem, trt_dtypes,
+)
 
 
 # --------------------------------------------------------------------------- settings
@@ -164,37 +90,6 @@ class PlanBuildSettings:
 
 
 # --------------------------------------------------------------------------- staleness and refusal
-def plan_file(stage: str) -> str:
-    return f"{stage}.plan"
-
-
-def plan_rebuild_hint(m: EngineManifest) -> str:
-    """The commands that rebuild the plans of ``m`` on the machine they are to run on."""
-    return (f"rebuild the plans on this machine: python build_engines.py --models {m.source or 'MODELS_DIR'} "
-            f"--out {m.directory} --size {m.size} --precision {m.precision} (the ONNX graphs are kept; without the "
-            f"models: {PROG} {m.directory})")
-
-
-def _onnx_sha256(m: EngineManifest, stage: str) -> str:
-    rec = m.stages[stage]
-    return next(f.sha256 for f in rec.files if f.name == rec.onnx)
-
-
-def _plan_record_problem(m: EngineManifest, stage: str) -> Optional[str]:
-    plans = m.stages[stage].plans
-    if not plans or "file" not in plans:
-        return "no plan"
-    rec = FileRecord.from_dict(plans["file"])
-    path = m.directory / rec.name
-    if not path.is_file():
-        return f"{rec.name} is missing"
-    if path.stat().st_size != rec.bytes:
-        return f"{rec.name} is {path.stat().st_size} bytes, the manifest says {rec.bytes} (truncated or replaced)"
-    if plans.get("onnx_sha256") != _onnx_sha256(m, stage):
-        return "its ONNX graph changed since the plan was built"
-    return None
-
-
 def plan_staleness(m: EngineManifest, target: PlanTarget,
                    settings: Optional[PlanBuildSettings] = None) -> dict[str, Optional[str]]:
     """Per stage, why its plan must be (re)built for ``target`` — None where it is up to
@@ -205,65 +100,14 @@ def plan_staleness(m: EngineManifest, target: PlanTarget,
         if built_for is not None and built_for != target and m.stages[stage].plans:
             out[stage] = f"built for {built_for.describe()}"
             continue
-        problem = _plan_record_problem(m, stage)
+        problem = plan_record_problem(m, stage)
         if problem is None and settings is not None and m.stages[stage].plans.get("settings") != settings.recorded():
             problem = f"built with other settings ({m.stages[stage].plans.get('settings')})"
         out[stage] = problem
     return out
 
 
-def check_plans(m: EngineManifest, target: PlanTarget, verify_hashes: bool = False) -> None:
-    """Refuse (EngineError with the rebuild command) an engine directory whose plans are
-    missing, damaged, or built for another TensorRT version or GPU than ``target``."""
-    built_for = PlanTarget.from_dict(m.tensorrt)
-    if built_for is None:
-        raise EngineError(f"{m.directory}: has no TensorRT plans (built with --onnx-only?); {plan_rebuild_hint(m)}")
-    if built_for.version != target.version:
-        raise EngineError(f"{m.directory}: its TensorRT plans were built with TensorRT {built_for.version}, this is "
-                          f"TensorRT {target.version} (a plan loads only in the version that built it); "
-                          f"{plan_rebuild_hint(m)}")
-    if (built_for.gpu, built_for.compute_capability) != (target.gpu, target.compute_capability):
-        raise EngineError(f"{m.directory}: its TensorRT plans were built for {built_for.gpu} (compute capability "
-                          f"{built_for.compute_capability}), this GPU is {target.gpu} (compute capability "
-                          f"{target.compute_capability}); {plan_rebuild_hint(m)}")
-    for stage in STAGE_NAMES:
-        problem = _plan_record_problem(m, stage)
-        if problem is not None:
-            raise EngineError(f"{m.directory}: stage {stage}: {problem}; {plan_rebuild_hint(m)}")
-        if verify_hashes:
-            rec = FileRecord.from_dict(m.stages[stage].plans["file"])
-            if FileRecord.of(m.directory, rec.name).sha256 != rec.sha256:
-                raise EngineError(f"{m.directory}: {rec.name} does not match its recorded sha256 (corrupt); "
-                                  f"{plan_rebuild_hint(m)}")
-
-
 # --------------------------------------------------------------------------- TensorRT helpers
-def make_logger(trt, verbose: bool = False, log: Callable[[str], None] = _log_to_stderr):
-    """A ``trt.ILogger`` that keeps errors (to put them into the EngineError a failure
-    raises) and prints warnings only when ``verbose``."""
-    severity = trt.ILogger.Severity
-    errors = (severity.INTERNAL_ERROR, severity.ERROR)
-
-    class _Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, sev, msg):  # called by TensorRT
-            if sev in errors:
-                self.errors.append(str(msg))
-            elif verbose and sev == severity.WARNING:
-                log(f"TensorRT: {msg}")
-
-    return _Logger()
-
-
-def trt_dtypes(trt) -> dict[str, Any]:
-    """numpy dtype name -> ``trt.DataType``, for the dtypes stage specs use."""
-    return {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "int64": trt.DataType.INT64,
-            "int32": trt.DataType.INT32, "bool": trt.DataType.BOOL}
-
-
 def _spec_dims(t) -> tuple[int, ...]:
     """The spec shape as TensorRT reports it: -1 for a dynamic axis."""
     return tuple(d if isinstance(d, int) else -1 for d in t.shape)
@@ -390,7 +234,7 @@ def _build_one(trt, builder, logger, m: EngineManifest, stage: str, s: PlanBuild
 
 def build_plans(engine_dir, settings: PlanBuildSettings = PlanBuildSettings(), *, trt=None,
                 target: Optional[PlanTarget] = None, timing_cache_seed: Optional[Path] = None,
-                log: Callable[[str], None] = _log_to_stderr) -> list[PlanReport]:
+                log: Callable[[str], None] = log_to_stderr) -> list[PlanReport]:
     """Build the TensorRT plans of ``engine_dir`` that are missing or stale (all of them
     with ``settings.force``), in place, and record them in its manifest.
 
@@ -430,7 +274,7 @@ def build_plans(engine_dir, settings: PlanBuildSettings = PlanBuildSettings(), *
         nbytes = _write_atomic(m.directory / name, plan)
         del plan
         seconds = time.perf_counter() - t0
-        record = {"file": FileRecord.of(m.directory, name).to_dict(), "onnx_sha256": _onnx_sha256(m, stage),
+        record = {"file": FileRecord.of(m.directory, name).to_dict(), "onnx_sha256": onnx_sha256(m, stage),
                   "settings": settings.recorded(), "profile": profile, "seconds": round(seconds, 1)}
         stages = dict(m.stages)
         stages[stage] = replace(stages[stage], plans=record)
@@ -441,58 +285,3 @@ def build_plans(engine_dir, settings: PlanBuildSettings = PlanBuildSettings(), *
         log(f"[{k}/{len(todo)}] {stage}: {name} built in {seconds:.1f} s ({nbytes / 2**20:.1f} MiB; was: {why})")
     order = {s: i for i, s in enumerate(STAGE_NAMES)}
     return sorted(reports, key=lambda r: order[r.stage])
-
-
-# --------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Build (or bring up to date) the TensorRT plans of an engine directory on "
-                "this machine's GPU, from its ONNX graphs; no model weights needed.")
-    p.add_argument("engine_dir", type=Path, help="engine directory written by build_engines.py")
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
-    p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit in GiB "
-                   "(default: TensorRT's, the GPU's memory)")
-    p.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated stages (default: all)")
-    p.add_argument("--force", action="store_true", help="rebuild every plan, even up-to-date ones")
-    p.add_argument("--no-timing-cache", dest="timing_cache", action="store_false",
-                   help=f"neither read nor write ENGINE_DIR/{TIMING_CACHE}")
-    p.add_argument("--validate", action="store_true", help="then compare every plan with ONNX Runtime on the "
-                   "stage's ONNX graph (random inputs) and print the errors")
-    p.add_argument("--verbose", action="store_true", help="print TensorRT's warnings")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = PlanBuildSettings(
-            optimization_level=args.opt_level,
-            workspace_bytes=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
-            timing_cache=args.timing_cache, force=args.force,
-            stages=tuple(s for s in args.stages.split(",") if s), verbose=args.verbose)
-        build_plans(args.engine_dir, settings)
-        if args.validate:
-            from ..runtime.backends.tensorrt_backend import format_validation, validate_engines
-
-            checks = validate_engines(args.engine_dir)
-            print(format_validation(checks))
-            failed = [c for c in checks if not c.ok]
-            if failed:
-                raise EngineError(f"{len(failed)} of {len(checks)} plan outputs differ from ONNX Runtime beyond "
-                                  "tolerance (table above)")
-    except MagicAnimateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,15 +29,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..engines.tensorrt_build import PlanBuildSettings
+from ..engines.tensorrt_plan import TIMING_CACHE
 from ..engines.manifest import (
     FORMAT_VERSION, MANIFEST, TEXT_EMBEDDING, EngineManifest, FileRecord, StageRecord, check_files,
     load_manifest, model_set_fingerprint, read_manifest,
 )
+from ..command_line import OneLineParser, run_command
 from ..errors import EngineError, InputError
-from .specs import PRECISIONS, BatchRanges, stage_specs
-
-#: a graph whose relative L2 error against the torch stage exceeds this fails the build
-VALIDATION_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+from ..engines.specs import PRECISIONS, BatchRanges, check_size, stage_specs, validation_tolerance
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,7 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0 or self.size % 64:
-            raise InputError(f"--size must be a positive multiple of 64, got {self.size!r}")
+        check_size(self.size, "--size")
         if self.fp32_graphs is not None and self.precision != "fp16":
             raise InputError("--from-fp32 only serves fp16 builds (--precision fp16)")
 
@@ -187,7 +185,7 @@ def build_engines(s: BuildSettings, log: Callable[[str], None] = _log_to_stderr)
     try:
         report = _build_into(tmp, s, fingerprint, log)
         if not s.onnx_only:
-            build_plans(tmp, s, log, timing_cache_seed=out / "timing.cache")
+            build_plans(tmp, s, log, timing_cache_seed=out / TIMING_CACHE)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,14 +203,9 @@ def build_plans(engine_dir: Path, s: BuildSettings, log: Callable[[str], None],
     seed = timing_cache_seed if timing_cache_seed is not None and timing_cache_seed.is_file() else None
     build_tensorrt_plans(engine_dir, s.plans, timing_cache_seed=seed, log=log)
     if s.validate_plans:
-        from ..runtime.backends.tensorrt_backend import format_validation, validate_engines
+        from ..plans import validate_and_report
 
-        checks = validate_engines(engine_dir)
-        log(format_validation(checks))
-        failed = [c for c in checks if not c.ok]
-        if failed:
-            raise EngineError(f"{len(failed)} of {len(checks)} TensorRT plan outputs differ from ONNX Runtime "
-                              "beyond tolerance (table above)")
+        validate_and_report(engine_dir, log)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -270,9 +263,10 @@ def _build_into(d: Path, s: BuildSettings, fingerprint: str, log: Callable[[str]
         if s.validate:
             cmp, _ = ox.compare_with_torch(path, module, spec, traced=traced)
             validation = {"max_abs": cmp.max_abs, "rel_l2": cmp.rel_l2}
-            if not cmp.rel_l2 <= VALIDATION_TOLERANCE[s.precision]:
+            tolerance = validation_tolerance("graph", s.precision)
+            if not cmp.rel_l2 <= tolerance:
                 raise EngineError(f"{name}: the {s.precision} ONNX graph differs from the torch stage: relative L2 "
-                                  f"error {cmp.rel_l2:.3g} > {VALIDATION_TOLERANCE[s.precision]:g}")
+                                  f"error {cmp.rel_l2:.3g} > {tolerance:g}")
         files = tuple(FileRecord.of(d, p.name) for p in ox.onnx_files(path))
         stages[name] = StageRecord(name=name, onnx=path.name, files=files, spec=spec, validation=validation)
         seconds = time.perf_counter() - t0
@@ -308,14 +302,8 @@ def _build_into(d: Path, s: BuildSettings, fingerprint: str, log: Callable[[str]
 PROG = "build_engines.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default adds a usage block)
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Export every MagicAnimate stage of a model set to ONNX, check each graph "
+    p = OneLineParser(prog=PROG, description="Export every MagicAnimate stage of a model set to ONNX, check each graph "
                 "against its PyTorch stage, and write an engine directory (then TensorRT plans).")
     p.add_argument("--models", type=Path, required=True, help="model directory in the real layout (README 'Weights')")
     p.add_argument("--out", type=Path, required=True, help="engine directory to write")
@@ -340,10 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..errors import MagicAnimateError
-
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         settings = BuildSettings(models=args.models, out=args.out, size=args.size, precision=args.precision,
                                  onnx_only=args.onnx_only, force=args.force, validate=args.validate,
                                  exporter=args.exporter, fp32_graphs=args.fp32_graphs,
@@ -352,13 +339,11 @@ def main(argv=None) -> int:
                                                          else int(args.workspace_gib * 2**30)),
                                  validate_plans=args.validate_plans)
         report = build_engines(settings)
-    except MagicAnimateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.out} left as it was", file=sys.stderr)
-        return 130
-    if not report.up_to_date:
-        print(report.table())
-        print(f"wrote {report.out} in {report.seconds:.1f} s")
-    return 0
+        if not report.up_to_date:
+            print(report.table())
+            print(f"wrote {report.out} in {report.seconds:.1f} s")
+        return 0
+
+    return run_command(PROG, body, interrupted=f"{args.out} left as it was",
+                       out_of_memory="build on a machine with more memory, or pass --no-validate",
+                       cuda_out_of_memory="lower --workspace-gib, or build the plans on a larger GPU")

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..errors import EngineError
 from ..models import ModelSet
 from ..models.vae import VAEDecoder, VAEEncoder
-from .specs import ModelDims, StageSpec
+from ..engines.specs import ModelDims, StageSpec, relative_error
 
 OPSET = 17
 #: graphs whose weights exceed this are saved with one external data file (protobuf's
@@ -597,11 +597,10 @@ class Comparison:
     def of(cls, got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> "Comparison":
         max_abs, rel = 0.0, 0.0
         for a, b in zip(got, ref, strict=True):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            if a.shape != b.shape:
-                raise EngineError(f"output shape {a.shape} differs from the torch stage's {b.shape}")
-            max_abs = max(max_abs, float(np.abs(a - b).max()))
-            rel = max(rel, float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)))
+            if np.shape(a) != np.shape(b):
+                raise EngineError(f"output shape {np.shape(a)} differs from the torch stage's {np.shape(b)}")
+            m, r = relative_error(a, b)
+            max_abs, rel = max(max_abs, m), max(rel, r)
         return cls(max_abs, rel)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engines.specs import check_size
 from ..errors import InputError
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSampler, DDIMSettings
@@ -122,8 +123,7 @@ class AnimationResult:
 
 
 def validate_settings(size, steps, guidance_scale) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 64:
-        raise InputError(f"size must be a positive multiple of 64, got {size!r}")
+    check_size(size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:

@@ -27,18 +27,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ...engines.manifest import EngineManifest, load_manifest
+from ...engines.specs import float_dtype
 from ...errors import EngineError
 from ..ddim import DDIMSettings
+from ..dtypes import numpy_type, torch_dtype
 from ..stages import Stages
 
-_NP_OF_TORCH = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
-_TORCH_OF_NP = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                np.dtype(np.int64): torch.int64}
 
 
 class _Session:
@@ -61,7 +59,7 @@ class _Session:
         self._kept: dict[str, Tensor] = {}  # tensors bound once (the text embedding)
 
     def _bind(self, bind, name: str, t: Tensor) -> None:
-        bind(name, self._ort_device, self._device_id, _NP_OF_TORCH[t.dtype], tuple(t.shape), t.data_ptr())
+        bind(name, self._ort_device, self._device_id, numpy_type(t.dtype), tuple(t.shape), t.data_ptr())
 
     def bind_constant(self, name: str, t: Tensor) -> None:
         """Bind an input that never changes (kept alive here)."""
@@ -76,7 +74,7 @@ class _Session:
         shapes = self.spec.shapes(**axes)
         outputs = []
         for o in self.spec.outputs:
-            t = torch.empty(shapes[o.name], dtype=_TORCH_OF_NP[o.np_dtype], device=self.device)
+            t = torch.empty(shapes[o.name], dtype=torch_dtype(o.dtype), device=self.device)
             self._bind(self.binding.bind_output, o.name, t)
             outputs.append(t)
         self.session.run_with_iobinding(self.binding, self.run_options)
@@ -93,7 +91,7 @@ class OnnxRuntimeStages(Stages):
 
         self.manifest = manifest
         self.device = torch.device(device)
-        self.dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
+        self.dtype = torch_dtype(float_dtype(manifest.precision))
         self.window = manifest.window
         self.ddim = DDIMSettings.from_dict(dict(manifest.ddim))
         providers, run_options = self._providers(ort)

@@ -1,8 +1,8 @@
 """The TensorRT backend: the stage interface over an engine directory's TensorRT plans.
 
-Built by ``build_engines.py`` (or ``python -m magicanimate_rt.engines.tensorrt_build DIR``)
-on the GPU it runs on; loading refuses plans of another GPU or TensorRT version
-(:func:`~magicanimate_rt.engines.tensorrt_build.check_plans`). It reads only the manifest,
+Built by ``build_engines.py`` (or ``python -m magicanimate_rt.plans DIR``) on the GPU it
+runs on; loading refuses plans of another GPU or TensorRT version
+(:func:`~magicanimate_rt.engines.tensorrt_plan.check_plans`). It reads only the manifest,
 the specs and the plan files: no diffusers, transformers, PyTorch model or export code.
 
 How it runs (STYLE 4: allocate once, bind once, never sync inside the loop):
@@ -40,8 +40,8 @@ How it runs (STYLE 4: allocate once, bind once, never sync inside the loop):
 ``unet_cond`` (guidance scale 1.0) runs the guided plan and returns its conditional half
 (one plan per directory, as the ONNX Runtime backend).
 
-:func:`validate_engines` compares every plan with ONNX Runtime on the same random inputs
-(``build_engines.py --validate``, ``python -m magicanimate_rt.engines.tensorrt_build DIR
+:func:`magicanimate_rt.plans.validate_engines` compares every plan with ONNX Runtime on the
+same random inputs (``build_engines.py --validate-plans``, ``python -m magicanimate_rt.plans DIR
 --validate``).
 
 Tests pass a fake ``tensorrt`` module (``trt=``) and may then run on ``device="cpu"``:
@@ -51,24 +51,20 @@ the fake's execute reads and writes the bound host addresses.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ...engines.manifest import EngineManifest, load_manifest
-from ...engines.tensorrt_build import PlanTarget, check_plans, import_tensorrt, make_logger, trt_dtypes
+from ...engines.tensorrt_plan import PlanTarget, check_plans, import_tensorrt, make_logger, trt_dtypes
 from ...errors import EngineError, InputError
-from ...export.specs import StageSpec
+from ...engines.specs import StageSpec, float_dtype
 from ..ddim import DDIMSettings
+from ..dtypes import torch_dtype
 from ..stages import Stages
-
-_TORCH_OF_NP = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
-                "bool": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -191,7 +187,7 @@ class TensorRTStages(Stages):
 
         self.manifest = manifest
         self.target = target
-        self.dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
+        self.dtype = torch_dtype(float_dtype(manifest.precision))
         self.window = manifest.window
         self.ddim = DDIMSettings.from_dict(dict(manifest.ddim))
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else _HostStream()
@@ -232,13 +228,13 @@ class TensorRTStages(Stages):
     def from_engines(cls, engine_dir, device="cuda", options: Optional[TensorRTOptions] = None, *, trt=None,
                      target: Optional[PlanTarget] = None) -> "TensorRTStages":
         """Load ``engine_dir`` (checked by :func:`~magicanimate_rt.engines.manifest.load_manifest`
-        and :func:`~magicanimate_rt.engines.tensorrt_build.check_plans`). ``trt`` and
+        and :func:`~magicanimate_rt.engines.tensorrt_plan.check_plans`). ``trt`` and
         ``target`` are for tests (a fake tensorrt module and the GPU it pretends to be)."""
         return cls(load_manifest(engine_dir), device, options, trt=trt, target=target)
 
     # ------------------------------------------------------------------ helpers
     def _empty(self, shape, dtype: str) -> Tensor:
-        return torch.empty(shape, dtype=_TORCH_OF_NP[dtype], device=self.device)
+        return torch.empty(shape, dtype=torch_dtype(dtype), device=self.device)
 
     def _stage(self, name: str) -> _Stage:
         if self._closed:
@@ -272,10 +268,11 @@ class TensorRTStages(Stages):
             detail = "; ".join(self._logger.errors[-3:]) or "no error message"
             raise EngineError(f"{s.name}: TensorRT failed to enqueue the plan: {detail}")
 
-    def _run(self, stage: str, inputs: Mapping[str, Tensor], axes: Mapping[str, int],
-             outputs: Optional[Mapping[str, Tensor]] = None) -> list[Tensor]:
-        """Bind ``inputs`` (already contiguous, on the device, in the engine's dtypes) and
-        the outputs (new tensors of the spec's shapes unless given), enqueue, return the
+    def run_stage(self, stage: str, inputs: Mapping[str, Tensor], axes: Mapping[str, int],
+                  outputs: Optional[Mapping[str, Tensor]] = None) -> list[Tensor]:
+        """One plan on its spec's tensors (every stage call, and plan validation): bind
+        ``inputs`` (already contiguous, on the device, in the engine's dtypes) and the
+        outputs (new tensors of the spec's shapes unless given), enqueue, return the
         outputs in spec order."""
         s = self._stage(stage)
         s.spec.check_axes(**axes)
@@ -307,7 +304,7 @@ class TensorRTStages(Stages):
     def _capture_unet(self) -> None:
         s = self._stages["unet"]
         shapes = s.spec.shapes()
-        self._graph_inputs = {t.name: torch.zeros(shapes[t.name], dtype=_TORCH_OF_NP[t.dtype], device=self.device)
+        self._graph_inputs = {t.name: torch.zeros(shapes[t.name], dtype=torch_dtype(t.dtype), device=self.device)
                               for t in s.spec.inputs if t.name != "text_embedding"}
         self._graph_inputs["timestep"].fill_(1.0)
         for name, t in self._graph_inputs.items():
@@ -344,16 +341,16 @@ class TensorRTStages(Stages):
     # ------------------------------------------------------------------ stages
     def encode_reference(self, image: Tensor) -> Tensor:
         image = self._in(image)
-        (latents,) = self._in_pieces("vae_encoder", image.shape[0], lambda a, b: self._run(
+        (latents,) = self._in_pieces("vae_encoder", image.shape[0], lambda a, b: self.run_stage(
             "vae_encoder", {"images": image[a:b]}, {"images": b - a}))
         return latents
 
     def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
-        return self._run("appearance_encoder", {"latent": self._in(ref_latent), "timestep": self._t(t)}, {})
+        return self.run_stage("appearance_encoder", {"latent": self._in(ref_latent), "timestep": self._t(t)}, {})
 
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         latents, t, cond = self._in(latents), self._t(t), self._in(cond)
-        return self._in_pieces("controlnet", latents.shape[0], lambda a, b: self._run(
+        return self._in_pieces("controlnet", latents.shape[0], lambda a, b: self.run_stage(
             "controlnet", {"latents": latents[a:b], "timestep": t, "cond": cond[a:b]}, {"frames": b - a}))
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
@@ -366,7 +363,7 @@ class TensorRTStages(Stages):
         else:
             inputs = self._unet_inputs(self._in(latents), self._t(t), [self._in(r) for r in residuals],
                                        [self._in(b) for b in bank])
-            self._run("unet", inputs, {}, outputs=self._unet_out)
+            self.run_stage("unet", inputs, {}, outputs=self._unet_out)
         return self._unet_out["eps_uncond"], self._unet_out["eps_cond"]
 
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
@@ -375,7 +372,7 @@ class TensorRTStages(Stages):
 
     def decode(self, latents: Tensor) -> Tensor:
         latents = self._in(latents)
-        (images,) = self._in_pieces("vae_decoder", latents.shape[0], lambda a, b: self._run(
+        (images,) = self._in_pieces("vae_decoder", latents.shape[0], lambda a, b: self.run_stage(
             "vae_decoder", {"latents": latents[a:b]}, {"frames": b - a}))
         return images
 
@@ -402,91 +399,3 @@ class TensorRTStages(Stages):
                 self.close()
             except Exception:  # interpreter shutdown: CUDA may be gone already
                 pass
-
-
-# --------------------------------------------------------------------------- validation
-#: relative L2 error above which a plan output fails validation against ONNX Runtime.
-#: fp32 plans run matmuls/convolutions in TF32 (TensorRT's default), hence not 1e-5.
-VALIDATION_TOLERANCE = {"fp32": 5e-3, "fp16": 3e-2}
-
-
-@dataclass(frozen=True)
-class PlanCheck:
-    """One output of one plan against ONNX Runtime on the same inputs."""
-
-    stage: str
-    axes: str  #: e.g. "frames=16" ("-" for a static stage)
-    output: str
-    max_abs: float
-    rel_l2: float
-    tolerance: float
-
-    @property
-    def ok(self) -> bool:
-        return math.isfinite(self.rel_l2) and self.rel_l2 <= self.tolerance
-
-
-def _onnxruntime_reference(path, feeds: Mapping[str, np.ndarray], device: torch.device) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=providers)
-    return session.run(None, dict(feeds))
-
-
-def validate_engines(engine_dir, device="cuda", stages: Optional[Sequence[str]] = None, seed: int = 0,
-                     stages_backend: Optional[TensorRTStages] = None,
-                     reference: Optional[Callable[..., list[np.ndarray]]] = None) -> list[PlanCheck]:
-    """Run every plan and ONNX Runtime (CUDA where onnxruntime-gpu is installed, else CPU:
-    SD 1.5's UNet at 512 then needs tens of GB) on the stage's ONNX graph with the same
-    random inputs (``StageSpec.sample_inputs``), at each dynamic axis' opt and min value;
-    returns one :class:`PlanCheck` per output. ``stages_backend`` and ``reference`` (a
-    function ``(onnx path, feeds, device) -> outputs``) are seams for tests."""
-    own = stages_backend is None
-    st = stages_backend or TensorRTStages.from_engines(engine_dir, device=device)
-    reference = reference or _onnxruntime_reference
-    checks: list[PlanCheck] = []
-    try:
-        m = st.manifest
-        tol = VALIDATION_TOLERANCE[m.precision]
-        for stage in stages or list(m.stages):
-            spec = m.spec(stage)
-            settings = [{}] if not spec.axes else [
-                {a: getattr(r, which) for a, r in spec.axes.items()} for which in ("opt", "min")]
-            for axes in settings:
-                feeds = spec.sample_inputs(seed, **axes)
-                if "text_embedding" in feeds:  # bound once at load: the reference gets the same constant
-                    feeds["text_embedding"] = st.text_embedding.cpu().numpy()
-                inputs = {k: torch.from_numpy(v).to(st.device) for k, v in feeds.items() if k != "text_embedding"}
-                got = st._run(stage, inputs, axes)
-                if st.device.type == "cuda":
-                    st.stream.synchronize()
-                got = [g.float().cpu().numpy() for g in got]
-                want = reference(m.onnx_path(stage), feeds, st.device)
-                label = ",".join(f"{a}={v}" for a, v in axes.items()) or "-"
-                for o, a, b in zip(spec.outputs, got, want):
-                    a64, b64 = a.astype(np.float64), np.asarray(b, dtype=np.float64)
-                    denom = np.linalg.norm(b64)
-                    diff = np.linalg.norm(a64 - b64)
-                    rel = float(diff / denom) if denom > 0 else float(diff)
-                    checks.append(PlanCheck(stage, label, o.name, float(np.max(np.abs(a64 - b64))), rel, tol))
-    finally:
-        if own:
-            st.close()
-    return checks
-
-
-def format_validation(checks: Sequence[PlanCheck]) -> str:
-    """A table: stage | axes | output | max abs err | rel L2 err | ok."""
-    rows = [("stage", "axes", "output", "max abs err", "rel L2 err", "ok")]
-    rows += [(c.stage, c.axes, c.output, f"{c.max_abs:.3g}", f"{c.rel_l2:.3g}", "ok" if c.ok else "FAIL")
-             for c in checks]
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-

@@ -17,20 +17,9 @@ from torch import Tensor
 from ...errors import InputError
 from ...models import ModelSet, load_model_set
 from ...models.layers import ORIGINAL, Arithmetic
+from ..dtypes import float_torch_dtype
 from ..sampling import MemoryModel
 from ..stages import Stages
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 @dataclass(frozen=True)
 class TorchOptions:
@@ -135,7 +124,7 @@ class TorchStages(Stages):
     @classmethod
     def from_pretrained(cls, models_dir, device="cpu", dtype="float32",
                         options: TorchOptions = TorchOptions()) -> "TorchStages":
-        device, dtype = torch.device(device), parse_dtype(dtype)
+        device, dtype = torch.device(device), float_torch_dtype(dtype)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' requested but PyTorch sees no CUDA GPU; use --device cpu")
         if device.type == "cpu" and dtype == torch.float16:

@@ -49,6 +49,19 @@ def float_dtype(precision: str) -> str:
     return "float16" if precision == "fp16" else "float32"
 
 
+#: output sides must divide by this: the VAE's 8 x the UNet's 2 ** 3 downsamplings (SD 1.5;
+#: :meth:`ModelDims.size_step` derives it from a model set's configs)
+SIZE_STEP = 64
+
+
+def check_size(size, name: str = "size", step: int = SIZE_STEP) -> int:
+    """The one size rule: ``size`` must be a positive integer multiple of ``step``
+    (InputError naming ``name`` otherwise); returns it."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % step:
+        raise InputError(f"{name} must be a positive multiple of {step}, got {size!r}")
+    return size
+
+
 # --------------------------------------------------------------------------- tensors
 @dataclass(frozen=True)
 class AxisRange:
@@ -267,13 +280,15 @@ class ModelDims:
             window=int(window),
         )
 
+    @property
+    def size_step(self) -> int:
+        """What output sides must divide by: h = size / vae_scale, which the UNet halves
+        (levels - 1) times (64 for SD 1.5)."""
+        return self.vae_scale * 2 ** (len(self.block_out_channels) - 1)
+
     def latent_size(self, size: int) -> int:
-        """h = w = size / vae_scale; the UNet halves it (levels - 1) times, so size must
-        divide by vae_scale * 2 ** (levels - 1) (64 for SD 1.5)."""
-        step = self.vae_scale * 2 ** (len(self.block_out_channels) - 1)
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % step:
-            raise InputError(f"size must be a positive multiple of {step}, got {size!r}")
-        return size // self.vae_scale
+        """h = w = size / vae_scale (size checked by :func:`check_size`)."""
+        return check_size(size, step=self.size_step) // self.vae_scale
 
     def down_residual_shapes(self, size: int) -> list[tuple[int, int, int]]:
         """(C, h_i, w_i) of the 12 (SD 1.5) ControlNet down residuals: conv_in's output,
@@ -433,3 +448,36 @@ def stage_specs(dims: ModelDims, size: int, precision: str,
     fp = float_dtype(precision)
     dims.latent_size(size)  # validates size
     return {name: build(dims, size, fp, batches) for name, build in SPEC_BUILDERS.items()}
+
+
+# --------------------------------------------------------------------------- validation
+#: relative L2 error above which a built artifact fails its check, per (what is checked,
+#: precision): "graph" an exported ONNX graph against its torch stage (``build_engines.py``,
+#: ONNX Runtime on the CPU); "plan" a TensorRT plan against ONNX Runtime on its graph
+#: (``python -m magicanimate_rt.plans DIR --validate``). fp32 plans run matmuls and
+#: convolutions in TF32 (TensorRT's default), hence 5e-3 rather than 1e-3.
+VALIDATION_TOLERANCE: dict[tuple[str, str], float] = {
+    ("graph", "fp32"): 1e-3,
+    ("graph", "fp16"): 3e-2,
+    ("plan", "fp32"): 5e-3,
+    ("plan", "fp16"): 3e-2,
+}
+
+
+def validation_tolerance(kind: str, precision: str) -> float:
+    """The entry of :data:`VALIDATION_TOLERANCE` for ``kind`` ("graph" or "plan")."""
+    float_dtype(precision)  # validates the precision
+    return VALIDATION_TOLERANCE[(kind, precision)]
+
+
+def relative_error(got, want) -> tuple[float, float]:
+    """(largest absolute difference, ||got - want|| / ||want||) in float64 (the plain
+    difference norm when ``want`` is all zeros)."""
+    a, b = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"shape {a.shape} differs from the reference's {b.shape}")
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = np.linalg.norm(a - b)
+    denom = np.linalg.norm(b)
+    return float(np.max(np.abs(a - b))), float(diff / denom) if denom > 0 else float(diff)
