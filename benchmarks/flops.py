@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from magicanimate_rt.runtime.sampling import can_embed_control
 from magicanimate_rt.runtime.stages import Stages
 
 #: stage method -> the timing name the pipeline reports it under
@@ -51,14 +50,15 @@ class RoutedStages(Stages):
         self.name = inner.name
         self.device, self.dtype, self.window = inner.device, inner.dtype, inner.window
         self.text_embedding = inner.text_embedding
-        if can_embed_control(inner):  # the optional two-part ControlNet, exactly when inner has it
-            self.controlnet_embed = lambda cond: self._call("controlnet_embed", cond)
-            self.controlnet_embedded = lambda latents, t, emb: self._call("controlnet_embedded", latents, t, emb)
+        self.capabilities = inner.capabilities  # the same plan as the inner stages get
 
-    def __getattr__(self, name):  # max_windows_per_call, memory_model, ...
+    def __getattr__(self, name):  # anything else a caller reads of the inner stages (options, models, ...)
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def memory_model(self, size: int):
+        return self.inner.memory_model(size)
 
     def _call(self, method: str, *args):
         return getattr(self.inner, method)(*args)
@@ -71,6 +71,12 @@ class RoutedStages(Stages):
 
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         return self._call("controlnet", latents, t, cond)
+
+    def controlnet_embed(self, cond: Tensor) -> Tensor:  # used where inner declares the two parts
+        return self._call("controlnet_embed", cond)
+
+    def controlnet_embedded(self, latents: Tensor, t: Tensor, embedding: Tensor) -> list[Tensor]:
+        return self._call("controlnet_embedded", latents, t, embedding)
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         return self._call("unet_guided", latents, t, residuals, bank)

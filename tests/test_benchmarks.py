@@ -11,7 +11,7 @@ import torch
 from benchmarks import report as rep
 from benchmarks.flops import CountingStages
 from benchmarks.run import write_report
-from magicanimate_rt.runtime.stages import Stages
+from magicanimate_rt.runtime.stages import Capabilities, Stages
 
 
 class MatmulStages(Stages):
@@ -21,7 +21,7 @@ class MatmulStages(Stages):
     device = torch.device("cpu")
     dtype = torch.float32
     window = 16
-    max_windows_per_call = 3
+    capabilities = Capabilities(max_windows_per_call=3)
 
     def __init__(self):
         self.text_embedding = torch.zeros(1, 77, 8)
@@ -59,7 +59,7 @@ def test_counting_stages_counts_per_stage_and_reuses_counts_per_shape():
     assert st.flops["controlnet"] == 2 * 64 * 32 * (3 + 3 + 5)
     assert st.calls["controlnet"] == 3
     assert st.flops["unet"] == 2 * (2 * 2 * 64 * 32)
-    assert st.max_windows_per_call == 3 and st.window == 16  # delegated
+    assert st.capabilities.max_windows_per_call == 3 and st.window == 16  # delegated
 
 
 def fake_result(totals: dict[str, list[float]], flops: dict[str, int]) -> dict:

@@ -342,11 +342,9 @@ def test_every_stage_binds_runs_and_returns_what_the_plan_computes(built):
         # shapes are set when they change: 16 frames, then 5; not again for the second 5
         shape_calls = [c[2:] for c in trt.events("set_input_shape")[n_shape_calls:]]
         assert [c for c in shape_calls if c[0] == "latents"] == [("latents", (16, 4, 8, 8)), ("latents", (5, 4, 8, 8))]
-        # more frames than the plan's profile (16): run in pieces of 16
-        res20 = st.controlnet(frames[:20], t, cond[:20])
-        want = [expected(st, "controlnet", {"latents": frames[a:b], "timestep": t.reshape(1), "cond": cond[a:b]},
-                         frames=b - a) for a, b in ((0, 16), (16, 20))]
-        same(res20, {k: np.concatenate([want[0][k], want[1][k]]) for k in want[0]})
+        # more frames than the plan's profile (16): refused (the pipeline's plan never asks)
+        with pytest.raises(InputError, match="frames=20 is outside the built range 1..16"):
+            st.controlnet(frames[:20], t, cond[:20])
 
         window = latents[:, :, :16]
         eps_u, eps_c = st.unet_guided(window, t, res16, bank)
@@ -360,11 +358,16 @@ def test_every_stage_binds_runs_and_returns_what_the_plan_computes(built):
 
         images = st.decode(frames[:3])
         same([images], expected(st, "vae_decoder", {"latents": frames[:3]}, frames=3))
-        images = st.decode(frames[:11])  # the plan takes 8 at most
-        want = [expected(st, "vae_decoder", {"latents": frames[a:b]}, frames=b - a)["images"]
-                for a, b in ((0, 8), (8, 11))]
-        same([images], {"images": np.concatenate(want)})
-        assert st.max_windows_per_call == 1
+        # the plan takes 8 at most: declared, and refused beyond (never split behind the plan's back)
+        with pytest.raises(InputError, match="frames=11 is outside the built range 1..8"):
+            st.decode(frames[:11])
+        caps = st.capabilities
+        assert (caps.max_windows_per_call, caps.max_decode_frames, caps.max_controlnet_frames,
+                caps.max_encode_images, caps.controlnet_in_two_parts) == (1, 8, 16, 4, False)
+        # the pipeline plans within them, even when asked for more
+        plan = AnimationPipeline(st, options=PipelineOptions(decode_chunk=16, controlnet_chunk=32,
+                                                             windows_per_call=4)).plan(64, 64)
+        assert (plan.decode_chunk, plan.controlnet_chunk, plan.windows_per_call) == (8, 16, 1)
         assert {c[2] for c in trt.events("execute_async_v3")} == {stream}
     with pytest.raises(EngineError, match="closed"):
         st.decode(frames[:1])

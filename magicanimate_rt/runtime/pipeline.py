@@ -29,7 +29,7 @@ from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSampler, DDIMSettings
 from .media import load_source_image, read_video, resize_frames
 from .cache import ReferenceCache
-from .sampling import LoopPlan, can_embed_control, denoise, initial_noise, max_windows, plan_loop
+from .sampling import LoopPlan, denoise, initial_noise, plan_loop
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
@@ -262,16 +262,17 @@ class AnimationPipeline:
         """The batching of a request of ``num_frames`` padded frames at ``size``, from the
         options, the memory budget and the backend's memory model."""
         st, o = self.stages, self.options
+        caps = st.capabilities
         n_windows = len(context_windows(num_frames, st.window, o.overlap))
-        model = getattr(st, "memory_model", None)
         win_cap, dec_cap = AUTO_LIMITS.get(st.device.type, AUTO_LIMITS["cpu"])
         return plan_loop(
-            num_frames, n_windows, self.memory_budget_bytes(), model(size) if callable(model) else None,
+            num_frames, n_windows, self.memory_budget_bytes(), st.memory_model(size),
             windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
             controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
-            max_windows_per_call=max_windows(st), window=st.window,
+            max_windows_per_call=caps.max_windows_per_call, window=st.window,
             max_auto_windows=win_cap, max_auto_decode=dec_cap,
-            embed_control=o.embed_control_once and can_embed_control(st),
+            embed_control=o.embed_control_once and caps.controlnet_in_two_parts,
+            max_controlnet_chunk=caps.max_controlnet_frames, max_decode_chunk=caps.max_decode_frames,
         )
 
     def memory_budget_bytes(self) -> float:

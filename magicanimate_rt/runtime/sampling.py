@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .ddim import DDIMSampler
-from .stages import Stages
+from .stages import MemoryModel, Stages
 from .timing import StageTimer
 from .windows import context_windows
 
@@ -102,34 +102,7 @@ def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtyp
     return _in_chunks(lambda i, j: (stages.controlnet_embed(control_slice(control, slice(i, j), dtype)),), n, chunk)[0]
 
 
-def can_embed_control(stages: Stages) -> bool:
-    return callable(getattr(stages, "controlnet_embed", None)) and callable(getattr(stages, "controlnet_embedded", None))
-
-
 # --------------------------------------------------------------------------- planning
-@dataclass(frozen=True)
-class MemoryModel:
-    """Working memory of the loop's parts in bytes, as a backend estimates them for one
-    output size (``TorchStages.memory_model``). Only the residual size is exact (it follows
-    from the shapes); the others are measured peaks of this runtime's calls, rounded up
-    (see docs/PERFORMANCE.md, "Memory").
-
-    Fields:
-        residuals_per_frame: the 13 ControlNet residuals of one frame.
-        unet_per_window: peak working memory of one guided UNet call per window in it.
-        controlnet_per_frame: peak working memory of a ControlNet call per frame in it.
-        decode_per_frame: peak working memory of a VAE decode call per frame in it.
-        control_embedding_per_frame: one frame's ControlNet conditioning embedding (kept
-            for the request when the plan embeds the driving frames once).
-    """
-
-    residuals_per_frame: int
-    unet_per_window: int
-    controlnet_per_frame: int
-    decode_per_frame: int
-    control_embedding_per_frame: int = 0
-
-
 @dataclass(frozen=True)
 class LoopPlan:
     """How one request's work is batched (every plan gives the same result).
@@ -175,6 +148,8 @@ def plan_loop(
     max_auto_windows: int = 4,
     max_auto_decode: int = 16,
     embed_control: bool = False,
+    max_controlnet_chunk: Optional[int] = None,
+    max_decode_chunk: Optional[int] = None,
 ) -> LoopPlan:
     """Choose the batching of one request within a working-memory budget.
 
@@ -198,10 +173,20 @@ def plan_loop(
     Without a budget (``budget_bytes`` None) or without a memory model, "auto" means
     residuals "all", the most windows allowed and decode chunks of ``max_auto_decode``.
     Whatever the budget, at least one window per call and one frame per decode call.
+
+    The backend's declared maxima (:class:`~.stages.Capabilities`: ``max_windows_per_call``,
+    ``max_controlnet_chunk``, ``max_decode_chunk``; None: no limit) bound every choice,
+    explicit ones included, so no backend has to split a call the plan made.
     """
     cap = num_windows if max_windows_per_call is None else max(1, min(num_windows, max_windows_per_call))
     if windows_per_call is not None:
         windows_per_call = max(1, min(windows_per_call, cap))
+    if max_controlnet_chunk is not None:
+        controlnet_chunk = max(1, min(controlnet_chunk, max_controlnet_chunk))
+    if max_decode_chunk is not None:
+        max_auto_decode = max(1, min(max_auto_decode, max_decode_chunk))
+        if decode_chunk is not None:
+            decode_chunk = max(1, min(decode_chunk, max_decode_chunk))
     if controlnet_residuals not in ("auto",) + RESIDUAL_MODES:
         raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', got {controlnet_residuals!r}")
     if budget_bytes is None or memory is None:
@@ -300,7 +285,7 @@ def denoise(
         rows = torch.cat(members)
         distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
         groups.append((members, rows, distinct, where))
-    embedded = plan.embed_control_once and can_embed_control(stages)
+    embedded = plan.embed_control_once and stages.capabilities.controlnet_in_two_parts
     if embedded:  # the driving frames -> their conditioning embedding, once for all steps
         with timer.stage("controlnet"):
             control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype)
@@ -348,11 +333,3 @@ def denoise(
         if on_step is not None:
             on_step(i)
     return latents  # the step state's dtype (float32, or float64 for float64 stages)
-
-
-def max_windows(stages: Stages) -> Optional[int]:
-    """How many windows one UNet call of ``stages`` may take: the backend's
-    ``max_windows_per_call`` (None: any), 1 for backends that do not say (fixed-shape
-    engines take one window)."""
-    return getattr(stages, "max_windows_per_call", 1)
-

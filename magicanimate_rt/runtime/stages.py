@@ -5,24 +5,67 @@ Every tensor in and out lives on the backend's ``device`` in its ``dtype`` (time
 float32 tensors of shape (1,)); shapes use S = size, h = w = S/8, F = window length, N = a
 batch of frames. Backends are context managers; ``close()`` frees what they hold.
 
-Two optional attributes let the pipeline plan its batching (``runtime/sampling.py``):
-``max_windows_per_call`` (windows one ``unet_guided`` call accepts; 1 when absent, as for
-fixed-shape engines) and ``memory_model(size)`` (working memory per call, see
-docs/PERFORMANCE.md "Memory"; without it the pipeline uses fixed chunk sizes).
-
-A backend that can run the ControlNet in two parts also offers ``controlnet_embed(cond)``
-((N, 3, S, S) in [0, 1] -> conditioning embedding (N, C_0, h, w)) and
-``controlnet_embedded(latents, t, embedding)`` (-> the 13 residuals, as ``controlnet``);
-the loop then embeds each driving frame once per request instead of once per step.
+What the planner (``runtime/sampling.py`` ``plan_loop``) may ask of a backend is declared,
+with defaults, not probed: :attr:`Stages.capabilities` (:class:`Capabilities`: windows per
+UNet call, the two-part ControlNet, each stage's largest batch) and
+:meth:`Stages.memory_model` (working memory per call, see docs/PERFORMANCE.md "Memory";
+None: the pipeline uses fixed chunk sizes). The plan keeps within the declared maxima, so a
+backend never re-chunks a call behind the plan's back.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's stages accept, as the planner needs to know it (``None``: no limit).
+
+    Fields:
+        max_windows_per_call: windows one ``unet_guided`` / ``unet_cond`` call takes
+            (fixed-shape engines: 1; the torch backend: any).
+        controlnet_in_two_parts: the backend offers ``controlnet_embed`` and
+            ``controlnet_embedded``, so the loop can embed each driving frame once per
+            request instead of once per step.
+        max_controlnet_frames: frames one ``controlnet`` call takes (an engine's profile max).
+        max_decode_frames: frames one ``decode`` call takes.
+        max_encode_images: images one ``encode_reference`` call takes.
+    """
+
+    max_windows_per_call: Optional[int] = 1
+    controlnet_in_two_parts: bool = False
+    max_controlnet_frames: Optional[int] = None
+    max_decode_frames: Optional[int] = None
+    max_encode_images: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Working memory of the loop's parts in bytes, as a backend estimates them for one
+    output size (``TorchStages.memory_model``). Only the residual size is exact (it follows
+    from the shapes); the others are measured peaks of this runtime's calls, rounded up
+    (see docs/PERFORMANCE.md, "Memory").
+
+    Fields:
+        residuals_per_frame: the 13 ControlNet residuals of one frame.
+        unet_per_window: peak working memory of one guided UNet call per window in it.
+        controlnet_per_frame: peak working memory of a ControlNet call per frame in it.
+        decode_per_frame: peak working memory of a VAE decode call per frame in it.
+        control_embedding_per_frame: one frame's ControlNet conditioning embedding (kept
+            for the request when the plan embeds the driving frames once).
+    """
+
+    residuals_per_frame: int
+    unet_per_window: int
+    controlnet_per_frame: int
+    decode_per_frame: int
+    control_embedding_per_frame: int = 0
 
 
 class Stages(ABC):
@@ -36,10 +79,18 @@ class Stages(ABC):
     text_embedding: Tensor
     #: frames per UNet call (16 for MagicAnimate)
     window: int = 16
+    #: what the planner may ask of these stages (see :class:`Capabilities`)
+    capabilities: Capabilities = Capabilities()
+
+    def memory_model(self, size: int) -> Optional[MemoryModel]:
+        """Working-memory estimates of this backend's calls at output size ``size``; None
+        when the backend has none (the pipeline then plans without a budget)."""
+        return None
 
     @abstractmethod
     def encode_reference(self, image: Tensor) -> Tensor:
-        """image (1, 3, S, S), pixel values 0..255 -> reference latent r (1, 4, h, w)."""
+        """image (B, 3, S, S), pixel values 0..255 -> reference latents (B, 4, h, w); the
+        pipeline encodes one source (B = 1 <= ``capabilities.max_encode_images``)."""
 
     @abstractmethod
     def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
@@ -48,22 +99,34 @@ class Stages(ABC):
     @abstractmethod
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         """latents (N, 4, h, w), t (1,), cond (N, 3, S, S) in [0, 1] -> 13 residuals:
-        12 down (N, C_i, h_i, w_i), then mid."""
+        12 down (N, C_i, h_i, w_i), then mid. N <= ``capabilities.max_controlnet_frames``."""
+
+    def controlnet_embed(self, cond: Tensor) -> Tensor:
+        """The ControlNet's first part (where ``capabilities.controlnet_in_two_parts``):
+        cond (N, 3, S, S) in [0, 1] -> conditioning embedding (N, C_0, h, w)."""
+        raise NotImplementedError(f"the {self.name} backend runs the ControlNet in one part")
+
+    def controlnet_embedded(self, latents: Tensor, t: Tensor, embedding: Tensor) -> list[Tensor]:
+        """The ControlNet's second part: latents (N, 4, h, w), t, the frames' embedding ->
+        the 13 residuals, as :meth:`controlnet`."""
+        raise NotImplementedError(f"the {self.name} backend runs the ControlNet in one part")
 
     @abstractmethod
     def unet_guided(
         self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """One window: latents (1, 4, F, h, w), the window's 13 residuals (F, ...), the bank
-        -> (eps_uncond, eps_cond), each (1, 4, F, h, w)."""
+        """B windows, B <= ``capabilities.max_windows_per_call``: latents (B, 4, F, h, w),
+        the windows' 13 residuals (B*F, ...) (window k's frames are rows k*F .. k*F+F-1),
+        the bank -> (eps_uncond, eps_cond), each (B, 4, F, h, w)."""
 
     @abstractmethod
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
-        """The conditional half alone (guidance scale 1.0): -> eps_cond (1, 4, F, h, w)."""
+        """The conditional half alone (guidance scale 1.0): -> eps_cond (B, 4, F, h, w)."""
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
-        """latents (N, 4, h, w) -> frames (N, 3, S, S) in [0, 1]."""
+        """latents (N, 4, h, w) -> frames (N, 3, S, S) in [0, 1].
+        N <= ``capabilities.max_decode_frames``."""
 
     def close(self) -> None:
         """Free what the backend holds (device memory, sessions)."""

@@ -25,17 +25,15 @@ block on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ...engines.manifest import EngineManifest, load_manifest
-from ...engines.specs import float_dtype
 from ...errors import EngineError
-from ..ddim import DDIMSettings
 from ..dtypes import numpy_type, torch_dtype
-from ..stages import Stages
+from .engine_stages import EngineStages
 
 
 
@@ -81,7 +79,7 @@ class _Session:
         return outputs
 
 
-class OnnxRuntimeStages(Stages):
+class OnnxRuntimeStages(EngineStages):
     """The stages of an engine directory, run by ONNX Runtime (see the module docstring)."""
 
     name = "onnxruntime"
@@ -89,13 +87,9 @@ class OnnxRuntimeStages(Stages):
     def __init__(self, manifest: EngineManifest, device="cpu"):
         import onnxruntime as ort
 
-        self.manifest = manifest
         self.device = torch.device(device)
-        self.dtype = torch_dtype(float_dtype(manifest.precision))
-        self.window = manifest.window
-        self.ddim = DDIMSettings.from_dict(dict(manifest.ddim))
-        providers, run_options = self._providers(ort)
-        self.text_embedding = torch.from_numpy(manifest.text_embedding()).to(self.device, self.dtype).contiguous()
+        providers, run_options = self._providers(ort)  # may pin the CUDA device index
+        self._init_from_manifest(manifest)
         self._sessions: dict[str, _Session] = {}
         for stage in manifest.stages:
             s = _Session(ort, manifest.onnx_path(stage), manifest.spec(stage), providers, self.device, run_options)
@@ -132,12 +126,6 @@ class OnnxRuntimeStages(Stages):
             raise EngineError("this onnxruntime backend is closed")
         return self._sessions[stage]
 
-    def _in(self, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
-
-    def _t(self, t: Tensor) -> Tensor:
-        return self._in(t.reshape(1), torch.float32)
-
     # ------------------------------------------------------------------ stages
     def encode_reference(self, image: Tensor) -> Tensor:
         (latents,) = self._session("vae_encoder").run({"images": self._in(image)}, {"images": image.shape[0]})
@@ -152,21 +140,10 @@ class OnnxRuntimeStages(Stages):
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         s = self._session("unet")
-        inputs = {"latents": self._in(latents), "timestep": self._t(t)}
-        downs = [n for n in s.spec.input_names if n.startswith("down_")]
-        banks = [n for n in s.spec.input_names if n.startswith("bank_")]
-        if len(residuals) != len(downs) + 1 or len(bank) != len(banks):
-            raise EngineError(f"unet: expected {len(downs) + 1} residuals and {len(banks)} bank tensors, "
-                              f"got {len(residuals)} and {len(bank)}")
-        inputs.update({n: self._in(r) for n, r in zip(downs, residuals[:-1])})
-        inputs["mid"] = self._in(residuals[-1])
-        inputs.update({n: self._in(b) for n, b in zip(banks, bank)})
+        inputs = self._unet_inputs(self._in(latents), self._t(t), [self._in(r) for r in residuals],
+                                   [self._in(b) for b in bank])
         eps_uncond, eps_cond = s.run(inputs, {})
         return eps_uncond, eps_cond
-
-    def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
-        """The guided graph's conditional half (see the module docstring)."""
-        return self.unet_guided(latents, t, residuals, bank)[1]
 
     def decode(self, latents: Tensor) -> Tensor:
         (images,) = self._session("vae_decoder").run({"latents": self._in(latents)}, {"frames": latents.shape[0]})

@@ -23,9 +23,9 @@ How it runs (STYLE 4: allocate once, bind once, never sync inside the loop):
   CUDA), because callers keep those across calls: the ControlNet residuals of every
   16-frame chunk are concatenated after the last chunk ran, decoded frames likewise, and
   the pipeline's reference cache keeps banks across requests.
-- a call with more frames than a plan's profile allows (the pipeline's automatic decode
-  chunk may exceed the vae_decoder's 8) runs in pieces of the profile's maximum; one
-  window per UNet call (``max_windows_per_call = 1``).
+- the backend declares one window per UNet call and each plan's largest batch (its
+  profile's max, :func:`~.engine_stages.engine_capabilities`); the pipeline's plan keeps
+  within them, and a call beyond a profile is an EngineError, never split here.
 - all TensorRT work is enqueued on the backend's own stream (``self.stream``, a
   ``torch.cuda.Stream``: TensorRT synchronises around the legacy default stream); it is
   ordered after the caller's current stream with one event wait per call and back (no
@@ -59,12 +59,11 @@ import torch
 from torch import Tensor
 
 from ...engines.manifest import EngineManifest, load_manifest
+from ...engines.specs import StageSpec
 from ...engines.tensorrt_plan import PlanTarget, check_plans, import_tensorrt, make_logger, trt_dtypes
 from ...errors import EngineError, InputError
-from ...engines.specs import StageSpec, float_dtype
-from ..ddim import DDIMSettings
 from ..dtypes import torch_dtype
-from ..stages import Stages
+from .engine_stages import EngineStages
 
 
 @dataclass(frozen=True)
@@ -162,12 +161,10 @@ class _Stage:
         self.engine = None
 
 
-class TensorRTStages(Stages):
+class TensorRTStages(EngineStages):
     """The stages of an engine directory, run by TensorRT (see the module docstring)."""
 
     name = "tensorrt"
-    #: the UNet plan takes one 16-frame window per call
-    max_windows_per_call = 1
 
     def __init__(self, manifest: EngineManifest, device="cuda", options: Optional[TensorRTOptions] = None, *,
                  trt=None, target: Optional[PlanTarget] = None):
@@ -185,13 +182,9 @@ class TensorRTStages(Stages):
         target = target or PlanTarget.current(trt, self.device.index or 0)
         check_plans(manifest, target, verify_hashes=self.options.verify_hashes)
 
-        self.manifest = manifest
         self.target = target
-        self.dtype = torch_dtype(float_dtype(manifest.precision))
-        self.window = manifest.window
-        self.ddim = DDIMSettings.from_dict(dict(manifest.ddim))
+        self._init_from_manifest(manifest)  # one window per UNet call, batches up to the profiles' max
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else _HostStream()
-        self.text_embedding = torch.from_numpy(manifest.text_embedding()).to(self.device, self.dtype).contiguous()
         self._closed = False
         self._stages: dict[str, _Stage] = {}
         self._logger = make_logger(trt)
@@ -241,12 +234,6 @@ class TensorRTStages(Stages):
             raise EngineError("this tensorrt backend is closed")
         return self._stages[name]
 
-    def _in(self, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
-
-    def _t(self, t: Tensor) -> Tensor:
-        return self._in(t.reshape(1), torch.float32)
-
     def _ordered(self, enqueue: Callable[[], None]) -> None:
         """Run ``enqueue`` on the backend's stream, after the caller's current stream's
         work and before its later work (event waits only, no host synchronisation)."""
@@ -289,17 +276,6 @@ class TensorRTStages(Stages):
         self._ordered(lambda: self._execute(s))
         return [outputs[o.name] for o in s.spec.outputs]
 
-    def _unet_inputs(self, latents, t, residuals, bank) -> dict[str, Tensor]:
-        spec = self._stage("unet").spec
-        downs = [n for n in spec.input_names if n.startswith("down_")]
-        banks = [n for n in spec.input_names if n.startswith("bank_")]
-        if len(residuals) != len(downs) + 1 or len(bank) != len(banks):
-            raise EngineError(f"unet: expected {len(downs) + 1} residuals and {len(banks)} bank tensors, "
-                              f"got {len(residuals)} and {len(bank)}")
-        inputs = {"latents": latents, "timestep": t, **dict(zip(downs, residuals[:-1])), "mid": residuals[-1],
-                  **dict(zip(banks, bank))}
-        return inputs
-
     # ------------------------------------------------------------------ CUDA graph of the UNet
     def _capture_unet(self) -> None:
         s = self._stages["unet"]
@@ -328,30 +304,17 @@ class TensorRTStages(Stages):
 
         self._ordered(enqueue)
 
-    def _in_pieces(self, stage: str, n: int, call: Callable[[int, int], list[Tensor]]) -> list[Tensor]:
-        """``call(start, stop)`` over ``n`` items of ``stage``'s dynamic axis, in pieces of at
-        most the plan's largest batch (the pipeline may ask for more, e.g. decode chunks of
-        16 when the plan was built for 8), concatenated: the same values, per item."""
-        (axis,) = self._stage(stage).spec.axes.values()
-        if n <= axis.max:
-            return call(0, n)
-        parts = [call(i, min(i + axis.max, n)) for i in range(0, n, axis.max)]
-        return [torch.cat(outs) for outs in zip(*parts)]
-
     # ------------------------------------------------------------------ stages
     def encode_reference(self, image: Tensor) -> Tensor:
-        image = self._in(image)
-        (latents,) = self._in_pieces("vae_encoder", image.shape[0], lambda a, b: self.run_stage(
-            "vae_encoder", {"images": image[a:b]}, {"images": b - a}))
+        (latents,) = self.run_stage("vae_encoder", {"images": self._in(image)}, {"images": image.shape[0]})
         return latents
 
     def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
         return self.run_stage("appearance_encoder", {"latent": self._in(ref_latent), "timestep": self._t(t)}, {})
 
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
-        latents, t, cond = self._in(latents), self._t(t), self._in(cond)
-        return self._in_pieces("controlnet", latents.shape[0], lambda a, b: self.run_stage(
-            "controlnet", {"latents": latents[a:b], "timestep": t, "cond": cond[a:b]}, {"frames": b - a}))
+        inputs = {"latents": self._in(latents), "timestep": self._t(t), "cond": self._in(cond)}
+        return self.run_stage("controlnet", inputs, {"frames": latents.shape[0]})
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         """Both CFG halves of one window. The returned tensors are the backend's output
@@ -366,14 +329,8 @@ class TensorRTStages(Stages):
             self.run_stage("unet", inputs, {}, outputs=self._unet_out)
         return self._unet_out["eps_uncond"], self._unet_out["eps_cond"]
 
-    def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
-        """The guided plan's conditional half (see the module docstring)."""
-        return self.unet_guided(latents, t, residuals, bank)[1]
-
     def decode(self, latents: Tensor) -> Tensor:
-        latents = self._in(latents)
-        (images,) = self._in_pieces("vae_decoder", latents.shape[0], lambda a, b: self.run_stage(
-            "vae_decoder", {"latents": latents[a:b]}, {"frames": b - a}))
+        (images,) = self.run_stage("vae_decoder", {"latents": self._in(latents)}, {"frames": latents.shape[0]})
         return images
 
     # ------------------------------------------------------------------ lifecycle

@@ -18,8 +18,7 @@ from ...errors import InputError
 from ...models import ModelSet, load_model_set
 from ...models.layers import ORIGINAL, Arithmetic
 from ..dtypes import float_torch_dtype
-from ..sampling import MemoryModel
-from ..stages import Stages
+from ..stages import Capabilities, MemoryModel, Stages
 
 @dataclass(frozen=True)
 class TorchOptions:
@@ -101,8 +100,10 @@ def decode_bytes_per_frame(vae, size: int, dtype: torch.dtype) -> int:
 
 class TorchStages(Stages):
     name = "torch"
-    #: any number of windows per UNet call (``TemporalUNet.guided`` takes B windows)
-    max_windows_per_call: Optional[int] = None
+    #: any number of windows per UNet call (``TemporalUNet.guided`` takes B windows), any
+    #: batch per stage, and the ControlNet in two parts (``ControlNet.embed`` /
+    #: ``forward_embedded``)
+    capabilities = Capabilities(max_windows_per_call=None, controlnet_in_two_parts=True)
 
     def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype,
                  options: TorchOptions = TorchOptions()):
