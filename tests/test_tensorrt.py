@@ -430,7 +430,7 @@ def test_the_sampling_loop_gets_the_same_result_as_fresh_outputs(built, monkeypa
     results = []
     with load(d, options=TensorRTOptions(cuda_graph=cuda_graph)) as st:
         for stages in (st, ReferenceStages(st)):
-            # decode chunks of 16 as the pipeline picks on CUDA: the plan takes 8, the backend splits
+            # decode chunks of 16 as the pipeline picks on CUDA: the plan caps them at the profile's 8
             pipe = AnimationPipeline(stages, ddim=st.ddim, options=PipelineOptions(decode_chunk=16))
             results.append(pipe.animate(source, driving, size=64, steps=2, guidance_scale=7.5, seed=1))
     a, b = results

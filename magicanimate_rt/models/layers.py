@@ -67,6 +67,68 @@ FAST = Arithmetic()
 ORIGINAL = Arithmetic(bank_kv_per_frame=True, text_kv_per_frame=True, temporal_attention="materialised")
 
 
+# --------------------------------------------------------------------------- CFG prefix sharing
+# Classifier-free guidance runs the UNet twice per window, once per CFG half: unconditional
+# (plain self-attention) and conditional (self-attention over [frame tokens, reference
+# bank tokens]). Both halves get the same latents, timestep, text embedding and ControlNet
+# residuals, so they differ only from the first self-attention that sees the bank on: the
+# mid block's. TemporalUNet.guided therefore runs the down path, the mid block's first
+# ResNet and that self-attention's q/k/v ONCE (the rows are "shared"); that self-attention
+# forks its n shared rows into 2n (rows [:n] unconditional, [n:] conditional), and from
+# there every layer runs on both halves in one batch. Three things follow, all here:
+#   - each self-attention must know which rows are which half (CFGRows, passed down the
+#     calls with the tensors: no module state);
+#   - the forking layer's residual path (x + attention(x)) duplicates its input;
+#   - tensors computed once for the shared rows and consumed later (the down path's skip
+#     features, the ControlNet residuals) are repeated over the halves (shared_rows).
+# The result equals two full forwards up to float rounding (tests/test_savings.py).
+@dataclass(frozen=True)
+class CFGRows:
+    """Which rows of a batch of N rows are which CFG half.
+
+    - ``CFGRows()`` (:data:`ONE_HALF`): every row is the same half: a full forward (the
+      original's way, the appearance encoder, the down path). With a bank, every row uses
+      reference attention; without, plain self-attention.
+    - ``CFGRows.fork(n)``: the n rows are the copy both halves share; the layer returns
+      2n rows, ``[:n]`` unconditional and ``[n:]`` conditional.
+    - ``CFGRows.halves(n)``: rows ``[:n]`` are unconditional (plain self-attention), rows
+      ``[n:]`` conditional (reference attention).
+    """
+
+    uncond: int = 0  #: leading unconditional rows (0: none; the whole batch is one half)
+    forks: bool = False  #: the input is the shared copy: the layer doubles it
+
+    @classmethod
+    def fork(cls, n: int) -> "CFGRows":
+        return cls(uncond=n, forks=True)
+
+    @classmethod
+    def halves(cls, n: int) -> "CFGRows":
+        return cls(uncond=n, forks=False)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The residual-path input of a layer receiving these rows: both halves' copy of
+        ``x`` when it forks, else ``x``."""
+        return x.repeat(2, *([1] * (x.dim() - 1))) if self.forks else x
+
+
+#: a full forward: the whole batch is one CFG half
+ONE_HALF = CFGRows()
+
+
+def shared_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` (M, ...) computed once for rows that ``rows`` (K*M) rows share (the CFG halves,
+    or the B windows of a call), repeated K times along the batch."""
+    return x if x.shape[0] == rows else x.repeat(rows // x.shape[0], *([1] * (x.dim() - 1)))
+
+
+def add_shared(x: Tensor, r: Tensor) -> Tensor:
+    """x (K*M, C, H, W) + r (M, C, H, W), r broadcast over the K leading groups without a
+    copy: a window's per-frame ControlNet residual (M = F) for every window and CFG half,
+    or per-row residuals (M = B*F) of B windows for both halves."""
+    return (x.reshape(-1, *r.shape) + r).reshape(x.shape)
+
+
 # --------------------------------------------------------------------------- attention
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, fused: bool = True) -> Tensor:
     """Multi-head softmax attention with scale ``1/sqrt(head_dim)``.
@@ -96,7 +158,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, fused: bool = True) -
 
 
 def self_attention(
-    attn: Attention, h: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0, split: bool = False,
+    attn: Attention, h: Tensor, ref: Optional[Tensor] = None, cfg: CFGRows = ONE_HALF,
     ref_kv_per_frame: bool = False,
 ) -> Tensor:
     """Self-attention of ``h`` (N, L, C) with optional MagicAnimate reference attention.
@@ -107,19 +169,18 @@ def self_attention(
     row instead of once per frame: the same function, fewer FLOPs.
 
     - ``ref is None``: plain self-attention for every row.
-    - ``ref`` given, ``split=False``: rows ``[:plain_rows]`` use plain self-attention (the
-      unconditional CFG half), rows ``[plain_rows:]`` use reference attention.
-    - ``split=True``: ``h`` is the one copy both CFG halves share; returns (2N, L, C):
-      rows ``[:N]`` plain (uncond), rows ``[N:]`` with reference (cond). q, k and v of the
-      shared copy are computed once.
-    - ``ref_kv_per_frame=True``: the original's way (with ``split=False, plain_rows=0``):
+    - ``ref`` given, ``cfg`` (:class:`CFGRows`): ``ONE_HALF``: reference attention for every
+      row; ``halves(n)``: rows ``[:n]`` plain (the unconditional half), the rest with the
+      reference; ``fork(n)``: ``h`` is the copy both halves share, q, k and v are computed
+      once, and the result is (2N, L, C): rows ``[:N]`` plain, ``[N:]`` with the reference.
+    - ``ref_kv_per_frame=True``: the original's way (full forwards only, ``ONE_HALF``):
       every row projects ``concat([row, ref])`` itself. Same function, more FLOPs; kept
       for the reference-schedule baseline.
     Returns the attention output after ``to_out`` (before the residual add).
     """
     heads = attn.heads
     if ref is not None and ref_kv_per_frame:
-        if split or plain_rows:
+        if cfg != ONE_HALF:
             raise ValueError("ref_kv_per_frame is the original's one-half-per-call schedule")
         kv = torch.cat([h, ref.expand(h.shape[0], -1, -1)], dim=1)
         return attn.to_out[0](attention(attn.to_q(h), attn.to_k(kv), attn.to_v(kv), heads))
@@ -135,10 +196,10 @@ def self_attention(
             v_ = torch.cat([v_, vr.expand(n, -1, -1)], dim=1)
             return attention(q_, k_, v_, heads)
 
-        if split:
+        if cfg.forks:
             out = torch.cat([attention(q, k, v, heads), with_ref(q, k, v)], dim=0)
-        elif plain_rows > 0:
-            p = plain_rows
+        elif cfg.uncond > 0:
+            p = cfg.uncond
             out = torch.cat(
                 [attention(q[:p], k[:p], v[:p], heads), with_ref(q[p:], k[p:], v[p:])], dim=0
             )
@@ -233,17 +294,18 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn="geglu")
 
-    def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
-                split: bool = False, bank_out: Optional[list] = None, arithmetic: Arithmetic = FAST) -> Tensor:
-        """x: (N, L, C) tokens; context: (1, 77, Cx); ref: (1, Lr, C) or None.
-        Returns (N, L, C), or (2N, L, C) when ``split``. ``bank_out``, when given, receives
-        this block's ``norm1`` output (what the appearance encoder contributes to the bank)."""
+    def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, cfg: CFGRows = ONE_HALF,
+                bank_out: Optional[list] = None, arithmetic: Arithmetic = FAST) -> Tensor:
+        """x: (N, L, C) tokens; context: (1, 77, Cx); ref: (1, Lr, C) or None; ``cfg``: which
+        rows are which CFG half (:class:`CFGRows`). Returns (N, L, C), or (2N, L, C) when
+        ``cfg`` forks. ``bank_out``, when given, receives this block's ``norm1`` output (what
+        the appearance encoder contributes to the bank)."""
         h = self.norm1(x)
         if bank_out is not None:
             bank_out.append(h)
-        per_frame = arithmetic.bank_kv_per_frame and not split and plain_rows == 0  # full forwards only
-        a = self_attention(self.attn1, h, ref, plain_rows, split, per_frame)
-        x = (x.repeat(2, 1, 1) if split else x) + a
+        per_frame = arithmetic.bank_kv_per_frame and cfg == ONE_HALF  # full forwards only
+        a = self_attention(self.attn1, h, ref, cfg, per_frame)
+        x = cfg.residual(x) + a
         x = x + cross_attention(self.attn2, self.norm2(x), context, arithmetic.text_kv_per_frame)
         return x + self.ff(self.norm3(x))
 
@@ -269,17 +331,17 @@ class SpatialTransformer(nn.Module):
             return self.proj_in(h.permute(0, 2, 3, 1).reshape(n, hh * ww, c))
         return self.proj_in(h).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
 
-    def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, plain_rows: int = 0,
-                split: bool = False, bank_out: Optional[list] = None, arithmetic: Arithmetic = FAST) -> Tensor:
-        """x: (N, C, H, W) -> (N, C, H, W), or (2N, C, H, W) when ``split``."""
+    def forward(self, x: Tensor, context: Tensor, ref: Optional[Tensor] = None, cfg: CFGRows = ONE_HALF,
+                bank_out: Optional[list] = None, arithmetic: Arithmetic = FAST) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W), or (2N, C, H, W) when ``cfg`` forks."""
         _, c, hh, ww = x.shape
-        t = self.transformer_blocks[0](self.tokens(x), context, ref, plain_rows, split, bank_out, arithmetic)
+        t = self.transformer_blocks[0](self.tokens(x), context, ref, cfg, bank_out, arithmetic)
         n = t.shape[0]
         if self.linear_proj:
             h = self.proj_out(t).reshape(n, hh, ww, c).permute(0, 3, 1, 2)
         else:
             h = self.proj_out(t.reshape(n, hh, ww, c).permute(0, 3, 1, 2))
-        return h + (x.repeat(2, 1, 1, 1) if split else x)
+        return h + cfg.residual(x)
 
 
 # --------------------------------------------------------------------------- motion modules

@@ -15,7 +15,8 @@ Export contract of :meth:`TemporalUNet.guided` (one 16-frame window, the product
 
 F is the window length (16); h, w = size/8. The ControlNet residuals are the same for both
 CFG halves (the original feeds the same residuals to both), so they are per frame, not per
-batch row.
+batch row. How :meth:`TemporalUNet.guided` shares the two halves' common prefix is written
+down in one place: ``models/layers.py``, "CFG prefix sharing".
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 
 from .config import MotionModuleConfig, UNetConfig
-from .layers import FAST, Arithmetic, FrameGroupNorm, build_blocks, count_bank_blocks, run_down_blocks
+from .layers import (
+    FAST, ONE_HALF, Arithmetic, CFGRows, FrameGroupNorm, add_shared, build_blocks, count_bank_blocks,
+    run_down_blocks, shared_rows,
+)
 
 
 def time_embedding(unet: nn.Module, timestep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -47,13 +51,6 @@ def from_frames(x: Tensor, num_frames: int) -> Tensor:
     """Frame-major (B*F, C, H, W) -> (B, C, F, H, W)."""
     n, c, h, w = x.shape
     return x.reshape(n // num_frames, num_frames, c, h, w).transpose(1, 2)
-
-
-def add_residual(x: Tensor, r: Tensor) -> Tensor:
-    """x (K*M, C, H, W) + r (M, C, H, W), r repeated over the K leading groups: a window's
-    per-frame residual (M = F) for every CFG half, or per-row residuals (M = B*F) of B
-    windows for both halves."""
-    return (x.reshape(-1, *r.shape) + r).reshape(x.shape)
 
 
 class TemporalUNet(nn.Module):
@@ -107,8 +104,8 @@ class TemporalUNet(nn.Module):
         h = mid.attentions[0](h, text_embedding, ref=refs[0], arithmetic=arithmetic)
         h = mid.resnets[1](h, temb, f)
         if mid_residual is not None:
-            h = add_residual(h, mid_residual)
-        h = self._up(h, skips, temb, text_embedding, f, refs[1:], 0, arithmetic)
+            h = add_shared(h, mid_residual)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], ONE_HALF, arithmetic)
         return self._out(h, f)
 
     def guided(
@@ -125,25 +122,26 @@ class TemporalUNet(nn.Module):
         each (B, 4, F, h, w). B is 1 in the export contract; the residuals are (F, ...)
         shared by the B windows or (B*F, ...) one per window frame.
 
-        The halves share latents, timestep, text embedding and residuals, so everything up
-        to the first mid-block self-attention is computed once; from there the batch
-        doubles (rows of all B windows unconditional first, then conditional with reference
-        attention). Equal to ``forward(bank=None)`` and ``forward(bank=bank)`` up to float
-        rounding. ``arithmetic`` as in :meth:`forward` (the bank is always projected once).
+        The halves share everything up to the first mid-block self-attention, which is
+        computed once and forks the B*F shared rows into both halves (unconditional rows
+        first, then conditional); the up path consumes the shared skip features for both
+        (``models/layers.py``, "CFG prefix sharing"). Equal to ``forward(bank=None)`` and
+        ``forward(bank=bank)`` up to float rounding. ``arithmetic`` as in :meth:`forward`
+        (the bank is always projected once).
         """
         b, f = latents.shape[0], latents.shape[2]
         refs = list(bank)
         self._check_bank(refs)
         x = to_frames(latents)
         temb = time_embedding(self, timestep, x.dtype)
-        h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
+        h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)  # shared rows
         mid = self.mid_block
         h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0], split=True, arithmetic=arithmetic)  # B -> 2B
-        h = mid.resnets[1](h, temb, f)
+        h = mid.attentions[0](h, text_embedding, ref=refs[0], cfg=CFGRows.fork(b * f), arithmetic=arithmetic)
+        h = mid.resnets[1](h, temb, f)  # from here both halves: 2 * B * F rows
         if mid_residual is not None:
-            h = add_residual(h, mid_residual)
-        h = self._up(h, skips, temb, text_embedding, f, refs[1:], b * f, arithmetic)
+            h = add_shared(h, mid_residual)
+        h = self._up(h, skips, temb, text_embedding, f, refs[1:], CFGRows.halves(b * f), arithmetic)
         eps = self._out(h, f)
         return eps[:b], eps[b:]
 
@@ -157,20 +155,17 @@ class TemporalUNet(nn.Module):
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
-            skips = [add_residual(s, r) for s, r in zip(skips, down_residuals)]
+            skips = [add_shared(s, r) for s, r in zip(skips, down_residuals)]
         return h, skips
 
-    def _up(self, h, skips, temb, context, f, refs, plain_rows, arithmetic):
+    def _up(self, h, skips, temb, context, f, refs, cfg: CFGRows, arithmetic):
         refs = iter(refs)
         for blk in self.up_blocks:
             for j, resnet in enumerate(blk.resnets):
-                skip = skips.pop()
-                if skip.shape[0] != h.shape[0]:  # shared batch-1 skip feeding both CFG halves
-                    skip = skip.repeat(h.shape[0] // skip.shape[0], 1, 1, 1)
+                skip = shared_rows(skips.pop(), h.shape[0])  # computed once, fed to both halves
                 h = resnet(torch.cat([h, skip], dim=1), temb, f)
                 if len(blk.attentions):
-                    h = blk.attentions[j](h, context, ref=next(refs), plain_rows=plain_rows,
-                                          arithmetic=arithmetic)
+                    h = blk.attentions[j](h, context, ref=next(refs), cfg=cfg, arithmetic=arithmetic)
                 if len(blk.motion_modules):
                     h = blk.motion_modules[j](h, f, arithmetic)
             if hasattr(blk, "upsamplers"):
