@@ -1,6 +1,7 @@
 """Export: PyTorch stages -> ONNX graphs -> an engine directory.
 
-Nothing is imported here eagerly: :mod:`.specs` is pure data that the engine loader and the
-runtime read on machines without the PyTorch models, while :mod:`.onnx_export` and
-:mod:`.build` import the models and run only where the weights are.
+The graphs are written from the stage contract in :mod:`magicanimate_rt.engines.specs`
+(pure data that the engine loader and the runtime read on machines without the PyTorch
+models); :mod:`.onnx_export` and :mod:`.build` import the models and run only where the
+weights are. Nothing is imported here eagerly.
 """
