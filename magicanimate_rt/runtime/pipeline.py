@@ -158,6 +158,23 @@ class AnimationPipeline:
         stages = engine_factory(backend)(engine_dir, device=device, **extra)
         return cls(stages, ddim=getattr(stages, "ddim", DDIMSettings()), options=options)
 
+    # ------------------------------------------------------------------ ranks
+    @property
+    def rank(self) -> int:
+        """This process's rank when one clip is split across processes (torchrun); 0 alone."""
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        """Processes sharing each clip's work (1 without torchrun)."""
+        return 1
+
+    @property
+    def writes_outputs(self) -> bool:
+        """Whether this process writes outputs: rank 0 (every rank gets the same latents,
+        only rank 0 the frames)."""
+        return self.rank == 0
+
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         if self.stages is not None:
