@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,8 +80,9 @@ def _check_output(path: Path, what: str) -> Path:
 
 def _log(msg: str) -> None:
     # progress notes go to stdout; stderr carries the progress bar and, on failure, the
-    # one error line
-    print(msg, flush=True)
+    # one error line. Under torchrun only rank 0 speaks (every rank prints its own error).
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
 
 
 def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None):
@@ -89,7 +91,11 @@ def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid:
     renamed when complete; on any error or Ctrl-C neither appears."""
     from .runtime.media import VideoWriter, grid_frames
 
-    _log(f"animating {driving.shape[0]} frames at {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}")
+    if not pipe.writes_outputs:  # another rank of a torchrun job: the same work, rank 0 writes
+        return pipe.animate(source, driving, size=size, steps=steps, guidance_scale=guidance, seed=seed)
+    ranks = f" on {pipe.world_size} processes" if pipe.world_size > 1 else ""
+    _log(f"animating {driving.shape[0]} frames at {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}"
+         f"{ranks}")
     with contextlib.ExitStack() as writers:
         video = writers.enter_context(VideoWriter(output))
         side = writers.enter_context(VideoWriter(grid)) if grid is not None else None
@@ -132,10 +138,13 @@ def cmd_animate(args) -> int:
         _log(f"loading engines from {args.engines} ...")
         pipe = AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device)
     with pipe:
-        _log(f"loaded in {time.perf_counter() - t0:.1f} s")
+        writer = pipe.writes_outputs  # rank 0 of a torchrun job (or the only process)
+        if writer:
+            _log(f"loaded in {time.perf_counter() - t0:.1f} s")
         result = _run(pipe, source, driving, args.size, args.steps, args.guidance, args.seed, args.output, args.grid)
-    _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
-         f" ({driving.shape[0]} frames, {result.timings['total']:.1f} s)")
+    if writer:
+        _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
+             f" ({driving.shape[0]} frames, {result.timings['total']:.1f} s)")
     return 0
 
 

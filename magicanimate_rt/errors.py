@@ -21,3 +21,7 @@ class InputError(MagicAnimateError):
 
 class EngineError(MagicAnimateError):
     """An engine directory is missing, damaged, or built for something else."""
+
+
+class DistributedError(MagicAnimateError):
+    """Another rank of a multi-process run failed, stopped or did not answer in time."""

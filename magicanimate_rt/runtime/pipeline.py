@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..engines.specs import check_size
-from ..errors import InputError
+from ..errors import InputError, MagicAnimateError
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSampler, DDIMSettings
+from .distributed import Ranks, request_digest
 from .media import load_source_image, read_video, resize_frames
 from .cache import ReferenceCache
 from .sampling import LoopPlan, denoise, initial_noise, plan_loop
@@ -131,13 +132,23 @@ def validate_settings(size, steps, guidance_scale) -> None:
 
 
 class AnimationPipeline:
-    """Drives one backend's stages through MagicAnimate's sampling (REFERENCE 2 and 4)."""
+    """Drives one backend's stages through MagicAnimate's sampling (REFERENCE 2 and 4).
+
+    Under torchrun (``WORLD_SIZE > 1``) every process builds the same pipeline and calls
+    :meth:`animate` with the same request; each runs a share of every step's windows on its
+    own device (``cuda:LOCAL_RANK``) and rank 0 gets the frames (``runtime/distributed.py``).
+    ``ranks``: "auto" (from the environment), None (this process alone) or a
+    :class:`~.distributed.Ranks`.
+    """
 
     def __init__(self, stages: Stages, ddim: DDIMSettings = DDIMSettings(),
-                 options: PipelineOptions = PipelineOptions()):
+                 options: PipelineOptions = PipelineOptions(), ranks: Union[str, Ranks, None] = "auto"):
         self.stages = stages
         self.ddim = ddim
         self.options = options
+        if ranks == "auto":
+            ranks = Ranks.from_environment(stages.device)
+        self.ranks: Optional[Ranks] = ranks
         #: reference latents and banks of recent sources (see runtime/cache.py)
         self.reference_cache = ReferenceCache(options.reference_cache_entries,
                                               int(options.reference_cache_mb * 2**20))
@@ -146,28 +157,45 @@ class AnimationPipeline:
     def from_pretrained(cls, models_dir, backend: str = "torch", device="cpu", dtype="float32",
                         backend_options=None, options: PipelineOptions = PipelineOptions()):
         """Load a model directory in the real layout (README 'Weights'). ``backend_options``
-        goes to the backend (e.g. ``TorchOptions`` for "torch")."""
+        goes to the backend (e.g. ``TorchOptions`` for "torch"). Under torchrun each rank
+        loads onto its own device (``cuda`` -> ``cuda:LOCAL_RANK``)."""
         extra = {} if backend_options is None else {"options": backend_options}
-        return cls(pretrained_factory(backend)(models_dir, device=device, dtype=dtype, **extra), options=options)
+        ranks = Ranks.from_environment(device)
+        device = ranks.device if ranks is not None else device
+        try:
+            stages = pretrained_factory(backend)(models_dir, device=device, dtype=dtype, **extra)
+        except BaseException:
+            if ranks is not None:
+                ranks.close()
+            raise
+        return cls(stages, options=options, ranks=ranks)
 
     @classmethod
     def from_engines(cls, engine_dir, backend: str = "onnxruntime", device="cpu", backend_options=None,
                      options: PipelineOptions = PipelineOptions()):
-        """Load an engine directory written by build_engines.py."""
+        """Load an engine directory written by build_engines.py (under torchrun: each rank
+        on its own device, as :meth:`from_pretrained`)."""
         extra = {} if backend_options is None else {"options": backend_options}
-        stages = engine_factory(backend)(engine_dir, device=device, **extra)
-        return cls(stages, ddim=getattr(stages, "ddim", DDIMSettings()), options=options)
+        ranks = Ranks.from_environment(device)
+        device = ranks.device if ranks is not None else device
+        try:
+            stages = engine_factory(backend)(engine_dir, device=device, **extra)
+        except BaseException:
+            if ranks is not None:
+                ranks.close()
+            raise
+        return cls(stages, ddim=getattr(stages, "ddim", DDIMSettings()), options=options, ranks=ranks)
 
     # ------------------------------------------------------------------ ranks
     @property
     def rank(self) -> int:
         """This process's rank when one clip is split across processes (torchrun); 0 alone."""
-        return 0
+        return 0 if self.ranks is None else self.ranks.rank
 
     @property
     def world_size(self) -> int:
         """Processes sharing each clip's work (1 without torchrun)."""
-        return 1
+        return 1 if self.ranks is None else self.ranks.size
 
     @property
     def writes_outputs(self) -> bool:
@@ -181,6 +209,8 @@ class AnimationPipeline:
             self.stages.close()
             self.stages = None
         self.reference_cache.clear()
+        if self.ranks is not None:
+            self.ranks.close()
 
     def __enter__(self) -> "AnimationPipeline":
         return self
@@ -210,18 +240,32 @@ class AnimationPipeline:
         ``frame_sink``: called with each decoded chunk of frames, in order, as soon as it
         is decoded (e.g. a :class:`~.media.VideoWriter`'s ``write``); the result then holds
         no frames, so the decoded video is never in memory whole (long clips).
+
+        Under torchrun every rank must call this with the same request (checked before any
+        work: a rank whose inputs fail, or that was given another request, stops every rank
+        with one line); rank 0 gets the frames (and calls ``frame_sink``), the others the
+        same latents and ``frames=None``.
         """
         if self.stages is None:
             raise InputError("this pipeline is closed")
-        validate_settings(size, steps, guidance_scale)
         t_start = time.perf_counter()
         st = self.stages
         timer = StageTimer(st.device)
+        error = None
+        try:
+            validate_settings(size, steps, guidance_scale)
+            with timer.stage("read_inputs"):
+                src = load_source_image(source, size)
+                ctl = self._driving_frames(driving, size, start_frame, max_frames)
+        except MagicAnimateError as e:
+            if self.ranks is None:
+                raise
+            error = str(e)
+        if self.ranks is not None:  # the same request on every rank, or every rank stops here
+            digest = None if error is not None else request_digest(
+                src, ctl, size, steps, float(guidance_scale), int(seed), self.options, self.ddim, st.name, st.dtype)
+            self.ranks.agree(digest, error)
         sampler = DDIMSampler(steps, self.ddim, device=st.device)
-
-        with timer.stage("read_inputs"):
-            src = load_source_image(source, size)
-            ctl = self._driving_frames(driving, size, start_frame, max_frames)
         f0 = ctl.shape[0]
         n = padded_length(f0, st.window)
         if n > f0:  # pad by repeating the last frame (np.pad mode="edge" in the original)
@@ -252,7 +296,7 @@ class AnimationPipeline:
             return bank
 
         bar = None
-        if progress is True:
+        if progress is True and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc="denoising", unit="step")
@@ -263,13 +307,13 @@ class AnimationPipeline:
             on_step = None
         try:
             latents = denoise(st, entry.latent, control, latents, sampler, float(guidance_scale), o.overlap,
-                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn)
+                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks)
         finally:
             if bar is not None:
                 bar.close()
 
         with timer.stage("vae_decode"):
-            frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink)
+            frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, size)
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
@@ -313,20 +357,53 @@ class AnimationPipeline:
             raise InputError("driving video has no frames")
         return resize_frames(arr, size)
 
-    def _decode(self, latents: Tensor, chunk: int, sink: Optional[FrameSink] = None) -> Optional[np.ndarray]:
+    def _decode(self, latents: Tensor, chunk: int, sink: Optional[FrameSink] = None,
+                size: Optional[int] = None) -> Optional[np.ndarray]:
         """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded ``chunk`` frames at a time, each
         chunk made uint8 at once (the float video is never whole); the host sees the frames
-        once. With ``sink`` each chunk goes there instead and nothing is returned."""
+        once. With ``sink`` each chunk goes there instead and nothing is returned.
+
+        With several ranks the chunks go round-robin over the ranks; each round's chunks
+        reach rank 0, which keeps or sinks them in frame order (a round at a time); the
+        other ranks return None."""
         frames = latents[0].transpose(0, 1).to(self.stages.dtype)
-        out = []
-        for i in range(0, frames.shape[0], chunk):
+        n = frames.shape[0]
+        out: list[Tensor] = []
+
+        def decode(i: int) -> Tensor:
             video = self.stages.decode(frames[i : i + chunk]).float()
             # (video * 255) truncated to uint8, as the original saves it
-            part = (video * 255).to(torch.uint8).permute(0, 2, 3, 1)
+            return (video * 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+        def emit(i: int, part: Tensor) -> None:
             if sink is None:
                 out.append(part)
             else:
                 sink(i, part.cpu().numpy())
+
+        starts = list(range(0, n, chunk))
+        if self.ranks is None:
+            for i in starts:
+                emit(i, decode(i))
+        else:
+            ranks = self.ranks
+            side = size if size is not None else latents.shape[-1] * 8
+            for first in range(0, len(starts), ranks.size):
+                k = first + ranks.rank
+                part = decode(starts[k]) if k < len(starts) else None
+                padded = torch.zeros((chunk, side, side, 3), dtype=torch.uint8, device=self.stages.device)
+                if part is not None:
+                    padded[: part.shape[0]].copy_(part)
+                got = ranks.gather_to_root(padded, 0 if part is None else part.shape[0])
+                if got is None:
+                    continue
+                i = starts[first]
+                for p in got:
+                    if p.shape[0]:
+                        emit(i, p)
+                        i += p.shape[0]
+            if ranks.rank != 0:
+                return None
         return None if sink is not None else torch.cat(out).cpu().numpy()
 
 

@@ -13,7 +13,7 @@ memory budget and the backend's :class:`MemoryModel`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from .ddim import DDIMSampler
 from .stages import MemoryModel, Stages
 from .timing import StageTimer
 from .windows import context_windows
+
+if TYPE_CHECKING:
+    from .distributed import Ranks
 
 #: how ``LoopPlan.controlnet_residuals`` may be set
 RESIDUAL_MODES = ("all", "per_window")
@@ -49,18 +52,26 @@ def control_slice(control: Tensor, frames, dtype: torch.dtype) -> Tensor:
     return part.to(dtype) / 255.0 if control.dtype == torch.uint8 else part
 
 
-def _in_chunks(call: Callable[[int, int], Sequence[Tensor]], n: int, chunk: int) -> list[Tensor]:
+def _in_chunks(call: Callable[[int, int], Sequence[Tensor]], n: int, chunk: int,
+               needed: Optional[Tensor] = None) -> list[Tensor]:
     """Run ``call(i, j)`` on frames [i, j) for every chunk and gather the outputs into
     tensors of all ``n`` frames, written in place as the chunks come (no concatenation,
-    so the gathered residuals are never held twice)."""
-    first = call(0, min(chunk, n))
+    so the gathered residuals are never held twice). ``needed`` (a boolean (n,) mask):
+    only the chunks holding a needed frame run, at the same offsets as without it (so a
+    frame's values do not depend on the mask); the other rows are left unwritten."""
+    starts = list(range(0, n, chunk))
+    if needed is not None:
+        starts = [i for i in starts if bool(needed[i : i + chunk].any())]
+    if not starts:
+        return []
+    first = call(starts[0], min(starts[0] + chunk, n))
     if n <= chunk:
         return list(first)
     out = [r.new_empty((n, *r.shape[1:])) for r in first]
     for o, r in zip(out, first):
-        o[: r.shape[0]].copy_(r)
+        o[starts[0] : starts[0] + r.shape[0]].copy_(r)
     del first
-    for i in range(chunk, n, chunk):
+    for i in starts[1:]:
         for o, r in zip(out, call(i, min(i + chunk, n))):
             o[i : i + r.shape[0]].copy_(r)
     return out
@@ -73,14 +84,15 @@ def _controlnet_call(stages: Stages, embedded: bool):
 
 
 def controlnet_all_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, chunk: int,
-                          embedded: bool = False) -> list[Tensor]:
+                          embedded: bool = False, needed: Optional[Tensor] = None) -> list[Tensor]:
     """ControlNet residuals of every frame, computed in chunks of ``chunk`` frames (the
     batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, S, S) (or its
-    embedding (N, C_0, h, w) when ``embedded``) -> 13 tensors (N, C_i, h_i, w_i)."""
+    embedding (N, C_0, h, w) when ``embedded``) -> 13 tensors (N, C_i, h_i, w_i).
+    ``needed``: only the chunks with a needed frame (see :func:`_in_chunks`)."""
     frames = latents[0].transpose(0, 1)  # (N, 4, h, w)
     call = _controlnet_call(stages, embedded)
     return _in_chunks(lambda i, j: call(frames[i:j], t, control_slice(control, slice(i, j), latents.dtype)),
-                      frames.shape[0], chunk)
+                      frames.shape[0], chunk, needed)
 
 
 def controlnet_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, frames: Tensor,
@@ -94,12 +106,14 @@ def controlnet_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tenso
                       x.shape[0], chunk)
 
 
-def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
+def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtype,
+                  needed: Optional[Tensor] = None) -> Tensor:
     """The ControlNet conditioning embedding of every driving frame, (N, C_0, h, w), in
     chunks of ``chunk`` frames. It depends on the frames only, so one request computes it
-    once instead of once per step (the original)."""
+    once instead of once per step (the original). ``needed`` as in :func:`_in_chunks`."""
     n = control.shape[0]
-    return _in_chunks(lambda i, j: (stages.controlnet_embed(control_slice(control, slice(i, j), dtype)),), n, chunk)[0]
+    return _in_chunks(lambda i, j: (stages.controlnet_embed(control_slice(control, slice(i, j), dtype)),), n, chunk,
+                      needed)[0]
 
 
 # --------------------------------------------------------------------------- planning
@@ -241,6 +255,7 @@ def denoise(
     on_step: Optional[Callable[[int], None]] = None,
     plan: Optional[LoopPlan] = None,
     bank_fn: Optional[BankFn] = None,
+    ranks: Optional["Ranks"] = None,
 ) -> Tensor:
     """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window, in
     the stages' dtype; returns the final latents in float32 (float64 for float64 stages).
@@ -256,6 +271,11 @@ def denoise(
     batches the work (default: one window per call, residuals of all frames, chunks of
     ``controlnet_chunk``); every plan gives the same sums: each window's predictions are
     added in window order, one window at a time, whatever call computed them.
+
+    ``ranks`` (:class:`~.distributed.Ranks`, several processes on one clip): this process
+    runs only its share of the windows (and the ControlNet only on the frames they need);
+    every rank's predictions are gathered and added on every rank in window order, as one
+    process adds them, and rank 0's latents are kept on every rank after each step.
     """
     timer = timer or StageTimer(latents.device)
     plan = plan or LoopPlan(controlnet_chunk=controlnet_chunk)
@@ -279,16 +299,24 @@ def denoise(
     # Calls: groups of consecutive windows, their frames concatenated (B*F indices; a frame
     # of two windows of one group appears twice), and for per-window residuals the group's
     # distinct frames and where each row finds its residual among them.
+    share = range(len(windows)) if ranks is None else ranks.share(len(windows))
+    mine = [windows[k] for k in share]
     groups = []
-    for g in range(0, len(windows), plan.windows_per_call):
-        members = windows[g : g + plan.windows_per_call]
+    for g in range(0, len(mine), plan.windows_per_call):
+        members = mine[g : g + plan.windows_per_call]
         rows = torch.cat(members)
         distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
         groups.append((members, rows, distinct, where))
+    needed = None  # with several ranks: the frames this rank's windows read
+    if ranks is not None:
+        needed = torch.zeros(n, dtype=torch.bool, device=device)
+        for idx in mine:
+            needed[idx] = True
     embedded = plan.embed_control_once and stages.capabilities.controlnet_in_two_parts
-    if embedded:  # the driving frames -> their conditioning embedding, once for all steps
+    if embedded and (needed is None or bool(needed.any())):  # the driving frames' embedding, once for all steps
         with timer.stage("controlnet"):
-            control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype)
+            control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype, needed)
+    halves = 2 if guided else 1
 
     if bank_fn is None:
         def bank_fn(i: int, t: Tensor) -> Sequence[Tensor]:
@@ -299,11 +327,13 @@ def denoise(
             bank = bank_fn(i, t)
         stage_latents = latents.to(stage_dtype)  # the stages' inputs, cast once per step
         residuals = None
-        if not per_window:
+        if not per_window and mine:
             with timer.stage("controlnet"):
-                residuals = controlnet_all_frames(stages, stage_latents, t, control, plan.controlnet_chunk, embedded)
+                residuals = controlnet_all_frames(stages, stage_latents, t, control, plan.controlnet_chunk, embedded,
+                                                  needed)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
+        local: list[Tensor] = []  # with several ranks: this rank's predictions, (halves, 4, F, h, w) per window
         for members, rows, distinct, where in groups:
             b = len(members)
             if per_window:
@@ -321,15 +351,31 @@ def denoise(
                 else:
                     eps_c = stages.unet_cond(lat, t, res, bank)
                 for k, idx in enumerate(members):
+                    if ranks is not None:
+                        local.append(torch.cat([eps_u[k : k + 1], eps_c[k : k + 1]]) if guided else eps_c[k : k + 1])
+                        continue
                     if guided:
                         sum_u.index_add_(2, idx, eps_u[k : k + 1].to(sum_u.dtype))
                     sum_c.index_add_(2, idx, eps_c[k : k + 1].to(sum_c.dtype))
+        if ranks is not None:
+            with timer.stage("gather"):
+                c, (h, w) = latents.shape[1], latents.shape[3:]
+                mine_eps = torch.stack(local) if local else stage_latents.new_empty((0, halves, c, f, h, w))
+                everyone = ranks.gather_windows(mine_eps, len(windows))
+            for k, idx in enumerate(windows):  # window order, one window at a time: as one process adds them
+                if guided:
+                    sum_u.index_add_(2, idx, everyone[k, 0:1].to(sum_u.dtype))
+                sum_c.index_add_(2, idx, everyone[k, halves - 1 : halves].to(sum_c.dtype))
+            del everyone, local
         with timer.stage("scheduler"):
             eps = sum_c / counts
             if guided:
                 eps_u = sum_u / counts
                 eps = eps_u + guidance_scale * (eps - eps_u)
             latents = sampler.step(i, latents, eps)
+        if ranks is not None:
+            with timer.stage("gather"):
+                latents = ranks.broadcast(latents)
         if on_step is not None:
             on_step(i)
     return latents  # the step state's dtype (float32, or float64 for float64 stages)
