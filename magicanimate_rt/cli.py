@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--frames", type=int, default=48, help="driving frames to generate (default 48, ~2 s)")
     d.add_argument("--steps", type=int, default=6, help="DDIM steps (default 6)")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("batch", help="run a config of the original's configs/prompts/animation.yaml format "
+                                     "(README 'Config runs')")
+    b.add_argument("config", type=Path, help="the YAML config: source_image and video_path lists, seed, steps, ...")
+    b.add_argument("--models", type=Path, help="model directory in the real layout (README 'Weights'); "
+                                               "replaces the config's pretrained_* and motion_module paths")
+    b.add_argument("--output-dir", type=Path, default=None,
+                   help="where the run's folder goes (default samples/, as the original)")
+    b.add_argument("--backend", default="torch", help="torch (default)")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    b.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    b.set_defaults(func=cmd_batch)
     return p
 
 
@@ -170,6 +182,23 @@ def cmd_demo(args) -> int:
           "running, not a person: put real weights in with `magicanimate-rt animate --models DIR ...` "
           "(README 'Weights').")
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .config_run import load_batch, run_batch
+    from .runtime.pipeline import AnimationPipeline
+
+    # the whole config is checked (keys, files, model layout) before any model is loaded
+    batch = load_batch(args.config, models=args.models, output_dir=args.output_dir, backend=args.backend)
+    for warning in batch.warnings:
+        _log(f"{PROG}: warning: {warning}")
+    t0 = time.perf_counter()
+    _log(f"{len(batch.pairs)} pair(s) from {args.config}; loading models from {batch.models} ...")
+    with AnimationPipeline.from_pretrained(batch.models, backend=args.backend, device=args.device,
+                                           dtype=args.dtype) as pipe:
+        if pipe.writes_outputs:
+            _log(f"loaded in {time.perf_counter() - t0:.1f} s; writing {batch.output}")
+        return run_batch(batch, pipe, _run, log=_log, prog=PROG)
 
 
 def main(argv=None) -> int:

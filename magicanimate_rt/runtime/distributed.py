@@ -196,6 +196,15 @@ class Ranks:
             raise InputError(f"the ranks were given different requests ({parts}); every rank must call animate "
                              "with the same arguments and inputs")
 
+    def broadcast_object(self, obj):
+        """Rank 0's picklable ``obj`` on every rank (e.g. seeds a front end drew)."""
+        import torch.distributed as dist
+
+        box = [obj]
+        with self._collective("sharing rank 0's choices"):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def share(self, n: int) -> range:
         """This rank's balanced, contiguous share of ``n`` items (windows): the first
         ``n % size`` ranks take one more."""
