@@ -57,8 +57,11 @@ class RoutedStages(Stages):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def memory_model(self, size: int):
-        return self.inner.memory_model(size)
+    def memory_model(self, width: int, height=None):
+        return self.inner.memory_model(width, height)
+
+    def check_shape(self, width: int, height: int) -> None:
+        self.inner.check_shape(width, height)
 
     def _call(self, method: str, *args):
         return getattr(self.inner, method)(*args)

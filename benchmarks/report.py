@@ -71,6 +71,17 @@ def fit_memory(points: list[tuple[int, int]]) -> Optional[dict]:
     return {"fixed_bytes": my - b * mx, "per_frame_bytes": b}
 
 
+def spec_shape(spec: dict) -> tuple[int, int]:
+    """(width, height) of a config's requests (specs of square runs may hold ``size`` only)."""
+    return spec.get("width") or spec["size"], spec.get("height") or spec["size"]
+
+
+def shape_label(spec: dict) -> str:
+    """"512" for a square, "512x768" otherwise (followed by " px" in the report)."""
+    width, height = spec_shape(spec)
+    return str(width) if width == height else f"{width}x{height}"
+
+
 def _mb(x) -> str:
     return "–" if x is None else f"{x / 2**20:,.0f}"
 
@@ -104,7 +115,7 @@ def markdown(report: dict) -> str:
                   f"(on {env['cores']} cores){note}.", ""]
     for cfg, c in report["configs"].items():
         spec = c["spec"]
-        lines += [f"## {cfg}: {spec['frames']} frames, {spec['steps']} steps, {spec['size']} px, "
+        lines += [f"## {cfg}: {spec['frames']} frames, {spec['steps']} steps, {shape_label(spec)} px, "
                   f"{spec['repeats']} timed runs per variant (ABAB after one warm-up)", ""]
         if c.get("skipped"):
             for k, why in c["skipped"].items():

@@ -3,6 +3,7 @@ saving alone, per stage and end to end, with FLOP counts, peak memory and charts
 
     python -m benchmarks.run --config tiny,mid --frames 32 --steps 3 --repeats 3 \\
         [--backends torch,onnxruntime --engines mid=ENGINE_DIR] [--out DIR] [--update-docs]
+    python -m benchmarks.run --config sd15 --width 512 --height 768 ...   # a portrait row
 
 Each config runs in fresh subprocesses (benchmarks/worker.py): one for the timings of all
 variants (one warm-up each, then ``repeats`` rounds in the same order: ABAB...), one per
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
     p.add_argument("--size", type=int, default=None,
                    help="output size (default per config: tiny/mid 128, sd15 256 on the CPU; mid 256, sd15 512 on CUDA)")
+    p.add_argument("--width", type=int, default=None,
+                   help="output width, with --height, instead of --size (e.g. sd15 portrait: 512 x 768)")
+    p.add_argument("--height", type=int, default=None, help="output height, with --width")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 on the CPU, float16 on CUDA by default")
     p.add_argument("--backends", default="torch", help="comma list: torch[,onnxruntime]")
@@ -116,6 +120,8 @@ def main(argv=None) -> int:
     for k in extra + a.memory_variants.split(","):
         if k and k not in BY_KEY:
             sys.exit(f"unknown variant {k!r}; choose from {', '.join(BY_KEY)}")
+    if (a.width is None) != (a.height is None):
+        sys.exit("--width and --height go together")
     mem_frames = [int(f) for f in a.memory_frames.split(",") if f.strip()]
     ablation_configs = set(configs if a.ablation_configs is None else a.ablation_configs.split(","))
 
@@ -130,8 +136,10 @@ def main(argv=None) -> int:
         work = Path(tmp)
         for cfg in configs:
             size = a.size or DEFAULT_SIZES.get(dev_type, DEFAULT_SIZES["cpu"])[cfg]
+            width, height = (a.width, a.height) if a.width is not None else (size, size)
             models_dir = model_set(cfg, Path(a.cache) if a.cache else None)
-            base = {"config": cfg, "models_dir": str(models_dir), "size": size, "frames": a.frames, "steps": a.steps,
+            base = {"config": cfg, "models_dir": str(models_dir), "size": size if width == height else None,
+                    "width": width, "height": height, "frames": a.frames, "steps": a.steps,
                     "repeats": a.repeats, "device": device, "dtype": dtype, "guidance": a.guidance, "seed": a.seed}
             entry = {"spec": base}
             skipped = {}
@@ -143,7 +151,8 @@ def main(argv=None) -> int:
                     skipped["onnxruntime"] = f"engine directory {engines[cfg]} not found"
                 else:
                     engine_dir = engines[cfg]
-            print(f"== {cfg}: timing ({size} px, {a.frames} frames, {a.steps} steps)", file=sys.stderr, flush=True)
+            print(f"== {cfg}: timing ({rep.shape_label(base)} px, {a.frames} frames, {a.steps} steps)",
+                  file=sys.stderr, flush=True)
             rows = ["reference", "default"] + (extra if cfg in ablation_configs else [])
             timing = run_job({**base, "job": "timing", "variants": rows,
                               "engine_dir": engine_dir}, work)

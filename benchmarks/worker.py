@@ -32,13 +32,15 @@ from magicanimate_rt.runtime.dtypes import float_torch_dtype
 
 from . import memory
 from .flops import CountingStages
+from .report import spec_shape
 from .variants import BY_KEY, Variant, onnxruntime_variant, torch_options_on
 
 
-def inputs(size: int, frames: int):
-    """The request every run makes: a generated photo and DensePose-like clip (content
-    does not change the work)."""
-    return source_image(size), driving_clip(frames, size)
+def inputs(spec):
+    """The request every run makes: a generated photo and DensePose-like clip at the
+    spec's output shape (content does not change the work)."""
+    width, height = spec_shape(spec)
+    return source_image(width, height), driving_clip(spec["frames"], width, height)
 
 
 def make_pipeline(v: Variant, models, device, dtype, engine_dir=None) -> AnimationPipeline:
@@ -57,7 +59,8 @@ def variants_of(spec) -> list[Variant]:
 
 
 def request(pipe, spec, src, drv):
-    return pipe.animate(src, drv, size=spec["size"], steps=spec["steps"], guidance_scale=spec["guidance"],
+    width, height = spec_shape(spec)
+    return pipe.animate(src, drv, width=width, height=height, steps=spec["steps"], guidance_scale=spec["guidance"],
                         seed=spec["seed"])
 
 
@@ -81,7 +84,7 @@ def run_timing(spec) -> dict:
     t0 = time.perf_counter()
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
-    src, drv = inputs(spec["size"], spec["frames"])
+    src, drv = inputs(spec)
     out = {"load_s": load_s, "variants": {}, "skipped": {}}
     pipes, chosen = {}, []
     for v in variants_of(spec):
@@ -132,7 +135,7 @@ def run_memory(spec) -> dict:
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)
     v = variants_of(spec)[0]
     pipe = make_pipeline(v, models, device, dtype, spec.get("engine_dir"))
-    src, drv = inputs(spec["size"], spec["frames"])
+    src, drv = inputs(spec)
     if v.warm_reference:
         request(pipe, spec, src, drv)
     else:
@@ -149,7 +152,7 @@ def run_profile(spec) -> dict:
 
     device, dtype = torch.device(spec["device"]), float_torch_dtype(spec["dtype"])
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)
-    src, drv = inputs(spec["size"], spec["frames"])
+    src, drv = inputs(spec)
     out = {}
     for v in variants_of(spec):
         pipe = make_pipeline(v, models, device, dtype)

@@ -71,40 +71,53 @@ def _pose(t: float) -> dict[str, tuple[tuple[float, float], tuple[float, float]]
     return segs
 
 
-def _draw_figure(draw: ImageDraw.ImageDraw, size: int, segs, colours, width: float) -> None:
+def _draw_figure(draw: ImageDraw.ImageDraw, size: int, segs, colours, width: float,
+                 offset: tuple[float, float] = (0.0, 0.0)) -> None:
+    """Draw the figure in a ``size`` square whose top-left corner is ``offset``."""
     w = max(2, int(width * size))
+    ox, oy = offset
     for name, (a, b) in segs.items():
         thick = int(w * 1.8) if name == "torso" else w
-        pa, pb = (a[0] * size, a[1] * size), (b[0] * size, b[1] * size)
+        pa, pb = (ox + a[0] * size, oy + a[1] * size), (ox + b[0] * size, oy + b[1] * size)
         draw.line([pa, pb], fill=colours[name], width=thick)
         for p in (pa, pb):
             r = thick / 2
             draw.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=colours[name])
     neck = segs["torso"][0]
     r = 0.07 * size
-    cx, cy = neck[0] * size, neck[1] * size - r * 1.1
+    cx, cy = ox + neck[0] * size, oy + neck[1] * size - r * 1.1
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colours["head"])
 
 
-def driving_clip(frames: int = 64, size: int = 256) -> np.ndarray:
-    """(frames, size, size, 3) uint8: a DensePose-like rendering of a walking, waving
-    figure on black, one gait cycle every 32 frames."""
-    out = np.empty((frames, size, size, 3), np.uint8)
+def _frame(size: int, height: int | None) -> tuple[int, int, int, tuple[float, float]]:
+    """(width, height, side, offset) of a frame: the figure fills a centred square of
+    the shorter side."""
+    width, height = size, size if height is None else height
+    side = min(width, height)
+    return width, height, side, ((width - side) / 2, (height - side) / 2)
+
+
+def driving_clip(frames: int = 64, size: int = 256, height: int | None = None) -> np.ndarray:
+    """(frames, height, size, 3) uint8 (height None: square): a DensePose-like rendering of
+    a walking, waving figure on black, one gait cycle every 32 frames."""
+    width, height, side, offset = _frame(size, height)
+    out = np.empty((frames, height, width, 3), np.uint8)
     for i in range(frames):
-        img = Image.new("RGB", (size, size), (0, 0, 0))
-        _draw_figure(ImageDraw.Draw(img), size, _pose(2 * math.pi * i / 32), PART_COLOURS, 0.055)
+        img = Image.new("RGB", (width, height), (0, 0, 0))
+        _draw_figure(ImageDraw.Draw(img), side, _pose(2 * math.pi * i / 32), PART_COLOURS, 0.055, offset)
         out[i] = np.asarray(img)
     return out
 
 
-def source_image(size: int = 256) -> np.ndarray:
-    """(size, size, 3) uint8: a person-like figure in clothing colours on a soft
-    gradient background."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    bg = np.stack([180 + 50 * yy, 200 - 40 * xx, 230 - 60 * yy], -1).astype(np.uint8)
+def source_image(size: int = 256, height: int | None = None) -> np.ndarray:
+    """(height, size, 3) uint8 (height None: square): a person-like figure in clothing
+    colours on a soft gradient background."""
+    width, height, side, offset = _frame(size, height)
+    yy, xx = np.mgrid[0:height, 0:width] / side
+    bg = np.stack([180 + 50 * yy, 200 - 40 * xx, 230 - 60 * yy], -1).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(bg)
     clothes = {k: (150, 60, 60) for k in PART_COLOURS}
     clothes.update(head=(235, 195, 160), lower_arm_l=(235, 195, 160), lower_arm_r=(235, 195, 160),
                    thigh_l=(40, 50, 90), thigh_r=(40, 50, 90), shin_l=(40, 50, 90), shin_r=(40, 50, 90))
-    _draw_figure(ImageDraw.Draw(img), size, _pose(0.0), clothes, 0.07)
+    _draw_figure(ImageDraw.Draw(img), side, _pose(0.0), clothes, 0.07, offset)
     return np.asarray(img)

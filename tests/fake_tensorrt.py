@@ -441,9 +441,11 @@ class FakeTensorRT(_Tracked):
 
 
 # --------------------------------------------------------------------------- engine directories
-def write_fake_engine_dir(d: Path, precision: str = "fp16", size: int = 64, seed: int = 0) -> Path:
+def write_fake_engine_dir(d: Path, precision: str = "fp16", size: int = 64, seed: int = 0,
+                          width: int | None = None, height: int | None = None) -> Path:
     """An engine directory for the tiny model sizes whose "ONNX files" are the stage specs
-    as JSON (what :class:`_OnnxParser` reads), with a real manifest and text embedding."""
+    as JSON (what :class:`_OnnxParser` reads), with a real manifest and text embedding;
+    built for ``size`` x ``size``, or ``width`` x ``height`` when both are given."""
     from magicanimate_rt.engines.manifest import (
         FORMAT_VERSION, TEXT_EMBEDDING, EngineManifest, FileRecord, StageRecord,
     )
@@ -455,12 +457,13 @@ def write_fake_engine_dir(d: Path, precision: str = "fp16", size: int = 64, seed
     d.mkdir(parents=True, exist_ok=True)
     np.save(d / TEXT_EMBEDDING, np.random.default_rng(seed).standard_normal((1, 77, 32)).astype(np.float32))
     stages = {}
-    for name, spec in stage_specs(dims, size, precision).items():
+    for name, spec in stage_specs(dims, size, precision, width=width, height=height).items():
         (d / f"{name}.onnx").write_text(json.dumps(spec.to_dict()))
         stages[name] = StageRecord(name=name, onnx=f"{name}.onnx", files=(FileRecord.of(d, f"{name}.onnx"),),
                                    spec=spec)
     EngineManifest(directory=d, format_version=FORMAT_VERSION, fingerprint="0" * 64, source="/models/tiny",
-                   size=size, window=dims.window, precision=precision, dims=dims, batches=BatchRanges(),
+                   size=size, width=width, height=height, window=dims.window, precision=precision, dims=dims,
+                   batches=BatchRanges(),
                    stages=stages, text_embedding_file=FileRecord.of(d, TEXT_EMBEDDING),
                    ddim=DDIMSettings().to_dict(), versions={}, tensorrt=None, created="",
                    exporter="torchscript").write()

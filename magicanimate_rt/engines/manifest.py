@@ -15,7 +15,9 @@
 |---|---|
 | format_version | :data:`FORMAT_VERSION`; a runtime refuses any other |
 | model_set | ``fingerprint`` (:func:`model_set_fingerprint`) and ``source`` (the models dir it was built from, informational) |
-| size, latent_size, window, precision | output size S, S/8, frames per UNet call, "fp32" or "fp16" |
+| width, height | the output shape W x H the graphs are built for |
+| size, latent_size | S and S/8, for a square build only (W = H = S) |
+| window, precision | frames per UNet call, "fp32" or "fp16" |
 | dims | :class:`~magicanimate_rt.engines.specs.ModelDims` the specs derive from |
 | batches | the dynamic batch profiles (:class:`~magicanimate_rt.engines.specs.BatchRanges`) |
 | stages.<name> | ``onnx`` (file name), ``files`` (name, bytes, sha256 of each file), ``signature`` (the stage's spec: names, shapes, dtypes, profiles), ``validation`` (max abs / relative L2 error against the torch stage), ``plans`` ({} until TensorRT plans are built) |
@@ -40,8 +42,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ..errors import EngineError, ModelLoadError
-from .specs import PRECISIONS, BatchRanges, ModelDims, StageSpec, STAGE_NAMES
+from ..errors import EngineError, InputError, ModelLoadError
+from .specs import PRECISIONS, BatchRanges, ModelDims, StageSpec, STAGE_NAMES, output_shape, shape_label
 from ..layout import COMPONENTS, MOTION_CKPT, component_dirs, pick_weights, weights_names  # shared with the loader
 
 FORMAT_VERSION = 1
@@ -51,12 +53,23 @@ TEXT_EMBEDDING = "text_embedding.npy"
 
 # --------------------------------------------------------------------------- the build command
 def build_command(out, models: Optional[str] = None, size: Optional[int] = None, precision: Optional[str] = None,
-                  force: bool = False) -> str:
+                  force: bool = False, width: Optional[int] = None, height: Optional[int] = None) -> str:
     """The ``build_engines.py`` command that (re)builds the engine directory ``out``: the one
-    source of every build and rebuild hint (placeholders where a value is unknown)."""
-    cmd = (f"python build_engines.py --models {models or 'MODELS_DIR'} --out {out} --size {size or 'SIZE'} "
+    source of every build and rebuild hint (placeholders where a value is unknown). A
+    non-square ``width`` x ``height`` is ``--width W --height H``, a square ``--size S``."""
+    if width is not None and height is not None and width != height:
+        shape = f"--width {width} --height {height}"
+    else:
+        shape = f"--size {size or width or 'SIZE'}"
+    cmd = (f"python build_engines.py --models {models or 'MODELS_DIR'} --out {out} {shape} "
            f"--precision {precision or 'fp16|fp32'}")
     return cmd + " --force" if force else cmd
+
+
+def describe_shape(width: int, height: int) -> str:
+    """A build's or a request's shape in messages: ``size 128`` for a square (as a square
+    build is asked for), ``192x128`` otherwise."""
+    return f"size {width}" if width == height else shape_label(width, height)
 
 
 # --------------------------------------------------------------------------- model sets
@@ -159,7 +172,8 @@ class EngineManifest:
     format_version: int
     fingerprint: str
     source: str
-    size: int
+    #: the output side of a square build (W = H = size); None for a non-square one
+    size: Optional[int]
     window: int
     precision: str
     dims: ModelDims
@@ -171,10 +185,30 @@ class EngineManifest:
     tensorrt: Optional[Mapping[str, Any]] = None
     created: str = ""
     exporter: str = ""
+    #: the output shape the graphs are built for (default: ``size`` x ``size``)
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        width, height = output_shape(self.size, self.width, self.height)
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "height", height)
+        object.__setattr__(self, "size", width if width == height else None)
 
     @property
-    def latent_size(self) -> int:
-        return self.dims.latent_size(self.size)
+    def shape(self) -> tuple[int, int]:
+        """(width, height) of the output the graphs are built for."""
+        return self.width, self.height
+
+    @property
+    def latent_size(self) -> Optional[int]:
+        """S/8 of a square build (None for a non-square one: see :attr:`latent_shape`)."""
+        return None if self.size is None else self.dims.latent_size(self.size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(h, w) = (height, width) / 8."""
+        return self.dims.latent_shape(self.width, self.height)
 
     def spec(self, stage: str) -> StageSpec:
         return self.stages[stage].spec
@@ -198,16 +232,23 @@ class EngineManifest:
         return [self.text_embedding_file] + [f for s in self.stages.values() for f in s.files]
 
     def rebuild_hint(self, size: Optional[int] = None, precision: Optional[str] = None,
-                     models: Optional[str] = None) -> str:
-        return "rebuild it: " + build_command(self.directory, models or self.source, size or self.size,
-                                              precision or self.precision, force=True)
+                     models: Optional[str] = None, width: Optional[int] = None,
+                     height: Optional[int] = None) -> str:
+        """The command that rebuilds this directory, for another shape (``size``, or
+        ``width`` and ``height``), precision or model set where given."""
+        w, h = (width, height) if width is not None and height is not None else \
+            (size, size) if size is not None else self.shape
+        return "rebuild it: " + build_command(self.directory, models or self.source, w if w == h else None,
+                                              precision or self.precision, force=True, width=w, height=h)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "model_set": {"fingerprint": self.fingerprint, "source": self.source},
-            "size": self.size,
-            "latent_size": self.latent_size,
+            **({"size": self.size, "latent_size": self.latent_size} if self.size is not None else {}),
+            "width": self.width,
+            "height": self.height,
+            "latent_shape": list(self.latent_shape),
             "window": self.window,
             "precision": self.precision,
             "dims": self.dims.to_dict(),
@@ -222,12 +263,18 @@ class EngineManifest:
 
     @classmethod
     def from_dict(cls, directory: Path, d: Mapping[str, Any]) -> "EngineManifest":
+        """Manifests of square builds before ``width``/``height`` were recorded have ``size``
+        only: their shape is ``size`` x ``size``."""
+        if d.get("size") is None and d.get("width") is None:
+            raise KeyError("size")
         return cls(
             directory=Path(directory),
             format_version=int(d["format_version"]),
             fingerprint=str(d["model_set"]["fingerprint"]),
             source=str(d["model_set"].get("source", "")),
-            size=int(d["size"]),
+            size=None if d.get("size") is None else int(d["size"]),
+            width=None if d.get("width") is None else int(d["width"]),
+            height=None if d.get("height") is None else int(d["height"]),
             window=int(d["window"]),
             precision=str(d["precision"]),
             dims=ModelDims.from_dict(d["dims"]),
@@ -272,14 +319,15 @@ def read_manifest(engine_dir) -> EngineManifest:
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         hint = rebuild
-        if isinstance(raw.get("model_set"), dict) and raw.get("size") and raw.get("precision"):
-            hint = "rebuild it: " + build_command(d, raw["model_set"].get("source"), raw["size"], raw["precision"],
-                                                  force=True)
+        if isinstance(raw.get("model_set"), dict) and (raw.get("size") or raw.get("width")) and raw.get("precision"):
+            hint = "rebuild it: " + build_command(d, raw["model_set"].get("source"), raw.get("size"),
+                                                  raw["precision"], force=True, width=raw.get("width"),
+                                                  height=raw.get("height"))
         raise EngineError(f"{d}: engine format version {version!r}, this runtime reads version "
                           f"{FORMAT_VERSION}; {hint}")
     try:
         m = EngineManifest.from_dict(d, raw)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, InputError) as e:
         what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise EngineError(f"{path}: damaged manifest ({what}); {rebuild}") from None
     if m.precision not in PRECISIONS:
@@ -307,18 +355,23 @@ def check_files(m: EngineManifest, hashes: bool = False) -> None:
 
 
 def load_manifest(engine_dir, size: Optional[int] = None, precision: Optional[str] = None,
-                  model_set: Optional[str] = None, verify_hashes: bool = False) -> EngineManifest:
+                  model_set: Optional[str] = None, verify_hashes: bool = False, width: Optional[int] = None,
+                  height: Optional[int] = None) -> EngineManifest:
     """Read and check an engine directory.
 
     Refuses, with one EngineError naming the directory, what differs and how to rebuild:
-    a missing or damaged manifest, another format version, a build for another ``size``,
-    ``precision`` or model set (``model_set`` is a :func:`model_set_fingerprint`), a missing
-    or truncated file (any changed file when ``verify_hashes``). Arguments left None are not
-    checked.
+    a missing or damaged manifest, another format version, a build for another shape
+    (``size`` for a square, or ``width`` and ``height``), ``precision`` or model set
+    (``model_set`` is a :func:`model_set_fingerprint`), a missing or truncated file (any
+    changed file when ``verify_hashes``). Arguments left None are not checked.
     """
     m = read_manifest(engine_dir)
-    if size is not None and m.size != size:
-        raise EngineError(f"{m.directory}: built for size {m.size}, not {size}; {m.rebuild_hint(size=size)}")
+    if size is not None or width is not None or height is not None:
+        w, h = output_shape(size, width, height)
+        if m.shape != (w, h):
+            want = str(w) if w == h and m.size is not None else describe_shape(w, h)  # "size 128, not 256"
+            raise EngineError(f"{m.directory}: built for {describe_shape(*m.shape)}, not {want}; "
+                              f"{m.rebuild_hint(width=w, height=h)}")
     if precision is not None and m.precision != precision:
         raise EngineError(f"{m.directory}: built for precision {m.precision}, not {precision}; "
                           f"{m.rebuild_hint(precision=precision)}")

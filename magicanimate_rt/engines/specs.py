@@ -5,22 +5,23 @@ dtypes), how to fill sample inputs, the TensorRT optimisation profile of each dy
 (min/opt/max) and the runtime buffer shapes (after NVIDIA TensorRT ``demo/Diffusion``'s
 ``BaseModel``: ``get_input_names``, ``get_dynamic_axes``, ``get_sample_input``,
 ``get_input_profile``, ``get_shape_dict``). Specs are built by the functions in
-:data:`SPEC_BUILDERS` from a model set's sizes (:class:`ModelDims`), the output size and
-the precision, and are stored in every engine manifest (:meth:`StageSpec.to_dict`), so a
-runtime rebuilds them from the manifest alone.
+:data:`SPEC_BUILDERS` from a model set's sizes (:class:`ModelDims`), the output shape
+(width and height) and the precision, and are stored in every engine manifest
+(:meth:`StageSpec.to_dict`), so a runtime rebuilds them from the manifest alone.
 
 This module is pure data (numpy only): the engine loader and the runtime import it on
 machines without the PyTorch models, diffusers or transformers.
 
 | stage              | inputs                                                   | outputs                   |
 |--------------------|----------------------------------------------------------|---------------------------|
-| vae_encoder        | images (B, 3, S, S) pixel values 0..255                  | latents (B, 4, h, w)      |
+| vae_encoder        | images (B, 3, H, W) pixel values 0..255                  | latents (B, 4, h, w)      |
 | appearance_encoder | latent (1, 4, h, w), timestep (1,), text_embedding        | bank_0 .. bank_{n-1}      |
-| controlnet         | latents (N, 4, h, w), timestep, text_embedding, cond (N, 3, S, S) in [0, 1] | down_0 .. down_11, mid |
+| controlnet         | latents (N, 4, h, w), timestep, text_embedding, cond (N, 3, H, W) in [0, 1] | down_0 .. down_11, mid |
 | unet               | latents (1, 4, F, h, w), timestep, text_embedding, down_i (F, ...), mid (F, ...), bank_j | eps_uncond, eps_cond (1, 4, F, h, w) |
-| vae_decoder        | latents (B, 4, h, w)                                      | images (B, 3, S, S) in [0, 1] |
+| vae_decoder        | latents (B, 4, h, w)                                      | images (B, 3, H, W) in [0, 1] |
 
-S = size, h = w = S / 8, F = the window (16), B and N dynamic (axes ``images``, ``frames``).
+W x H = the output width and height (a square: W = H = size), (h, w) = (H, W) / 8, F = the
+window (16), B and N dynamic (axes ``images``, ``frames``).
 ``timestep`` is float32 (1,) in every precision (the timestep embedding runs in float32);
 every other tensor is float32 (``fp32``) or float16 (``fp16``).
 """
@@ -54,12 +55,42 @@ def float_dtype(precision: str) -> str:
 SIZE_STEP = 64
 
 
+#: the largest output side. SD 1.5 was trained at 512; 2048 already has 16x its pixels, and
+#: the self-attention's cost grows with the square of the (H/8 x W/8) token count
+MAX_SIZE = 2048
+
+
 def check_size(size, name: str = "size", step: int = SIZE_STEP) -> int:
-    """The one size rule: ``size`` must be a positive integer multiple of ``step``
-    (InputError naming ``name`` otherwise); returns it."""
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % step:
-        raise InputError(f"{name} must be a positive multiple of {step}, got {size!r}")
+    """The one size rule: ``size`` must be a positive integer multiple of ``step``, at
+    most :data:`MAX_SIZE` (InputError naming ``name`` otherwise); returns it."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % step or size > MAX_SIZE:
+        raise InputError(f"{name} must be a positive multiple of {step} up to {MAX_SIZE}, got {size!r}")
     return size
+
+
+def output_shape(size=512, width=None, height=None, names: tuple[str, str, str] = ("size", "width", "height"),
+                 step: int = SIZE_STEP) -> tuple[int, int]:
+    """The one output-shape rule: ``(width, height)`` of a request or a build.
+
+    ``width`` and ``height`` go together and, when given, take the place of ``size`` (the
+    square shorthand, width = height = size); each is checked by :func:`check_size`.
+    ``names`` are how the three are called in messages (e.g. ``--size``, ``--width``,
+    ``--height`` on a command line). Width without height (or the reverse) is an
+    InputError naming both."""
+    size_name, width_name, height_name = names
+    if width is None and height is None:
+        s = check_size(size, size_name, step)
+        return s, s
+    if width is None or height is None:
+        given, missing = (width_name, height_name) if height is None else (height_name, width_name)
+        raise InputError(f"{given} needs {missing}: give both {width_name} and {height_name}, "
+                         f"or {size_name} for a square")
+    return check_size(width, width_name, step), check_size(height, height_name, step)
+
+
+def shape_label(width: int, height: int) -> str:
+    """How a shape is named in messages and reports: ``192x128``."""
+    return f"{width}x{height}"
 
 
 # --------------------------------------------------------------------------- tensors
@@ -290,34 +321,41 @@ class ModelDims:
         """h = w = size / vae_scale (size checked by :func:`check_size`)."""
         return check_size(size, step=self.size_step) // self.vae_scale
 
-    def down_residual_shapes(self, size: int) -> list[tuple[int, int, int]]:
+    def latent_shape(self, width: int, height: Optional[int] = None) -> tuple[int, int]:
+        """(h, w) = (height, width) / vae_scale; ``height`` None: a square of side ``width``."""
+        return self.latent_size(width if height is None else height), self.latent_size(width)
+
+    def down_residual_shapes(self, width: int, height: Optional[int] = None) -> list[tuple[int, int, int]]:
         """(C, h_i, w_i) of the 12 (SD 1.5) ControlNet down residuals: conv_in's output,
-        each down resnet's, each downsampler's."""
-        h = self.latent_size(size)
+        each down resnet's, each downsampler's (``height`` None: square)."""
+        h, w = self.latent_shape(width, height)
         ch = self.block_out_channels
-        shapes = [(ch[0], h, h)]
+        shapes = [(ch[0], h, w)]
         for i, c in enumerate(ch):
-            shapes += [(c, h, h)] * self.layers_per_block
+            shapes += [(c, h, w)] * self.layers_per_block
             if i < len(ch) - 1:
-                h //= 2
-                shapes.append((c, h, h))
+                h, w = h // 2, w // 2
+                shapes.append((c, h, w))
         return shapes
 
-    def mid_residual_shape(self, size: int) -> tuple[int, int, int]:
-        h = self.latent_size(size) // 2 ** (len(self.block_out_channels) - 1)
-        return (self.block_out_channels[-1], h, h)
+    def _mid_latent(self, width: int, height: Optional[int]) -> tuple[int, int]:
+        """(h, w) at the UNet's lowest level (the mid block)."""
+        scale = 2 ** (len(self.block_out_channels) - 1)
+        h, w = self.latent_shape(width, height)
+        return h // scale, w // scale
 
-    def bank_shapes(self, size: int) -> list[tuple[int, int]]:
+    def mid_residual_shape(self, width: int, height: Optional[int] = None) -> tuple[int, int, int]:
+        return (self.block_out_channels[-1], *self._mid_latent(width, height))
+
+    def bank_shapes(self, width: int, height: Optional[int] = None) -> list[tuple[int, int]]:
         """(L_j, C_j) of the reference bank: the mid block's transformer, then every
-        transformer of the up blocks, in module order (10 for SD 1.5)."""
-        n = len(self.block_out_channels)
-        h = self.latent_size(size) // 2 ** (n - 1)
+        transformer of the up blocks, in module order (10 for SD 1.5); L_j = h_j * w_j."""
+        h, w = self._mid_latent(width, height)
         rch = list(reversed(self.block_out_channels))
-        shapes = [(h * h, rch[0])]
+        shapes = [(h * w, rch[0])]
         for i, has_attention in enumerate(self.up_attention):
-            side = h * 2**i
             if has_attention:
-                shapes += [(side * side, rch[i])] * (self.layers_per_block + 1)
+                shapes += [(h * w * 4**i, rch[i])] * (self.layers_per_block + 1)
         return shapes
 
     def to_dict(self) -> dict[str, Any]:
@@ -365,74 +403,76 @@ def _timestep() -> TensorSpec:
     return TensorSpec("timestep", (1,), TIMESTEP_DTYPE, "timestep")
 
 
-def vae_encoder_spec(d: ModelDims, size: int, fp: str, b: BatchRanges) -> StageSpec:
-    h = d.latent_size(size)
+def vae_encoder_spec(d: ModelDims, width: int, height: int, fp: str, b: BatchRanges) -> StageSpec:
+    h, w = d.latent_shape(width, height)
     return StageSpec(
         "vae_encoder",
-        inputs=(TensorSpec("images", ("images", d.image_channels, size, size), fp, "pixels"),),
-        outputs=(TensorSpec("latents", ("images", d.latent_channels, h, h), fp),),
+        inputs=(TensorSpec("images", ("images", d.image_channels, height, width), fp, "pixels"),),
+        outputs=(TensorSpec("latents", ("images", d.latent_channels, h, w), fp),),
         axes={"images": b.vae_encoder},
     )
 
 
-def appearance_encoder_spec(d: ModelDims, size: int, fp: str, b: BatchRanges) -> StageSpec:
-    h = d.latent_size(size)
+def appearance_encoder_spec(d: ModelDims, width: int, height: int, fp: str, b: BatchRanges) -> StageSpec:
+    h, w = d.latent_shape(width, height)
     return StageSpec(
         "appearance_encoder",
-        inputs=(TensorSpec("latent", (1, d.latent_channels, h, h), fp), _timestep(), _text(d, fp)),
-        outputs=tuple(TensorSpec(f"bank_{j}", (1, tokens, c), fp) for j, (tokens, c) in enumerate(d.bank_shapes(size))),
+        inputs=(TensorSpec("latent", (1, d.latent_channels, h, w), fp), _timestep(), _text(d, fp)),
+        outputs=tuple(TensorSpec(f"bank_{j}", (1, tokens, c), fp)
+                      for j, (tokens, c) in enumerate(d.bank_shapes(width, height))),
     )
 
 
-def controlnet_spec(d: ModelDims, size: int, fp: str, b: BatchRanges) -> StageSpec:
-    h = d.latent_size(size)
-    downs = d.down_residual_shapes(size)
+def controlnet_spec(d: ModelDims, width: int, height: int, fp: str, b: BatchRanges) -> StageSpec:
+    h, w = d.latent_shape(width, height)
+    downs = d.down_residual_shapes(width, height)
     return StageSpec(
         "controlnet",
         inputs=(
-            TensorSpec("latents", ("frames", d.latent_channels, h, h), fp),
+            TensorSpec("latents", ("frames", d.latent_channels, h, w), fp),
             _timestep(),
             _text(d, fp),
-            TensorSpec("cond", ("frames", d.image_channels, size, size), fp, "unit"),
+            TensorSpec("cond", ("frames", d.image_channels, height, width), fp, "unit"),
         ),
         outputs=(
             *(TensorSpec(f"down_{i}", ("frames", *s), fp) for i, s in enumerate(downs)),
-            TensorSpec("mid", ("frames", *d.mid_residual_shape(size)), fp),
+            TensorSpec("mid", ("frames", *d.mid_residual_shape(width, height)), fp),
         ),
         axes={"frames": b.controlnet},
     )
 
 
-def unet_spec(d: ModelDims, size: int, fp: str, b: BatchRanges) -> StageSpec:
-    h = d.latent_size(size)
+def unet_spec(d: ModelDims, width: int, height: int, fp: str, b: BatchRanges) -> StageSpec:
+    h, w = d.latent_shape(width, height)
     f = d.window
-    window = (1, d.latent_channels, f, h, h)
+    window = (1, d.latent_channels, f, h, w)
     return StageSpec(
         "unet",
         inputs=(
             TensorSpec("latents", window, fp),
             _timestep(),
             _text(d, fp),
-            *(TensorSpec(f"down_{i}", (f, *s), fp) for i, s in enumerate(d.down_residual_shapes(size))),
-            TensorSpec("mid", (f, *d.mid_residual_shape(size)), fp),
-            *(TensorSpec(f"bank_{j}", (1, tokens, c), fp) for j, (tokens, c) in enumerate(d.bank_shapes(size))),
+            *(TensorSpec(f"down_{i}", (f, *s), fp) for i, s in enumerate(d.down_residual_shapes(width, height))),
+            TensorSpec("mid", (f, *d.mid_residual_shape(width, height)), fp),
+            *(TensorSpec(f"bank_{j}", (1, tokens, c), fp)
+              for j, (tokens, c) in enumerate(d.bank_shapes(width, height))),
         ),
         outputs=(TensorSpec("eps_uncond", window, fp), TensorSpec("eps_cond", window, fp)),
     )
 
 
-def vae_decoder_spec(d: ModelDims, size: int, fp: str, b: BatchRanges) -> StageSpec:
-    h = d.latent_size(size)
+def vae_decoder_spec(d: ModelDims, width: int, height: int, fp: str, b: BatchRanges) -> StageSpec:
+    h, w = d.latent_shape(width, height)
     return StageSpec(
         "vae_decoder",
-        inputs=(TensorSpec("latents", ("frames", d.latent_channels, h, h), fp),),
-        outputs=(TensorSpec("images", ("frames", d.image_channels, size, size), fp),),
+        inputs=(TensorSpec("latents", ("frames", d.latent_channels, h, w), fp),),
+        outputs=(TensorSpec("images", ("frames", d.image_channels, height, width), fp),),
         axes={"frames": b.vae_decoder},
     )
 
 
-#: stage name -> spec builder ``f(dims, size, float dtype name, batch ranges)``
-SPEC_BUILDERS: dict[str, Callable[[ModelDims, int, str, BatchRanges], StageSpec]] = {
+#: stage name -> spec builder ``f(dims, width, height, float dtype name, batch ranges)``
+SPEC_BUILDERS: dict[str, Callable[[ModelDims, int, int, str, BatchRanges], StageSpec]] = {
     "vae_encoder": vae_encoder_spec,
     "appearance_encoder": appearance_encoder_spec,
     "controlnet": controlnet_spec,
@@ -442,12 +482,13 @@ SPEC_BUILDERS: dict[str, Callable[[ModelDims, int, str, BatchRanges], StageSpec]
 assert tuple(SPEC_BUILDERS) == STAGE_NAMES
 
 
-def stage_specs(dims: ModelDims, size: int, precision: str,
-                batches: BatchRanges = BatchRanges()) -> dict[str, StageSpec]:
-    """Every stage's spec for a model set at ``size`` and ``precision``, in build order."""
+def stage_specs(dims: ModelDims, size: Optional[int], precision: str, batches: BatchRanges = BatchRanges(),
+                width: Optional[int] = None, height: Optional[int] = None) -> dict[str, StageSpec]:
+    """Every stage's spec for a model set at ``size`` (a square) or ``width`` x ``height``
+    (:func:`output_shape`) and ``precision``, in build order."""
     fp = float_dtype(precision)
-    dims.latent_size(size)  # validates size
-    return {name: build(dims, size, fp, batches) for name, build in SPEC_BUILDERS.items()}
+    w, h = output_shape(size, width, height, step=dims.size_step)
+    return {name: build(dims, w, h, fp, batches) for name, build in SPEC_BUILDERS.items()}
 
 
 # --------------------------------------------------------------------------- validation

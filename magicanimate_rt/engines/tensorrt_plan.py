@@ -108,7 +108,7 @@ def plan_file(stage: str) -> str:
 
 def plan_rebuild_hint(m: EngineManifest) -> str:
     """The commands that rebuild the plans of ``m`` on the machine they are to run on."""
-    return (f"rebuild the plans on this machine: {build_command(m.directory, m.source, m.size, m.precision)} "
+    return (f"rebuild the plans on this machine: {build_command(m.directory, m.source, m.size, m.precision, width=m.width, height=m.height)} "
             f"(the ONNX graphs are kept; without the models: {PLAN_TOOL} {m.directory})")
 
 

@@ -32,11 +32,11 @@ from ..engines.tensorrt_build import PlanBuildSettings
 from ..engines.tensorrt_plan import TIMING_CACHE
 from ..engines.manifest import (
     FORMAT_VERSION, MANIFEST, TEXT_EMBEDDING, EngineManifest, FileRecord, StageRecord, check_files,
-    load_manifest, model_set_fingerprint, read_manifest,
+    describe_shape, load_manifest, model_set_fingerprint, read_manifest,
 )
 from ..command_line import OneLineParser, run_command
 from ..errors import EngineError, InputError
-from ..engines.specs import PRECISIONS, BatchRanges, check_size, stage_specs, validation_tolerance
+from ..engines.specs import PRECISIONS, BatchRanges, output_shape, stage_specs, validation_tolerance
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class BuildSettings:
     Fields:
         models: the model directory (the real layout, README 'Weights').
         out: the engine directory to write.
-        size: output size S (a multiple of 64 for SD 1.5's UNet).
+        size: output side S of a square build (a multiple of 64 for SD 1.5's UNet).
+        width, height: the output shape of a non-square build, both or neither (they take
+            the place of ``size``; :func:`~magicanimate_rt.engines.specs.output_shape`).
         precision: "fp16" or "fp32" (graph and I/O precision; see onnx_export).
         onnx_only: stop after the ONNX graphs (no TensorRT plans).
         force: replace an existing different or damaged build.
@@ -71,13 +73,20 @@ class BuildSettings:
     fp32_graphs: Optional[Path] = None
     plans: PlanBuildSettings = PlanBuildSettings()
     validate_plans: bool = False
+    width: Optional[int] = None
+    height: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        check_size(self.size, "--size")
+        output_shape(self.size, self.width, self.height, names=("--size", "--width", "--height"))
         if self.fp32_graphs is not None and self.precision != "fp16":
             raise InputError("--from-fp32 only serves fp16 builds (--precision fp16)")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(width, height) of the build."""
+        return output_shape(self.size, self.width, self.height)
 
 
 @dataclass
@@ -131,8 +140,10 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def existing_build_difference(out: Path, size: int, precision: str, fingerprint: str) -> Optional[str]:
-    """None when ``out`` holds exactly this build, intact; else what differs."""
+def existing_build_difference(out: Path, size: Optional[int], precision: str, fingerprint: str,
+                              width: Optional[int] = None, height: Optional[int] = None) -> Optional[str]:
+    """None when ``out`` holds exactly this build (``size``, or ``width`` x ``height``),
+    intact; else what differs."""
     try:
         m = read_manifest(out)
         check_files(m)
@@ -140,8 +151,8 @@ def existing_build_difference(out: Path, size: int, precision: str, fingerprint:
         return str(e).split("; ")[0]
     if m.fingerprint != fingerprint:
         return "built from another model set"
-    if m.size != size:
-        return f"built for size {m.size}"
+    if m.shape != output_shape(size, width, height):
+        return f"built for {describe_shape(*m.shape)}"
     if m.precision != precision:
         return f"built for precision {m.precision}"
     return None
@@ -166,9 +177,9 @@ def build_engines(s: BuildSettings, log: Callable[[str], None] = _log_to_stderr)
     if out.exists():
         if not out.is_dir():
             raise EngineError(f"{out}: exists and is not a directory")
-        diff = existing_build_difference(out, s.size, s.precision, fingerprint)
+        diff = existing_build_difference(out, s.size, s.precision, fingerprint, s.width, s.height)
         if diff is None:
-            log(f"{out}: ONNX graphs up to date (size {s.size}, {s.precision}, same model set)")
+            log(f"{out}: ONNX graphs up to date ({describe_shape(*s.shape)}, {s.precision}, same model set)")
             if not s.onnx_only:
                 build_plans(out, s, log)  # only the missing or stale plans, in place
             return BuildReport(out, up_to_date=True, seconds=time.perf_counter() - t_start)
@@ -230,15 +241,17 @@ def _build_into(d: Path, s: BuildSettings, fingerprint: str, log: Callable[[str]
     exporter = ox.resolve_exporter(s.exporter)
     source = None
     if s.fp32_graphs is not None:
-        source = load_manifest(s.fp32_graphs, size=s.size, precision="fp32", model_set=fingerprint)
+        width, height = s.shape
+        source = load_manifest(s.fp32_graphs, width=width, height=height, precision="fp32", model_set=fingerprint)
         exporter = source.exporter or exporter
     t0 = time.perf_counter()
     models = load_model_set(s.models)
     dims = ox.model_dims(models)
-    specs = stage_specs(dims, s.size, s.precision, s.batches)
+    width, height = s.shape
+    specs = stage_specs(dims, None, s.precision, s.batches, width=width, height=height)
     how = f"converting the fp32 graphs of {source.directory}" if source else f"with the {exporter} exporter"
-    log(f"loaded {s.models} in {time.perf_counter() - t0:.1f} s; building {len(specs)} stages at size {s.size}, "
-        f"{s.precision}, {how}")
+    log(f"loaded {s.models} in {time.perf_counter() - t0:.1f} s; building {len(specs)} stages at "
+        f"{describe_shape(width, height)}, {s.precision}, {how}")
 
     np.save(d / TEXT_EMBEDDING, models.text_embedding.float().numpy())
     stages: dict[str, StageRecord] = {}
@@ -281,7 +294,9 @@ def _build_into(d: Path, s: BuildSettings, fingerprint: str, log: Callable[[str]
         format_version=FORMAT_VERSION,
         fingerprint=fingerprint,
         source=str(Path(s.models).resolve()),
-        size=s.size,
+        size=None,
+        width=width,
+        height=height,
         window=dims.window,
         precision=s.precision,
         dims=dims,
@@ -307,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "against its PyTorch stage, and write an engine directory (then TensorRT plans).")
     p.add_argument("--models", type=Path, required=True, help="model directory in the real layout (README 'Weights')")
     p.add_argument("--out", type=Path, required=True, help="engine directory to write")
-    p.add_argument("--size", type=int, default=512, help="output side in pixels, a multiple of 64 (default 512)")
+    p.add_argument("--size", type=int, default=512,
+                   help="output side of a square build in pixels, a multiple of 64 up to 2048 (default 512)")
+    p.add_argument("--width", type=int, default=None,
+                   help="output width of a non-square build (with --height; instead of --size)")
+    p.add_argument("--height", type=int, default=None, help="output height (with --width)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="graph precision (default fp16)")
     p.add_argument("--onnx-only", action="store_true", help="write the ONNX graphs only, no TensorRT plans")
     p.add_argument("--force", action="store_true", help="replace an existing different or damaged build")
@@ -331,7 +350,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        settings = BuildSettings(models=args.models, out=args.out, size=args.size, precision=args.precision,
+        settings = BuildSettings(models=args.models, out=args.out, size=args.size, width=args.width,
+                                 height=args.height, precision=args.precision,
                                  onnx_only=args.onnx_only, force=args.force, validate=args.validate,
                                  exporter=args.exporter, fp32_graphs=args.fp32_graphs,
                                  plans=PlanBuildSettings(optimization_level=args.opt_level,

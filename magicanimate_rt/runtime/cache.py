@@ -68,8 +68,9 @@ class ReferenceCache:
 
     @staticmethod
     def key(pixels: np.ndarray, device: torch.device, dtype: torch.dtype) -> str:
-        """Key of a source: a hash of its resized (S, S, 3) uint8 pixels (so the size is
-        part of it), and the device and dtype of the stored tensors."""
+        """Key of a source: a hash of its resized (H, W, 3) uint8 pixels and of their shape
+        (so the output width and height are part of it: a 192 x 128 and a 128 x 192 request
+        with the same bytes differ), and the device and dtype of the stored tensors."""
         arr = np.ascontiguousarray(pixels)
         h = hashlib.sha256(arr.tobytes())
         h.update(repr((arr.shape, str(arr.dtype), str(torch.device(device)), str(dtype))).encode())

@@ -2,16 +2,23 @@
 
 Every array here is ``uint8`` RGB in (..., H, W, 3) layout, the layout PIL and PyAV use.
 
-- :func:`load_source_image`: the source image, RGB, resized to ``size x size``.
+- :func:`load_source_image`: the source image, RGB, made ``W x H``.
 - :func:`iter_video_frames` / :func:`read_video`: the driving video's RGB frames, decoded
-  with PyAV as the original does, each resized to ``size x size`` when it is not already;
+  with PyAV as the original does, each made ``W x H`` when it is not already;
   :func:`resize_frames` does the same to frames already in memory.
+- :func:`fit_image`, :func:`content_box`, :func:`crop_frames`: how an input of another
+  aspect ratio becomes ``W x H`` (``fit``: "stretch", "crop" or "pad") and where its
+  content lies in the output.
 - :class:`VideoWriter` / :func:`write_video`: H.264 mp4 output, written atomically.
 - :func:`grid_frames`: the [source | driving | result] comparison frames.
 
-Resizing always goes through ``PIL.Image.resize((size, size))`` with its default
-resampling (bicubic for RGB), because that is what the original does and what the
-conformance data was made with.
+``size`` is the output shape: an int for a square (``size x size``, the original's only
+shape) or a ``(width, height)`` pair. Resizing always goes through
+``PIL.Image.resize((width, height))`` with its default resampling (bicubic for RGB),
+because that is what the original does (for a non-square request too) and what the
+conformance data was made with. ``fit="stretch"`` (the default, the original) resizes
+whatever the aspect ratio; "crop" and "pad" first cut or pad the input to the output's
+aspect ratio (:func:`fit_image`).
 
 Every problem with a user's file is raised as :class:`InputError` with a one-line message
 naming the file and what is wrong.
@@ -52,40 +59,126 @@ def _require_av(what: str) -> None:
         raise InputError(f"{what}: reading or writing video needs PyAV, which is not installed (pip install av)")
 
 
+#: how an input whose aspect ratio differs from the output's becomes W x H
+FITS = ("stretch", "crop", "pad")
+
+#: an output shape: a square's side, or (width, height)
+Size = int | tuple[int, int]
+
+#: (left, top, right, bottom) pixel box of an output frame, right/bottom exclusive
+Box = tuple[int, int, int, int]
+
+
 def _check_size(size: object, what: str = "size") -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InputError(f"{what} must be a positive integer, got {size!r}")
 
 
-def _resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8 with PIL's default resize; unchanged (not
-    copied) when it is already that size."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
+def _shape(size: Size) -> tuple[int, int]:
+    """(width, height) of ``size`` (an int: a square), each a positive integer."""
+    if isinstance(size, tuple) and len(size) == 2:
+        _check_size(size[0], "width")
+        _check_size(size[1], "height")
+        return size
+    _check_size(size)
+    return size, size
+
+
+def _check_fit(fit: object) -> str:
+    if fit not in FITS:
+        raise InputError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    return fit
+
+
+def _to_aspect(in_width: int, in_height: int, width: int, height: int, grow: bool) -> tuple[int, int]:
+    """(w, h) of the input cut down (``grow`` False) or padded out (True) along one axis
+    to the output's aspect ratio, rounded to whole pixels."""
+    wider = in_width * height > in_height * width
+    if wider == grow:  # a new height: padding a wider input, or cutting a taller one
+        return in_width, max(1, (2 * in_width * height + width) // (2 * width))
+    return max(1, (2 * in_height * width + height) // (2 * height)), in_height
+
+
+def fit_image(rgb: np.ndarray, size: Size, fit: str = "stretch") -> np.ndarray:
+    """(H0, W0, 3) uint8 -> (H, W, 3) uint8, the output shape ``size``.
+
+    ``fit``: "stretch" resizes it as it is (the original; the aspect ratio changes if it
+    differs); "crop" first cuts the centre of the output's aspect ratio out of it; "pad"
+    first pads it to that aspect ratio, centred, with its edge values (``np.pad``
+    ``mode="edge"``, the workaround the original's users share). Then
+    ``PIL.Image.resize((W, H))`` (bicubic), unless it is already ``W x H`` (then it is
+    returned as it is, not copied)."""
+    width, height = _shape(size)
+    _check_fit(fit)
+    h0, w0 = rgb.shape[:2]
+    if fit != "stretch" and w0 * height != h0 * width:
+        if fit == "crop":
+            cw, ch = _to_aspect(w0, h0, width, height, grow=False)
+            left, top = (w0 - cw) // 2, (h0 - ch) // 2
+            rgb = rgb[top : top + ch, left : left + cw]
+        else:
+            pw, ph = _to_aspect(w0, h0, width, height, grow=True)
+            left, top = (pw - w0) // 2, (ph - h0) // 2
+            rgb = np.pad(rgb, ((top, ph - h0 - top), (left, pw - w0 - left), (0, 0)), mode="edge")
+    if rgb.shape[0] == height and rgb.shape[1] == width:
         return rgb
-    return np.array(Image.fromarray(rgb).resize((size, size)))
+    return np.array(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height)))
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """Driving frames given as an array, made ``size x size`` as :func:`read_video` does.
+def content_box(in_width: int, in_height: int, size: Size, fit: str = "stretch") -> Box:
+    """Where an ``in_width x in_height`` input's own content lies in the output frame that
+    :func:`fit_image` makes of it: the whole frame for "stretch" and "crop"; for "pad" the
+    part that is not padding, shrunk to even coordinates (so its width and height are even,
+    as H.264's yuv420p needs), at least 2 x 2. (left, top, right, bottom), right and bottom
+    exclusive."""
+    width, height = _shape(size)
+    _check_fit(fit)
+    _check_size(in_width, "input width")
+    _check_size(in_height, "input height")
+    if fit != "pad" or in_width * height == in_height * width:
+        return 0, 0, width, height
+    pw, ph = _to_aspect(in_width, in_height, width, height, grow=True)
+
+    def span(offset: int, extent: int, padded: int, out: int) -> tuple[int, int]:
+        lo = 2 * -(-offset * out // (2 * padded))  # rounded up to even
+        hi = 2 * ((offset + extent) * out // (2 * padded))  # rounded down to even
+        hi = min(out, max(hi, lo + 2))
+        return min(lo, hi - 2), hi
+
+    left, right = span((pw - in_width) // 2, in_width, pw, width)
+    top, bottom = span((ph - in_height) // 2, in_height, ph, height)
+    return left, top, right, bottom
+
+
+def crop_frames(frames: np.ndarray, box: Box) -> np.ndarray:
+    """(..., H, W, 3) -> the ``box`` (left, top, right, bottom) of every frame (a view)."""
+    left, top, right, bottom = box
+    return frames[..., top:bottom, left:right, :]
+
+
+def resize_frames(frames: np.ndarray, size: Size, fit: str = "stretch") -> np.ndarray:
+    """Driving frames given as an array, made ``W x H`` as :func:`read_video` does.
 
     Args:
-        frames: (F, H, W, 3) uint8 RGB, F >= 1.
-        size: output side in pixels.
+        frames: (F, H0, W0, 3) uint8 RGB, F >= 1.
+        size: the output shape, a square's side or (width, height).
+        fit: how frames of another aspect ratio are made ``W x H`` (:func:`fit_image`).
 
     Returns:
-        (F, size, size, 3) uint8, a new array; each frame that is not already
-        ``size x size`` is resized with ``PIL.Image.resize`` (bicubic).
+        (F, H, W, 3) uint8, a new array; each frame that is not already ``W x H`` is
+        fitted and resized with ``PIL.Image.resize`` (bicubic).
     """
-    _check_size(size)
+    width, height = _shape(size)
+    _check_fit(fit)
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
             or frames.shape[-1] != 3 or 0 in frames.shape:
         raise InputError(
             f"driving frames must be a non-empty (F, H, W, 3) uint8 array, got "
             f"{getattr(frames, 'shape', None)} {getattr(frames, 'dtype', type(frames).__name__)}"
         )
-    if frames.shape[1:3] == (size, size):
+    if frames.shape[1:3] == (height, width):
         return frames.copy()
-    return np.stack([_resize_square(frame, size) for frame in frames])
+    return np.stack([fit_image(frame, (width, height), fit) for frame in frames])
 
 
 # --------------------------------------------------------------------------- images
@@ -140,26 +233,29 @@ def _open_image_file(path: Path) -> Image.Image:
         raise InputError(f"source image '{path}': unreadable ({error})") from None
 
 
-def load_source_image(source: PathLike | Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """The source image as the model sees it: RGB, ``size x size``.
+def load_source_image(source: PathLike | Image.Image | np.ndarray, size: Size, fit: str = "stretch") -> np.ndarray:
+    """The source image as the model sees it: RGB, ``W x H``.
 
     Args:
         source: a file path (str or path-like), a ``PIL.Image.Image``, or a uint8 array of
             shape (H, W, 3) (RGB) or (H, W, 4) (RGBA).
-        size: output side in pixels (the original's default is 512).
+        size: the output shape, a square's side (the original's default is 512) or
+            (width, height).
+        fit: how an image of another aspect ratio is made ``W x H`` (:func:`fit_image`).
 
     Returns:
-        (size, size, 3) uint8 RGB. Alpha is dropped, grey is replicated to three channels,
+        (H, W, 3) uint8 RGB. Alpha is dropped, grey is replicated to three channels,
         16-bit grey is scaled to 8 bits (16-bit colour PNGs are reduced to 8 bits by PIL,
         which keeps the high byte). The image is resized with
-        ``PIL.Image.resize((size, size))`` (bicubic) only when it is not already that size.
+        ``PIL.Image.resize((W, H))`` (bicubic) only when it is not already that size.
         EXIF orientation is not applied.
 
     Raises:
         InputError: missing file, not an image, unreadable, larger than PIL's
             decompression-bomb limit, or an array of the wrong shape or dtype.
     """
-    _check_size(size)
+    _shape(size)
+    _check_fit(fit)
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] not in (3, 4):
             raise InputError(
@@ -183,7 +279,7 @@ def load_source_image(source: PathLike | Image.Image | np.ndarray, size: int) ->
         raise InputError(
             f"source image must be a path, a PIL image or a uint8 array, got {type(source).__name__}"
         )
-    return _resize_square(rgb, size)
+    return fit_image(rgb, size, fit)
 
 
 # --------------------------------------------------------------------------- reading video
@@ -200,18 +296,20 @@ def _check_frame_side(path: Path, width: int, height: int, where: str) -> None:
 
 def iter_video_frames(
     path: PathLike,
-    size: int | None = None,
+    size: Size | None = None,
     start_frame: int = 0,
     max_frames: int | None = None,
+    fit: str = "stretch",
 ) -> Iterator[np.ndarray]:
     """Decode a video's frames one at a time, so long videos can be streamed.
 
     Args:
         path: the video file (any container and codec PyAV's FFmpeg can decode).
-        size: when given, every frame that is not ``size x size`` is resized to it with
-            ``PIL.Image.resize`` (bicubic). The original tests only the first frame's
+        size: when given (a square's side or (width, height)), every frame that is not
+            ``W x H`` is made so by :func:`fit_image` (``fit``; "stretch": resized with
+            ``PIL.Image.resize``, bicubic). The original tests only the first frame's
             height; testing each frame's height and width gives the same result on every
-            video the original can use, and square frames on the rest.
+            video the original can use, and ``W x H`` frames on the rest.
         start_frame: index (0-based, in decode order of the first video stream) of the
             first frame to yield; earlier frames are decoded and dropped, because seeking
             lands on keyframes and would not give exact frames.
@@ -219,7 +317,7 @@ def iter_video_frames(
 
     Returns:
         An iterator of (H, W, 3) uint8 RGB frames (``frame.to_ndarray(format="rgb24")``, as
-        the original), (size, size, 3) when ``size`` is given. The file is opened here, so
+        the original), of the shape ``size`` when it is given. The file is opened here, so
         a missing file, a non-video or a video without a video stream fails at once; the
         file is closed when the iteration ends or the iterator is closed or collected.
 
@@ -231,7 +329,8 @@ def iter_video_frames(
             past the end).
     """
     if size is not None:
-        _check_size(size)
+        _shape(size)
+    _check_fit(fit)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int) or start_frame < 0:
         raise InputError(f"start_frame must be a non-negative integer, got {start_frame!r}")
     if max_frames is not None:
@@ -257,10 +356,10 @@ def iter_video_frames(
     # PyAV's default (slice) threading, as the original: frame threading would save about
     # 0.3 ms a frame at 512x512, but holds frames in flight, so a corrupt packet would be
     # reported frames before the last good one.
-    return _decode_frames(path, container, stream, size, start_frame, max_frames)
+    return _decode_frames(path, container, stream, size, start_frame, max_frames, fit)
 
 
-def _decode_frames(path, container, stream, size, start_frame, max_frames) -> Iterator[np.ndarray]:
+def _decode_frames(path, container, stream, size, start_frame, max_frames, fit) -> Iterator[np.ndarray]:
     """The generator behind :func:`iter_video_frames`; owns and closes ``container``."""
     try:
         decoded = 0  # frames decoded so far, including skipped ones
@@ -280,7 +379,7 @@ def _decode_frames(path, container, stream, size, start_frame, max_frames) -> It
             if decoded <= start_frame:
                 continue
             rgb = frame.to_ndarray(format="rgb24")
-            yield rgb if size is None else _resize_square(rgb, size)
+            yield rgb if size is None else fit_image(rgb, size, fit)
             yielded += 1
 
         if yielded == 0:
@@ -295,16 +394,17 @@ def _decode_frames(path, container, stream, size, start_frame, max_frames) -> It
 
 def read_video(
     path: PathLike,
-    size: int | None = None,
+    size: Size | None = None,
     start_frame: int = 0,
     max_frames: int | None = None,
+    fit: str = "stretch",
 ) -> np.ndarray:
     """All requested frames of a video in memory: (F, H, W, 3) uint8 RGB.
 
     Same arguments, resizing and errors as :func:`iter_video_frames`, which it consumes.
     Without ``size``, frames of different sizes within one video are an InputError.
     """
-    frames = list(iter_video_frames(path, size=size, start_frame=start_frame, max_frames=max_frames))
+    frames = list(iter_video_frames(path, size=size, start_frame=start_frame, max_frames=max_frames, fit=fit))
     first = frames[0].shape
     for index, frame in enumerate(frames):
         if frame.shape != first:
@@ -313,6 +413,37 @@ def read_video(
                 f"earlier frames are {first[1]}x{first[0]}; pass size= to resize them"
             )
     return np.stack(frames)
+
+
+def driving_frames(
+    driving: PathLike | np.ndarray,
+    size: Size,
+    start_frame: int = 0,
+    max_frames: int | None = None,
+    fit: str = "stretch",
+) -> tuple[np.ndarray, Box]:
+    """The driving frames of a request, made ``W x H``, and where their own content lies in
+    that frame (:func:`content_box`; the whole frame unless ``fit="pad"`` padded them).
+
+    ``driving``: a video path (read by :func:`read_video`) or an (F, H0, W0, 3) uint8 array
+    (:func:`resize_frames`), of which frames ``start_frame`` .. ``start_frame + max_frames``
+    are used."""
+    width, height = _shape(size)
+    if isinstance(driving, (str, os.PathLike)):
+        frames = read_video(driving, size=size, start_frame=start_frame, max_frames=max_frames, fit=fit)
+        if fit != "pad":
+            return frames, (0, 0, width, height)
+        first = next(iter_video_frames(driving, start_frame=start_frame, max_frames=1))  # at its own size
+        return frames, content_box(first.shape[1], first.shape[0], size, fit)
+    arr = np.asarray(driving)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise InputError(f"driving frames must be an (F, H, W, 3) uint8 array, got {arr.shape} {arr.dtype}")
+    arr = arr[start_frame:]
+    if max_frames is not None:
+        arr = arr[:max_frames]
+    if arr.shape[0] == 0:
+        raise InputError("driving video has no frames")
+    return resize_frames(arr, size, fit), content_box(arr.shape[2], arr.shape[1], size, fit)
 
 
 # --------------------------------------------------------------------------- writing video
@@ -488,13 +619,14 @@ def grid_frames(source: np.ndarray, driving: np.ndarray, result: np.ndarray, pad
     a ``padding``-pixel black border around and between them.
 
     Args:
-        source: (S, S, 3) uint8, repeated on every frame.
-        driving: (F, S, S, 3) uint8, the (resized) driving frames.
-        result: (F, S, S, 3) uint8, the animation.
+        source: (H, W, 3) uint8, repeated on every frame.
+        driving: (F, H, W, 3) uint8, the (resized) driving frames.
+        result: (F, H, W, 3) uint8, the animation.
 
     Returns:
-        (F, S + 2p, 3S + 4p, 3) uint8 (p = padding; even for even S, as yuv420p needs).
-        Works on any chunk of frames (F may be a slice of the video).
+        (F, H + 2p, 3W + 4p, 3) uint8 (p = padding; even for even H and W, as yuv420p
+        needs: every output shape, a multiple of 64, is). Works on any chunk of frames (F
+        may be a slice of the video).
     """
     for name, array, ndim in (("source", source, 3), ("driving", driving, 4), ("result", result, 4)):
         if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != ndim \
@@ -506,7 +638,7 @@ def grid_frames(source: np.ndarray, driving: np.ndarray, result: np.ndarray, pad
     if driving.shape != result.shape or driving.shape[1:] != source.shape:
         raise InputError(
             f"grid_frames: shapes do not match: source {source.shape}, driving {driving.shape}, "
-            f"result {result.shape} (expected (S, S, 3), (F, S, S, 3), (F, S, S, 3))"
+            f"result {result.shape} (expected (H, W, 3), (F, H, W, 3), (F, H, W, 3))"
         )
     frames, height, width = driving.shape[:3]
     p = padding

@@ -9,6 +9,10 @@ result.frames    # (F0, 512, 512, 3) uint8
 result.latents   # (1, 4, N, 64, 64) float32, N = F0 padded to a multiple of 16
 result.timings   # seconds per stage
 ```
+
+``width=W, height=H`` instead of ``size`` gives W x H output (portrait 512 x 768: frames
+(F0, 768, 512, 3), latents (1, 4, N, 96, 64)); ``fit`` says how inputs of another aspect
+ratio become W x H (runtime/media.py ``fit_image``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engines.specs import check_size
+from ..engines.specs import output_shape
 from ..errors import InputError, MagicAnimateError
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSampler, DDIMSettings
 from .distributed import Ranks, request_digest
-from .media import load_source_image, read_video, resize_frames
+from .media import FITS, Box, crop_frames, driving_frames, load_source_image
 from .cache import ReferenceCache
 from .sampling import LoopPlan, denoise, initial_noise, plan_loop
 from .stages import Stages
@@ -110,25 +114,38 @@ class PipelineOptions:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
 
 
-#: receives the decoded video chunk by chunk: (index of the chunk's first frame, (n, S, S, 3) uint8)
+#: receives the decoded video chunk by chunk: (index of the chunk's first frame, (n, H, W, 3) uint8)
 FrameSink = Callable[[int, np.ndarray], None]
 
 
 @dataclass
 class AnimationResult:
-    frames: Optional[np.ndarray]  #: (F0, size, size, 3) uint8; None when they went to a ``frame_sink``
-    latents: Tensor  #: (1, 4, N, size/8, size/8) float32 on the CPU, before decode
+    frames: Optional[np.ndarray]  #: (F0, H, W, 3) uint8; None when they went to a ``frame_sink``
+    latents: Tensor  #: (1, 4, N, H/8, W/8) float32 on the CPU, before decode
     timings: dict[str, float] = field(default_factory=dict)  #: seconds per stage, and "total"
     plan: Optional[LoopPlan] = None  #: how the work was batched
     reference_cached: bool = False  #: the source's latent came from the reference cache
+    #: (left, top, right, bottom) of the W x H output that shows the driving frames' own
+    #: content: the whole frame unless ``fit="pad"`` padded them (then the frames were
+    #: cropped to it if ``crop_output``)
+    content_box: Optional[Box] = None
 
 
-def validate_settings(size, steps, guidance_scale) -> None:
-    check_size(size)
+def validate_settings(size, steps, guidance_scale, width=None, height=None, fit="stretch", crop_output=False,
+                      names: tuple[str, str, str] = ("size", "width", "height")) -> tuple[int, int]:
+    """Check a request's settings (InputError naming the first bad one); returns the output
+    (width, height) (:func:`~magicanimate_rt.engines.specs.output_shape`; ``names``: how
+    size, width and height are called in its messages)."""
+    shape = output_shape(size, width, height, names)
+    if fit not in FITS:
+        raise InputError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    if crop_output and fit != "pad":
+        raise InputError(f"cropping the output back needs fit 'pad' (--fit pad), not {fit!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
         raise InputError(f"guidance scale must be a number >= 1, got {guidance_scale!r}")
+    return shape
 
 
 class AnimationPipeline:
@@ -232,9 +249,22 @@ class AnimationPipeline:
         start_frame: int = 0,
         max_frames: Optional[int] = None,
         frame_sink: Optional[FrameSink] = None,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        fit: str = "stretch",
+        crop_output: bool = False,
     ) -> AnimationResult:
         """Animate ``source`` (a path, PIL image or HxWx3 uint8 array) with ``driving`` (a
         video path or (F, H, W, 3) uint8 DensePose frames).
+
+        The output is ``size`` x ``size`` (default 512, the original's square), or
+        ``width`` x ``height`` when both are given (multiples of 64 up to 2048, e.g.
+        portrait 512 x 768); the source and every driving frame are made that shape as
+        ``fit`` says: "stretch" (resized whatever their aspect ratio, the original),
+        "crop" (the centre of the output's aspect ratio, resized) or "pad" (padded to it
+        with edge values, resized). ``crop_output`` (with "pad"): the frames are cropped
+        back to where the driving frames' content lies (``result.content_box``, even
+        width and height).
 
         ``progress``: True for a tqdm bar over the steps, or a callback(step, steps).
         ``frame_sink``: called with each decoded chunk of frames, in order, as soon as it
@@ -253,18 +283,24 @@ class AnimationPipeline:
         timer = StageTimer(st.device)
         error = None
         try:
-            validate_settings(size, steps, guidance_scale)
+            shape = validate_settings(size, steps, guidance_scale, width, height, fit, crop_output)
+            st.check_shape(*shape)
             with timer.stage("read_inputs"):
-                src = load_source_image(source, size)
-                ctl = self._driving_frames(driving, size, start_frame, max_frames)
+                src = load_source_image(source, shape, fit)
+                ctl, box = driving_frames(driving, shape, start_frame, max_frames, fit)
         except MagicAnimateError as e:
             if self.ranks is None:
                 raise
             error = str(e)
         if self.ranks is not None:  # the same request on every rank, or every rank stops here
             digest = None if error is not None else request_digest(
-                src, ctl, size, steps, float(guidance_scale), int(seed), self.options, self.ddim, st.name, st.dtype)
+                src, ctl, shape, steps, float(guidance_scale), int(seed), self.options, self.ddim, st.name, st.dtype,
+                fit, crop_output)
             self.ranks.agree(digest, error)
+        crop = crop_output and box != (0, 0, *shape)  # else the frames are the driving content whole
+        if crop and frame_sink is not None:
+            sink = frame_sink
+            frame_sink = lambda first, frames: sink(first, np.ascontiguousarray(crop_frames(frames, box)))  # noqa: E731
         sampler = DDIMSampler(steps, self.ddim, device=st.device)
         f0 = ctl.shape[0]
         n = padded_length(f0, st.window)
@@ -277,8 +313,8 @@ class AnimationPipeline:
             control = torch.from_numpy(ctl).to(st.device).permute(0, 3, 1, 2)
             if not o.control_uint8:
                 control = control.to(st.dtype) / 255.0
-            latents = initial_noise(seed, n, size // 8, st.window).to(st.device, st.dtype)
-            plan = self.plan(size, n)
+            latents = initial_noise(seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device, st.dtype)
+            plan = self.plan(shape, n)
         with timer.stage("vae_encode"):
             key = ReferenceCache.key(src, st.device, st.dtype)
             entry = self.reference_cache.lookup(key)
@@ -313,21 +349,25 @@ class AnimationPipeline:
                 bar.close()
 
         with timer.stage("vae_decode"):
-            frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, size)
+            frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
+            if frames is not None and crop:
+                frames = np.ascontiguousarray(crop_frames(frames, box))
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
-                               reference_cached=cached)
+                               reference_cached=cached, content_box=box)
 
-    def plan(self, size: int, num_frames: int) -> LoopPlan:
-        """The batching of a request of ``num_frames`` padded frames at ``size``, from the
-        options, the memory budget and the backend's memory model."""
+    def plan(self, size: Union[int, tuple[int, int]], num_frames: int) -> LoopPlan:
+        """The batching of a request of ``num_frames`` padded frames at output ``size`` (a
+        square's side, or (width, height)), from the options, the memory budget and the
+        backend's memory model."""
         st, o = self.stages, self.options
+        width, height = (size, size) if isinstance(size, int) else size
         caps = st.capabilities
         n_windows = len(context_windows(num_frames, st.window, o.overlap))
         win_cap, dec_cap = AUTO_LIMITS.get(st.device.type, AUTO_LIMITS["cpu"])
         return plan_loop(
-            num_frames, n_windows, self.memory_budget_bytes(), st.memory_model(size),
+            num_frames, n_windows, self.memory_budget_bytes(), st.memory_model(width, height),
             windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
             controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
             max_windows_per_call=caps.max_windows_per_call, window=st.window,
@@ -343,25 +383,12 @@ class AnimationPipeline:
         return available_memory(self.stages.device) / 2
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def _driving_frames(driving, size, start_frame, max_frames) -> np.ndarray:
-        if isinstance(driving, (str, Path)):
-            return read_video(driving, size=size, start_frame=start_frame, max_frames=max_frames)
-        arr = np.asarray(driving)
-        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-            raise InputError(f"driving frames must be an (F, H, W, 3) uint8 array, got {arr.shape} {arr.dtype}")
-        arr = arr[start_frame:]
-        if max_frames is not None:
-            arr = arr[:max_frames]
-        if arr.shape[0] == 0:
-            raise InputError("driving video has no frames")
-        return resize_frames(arr, size)
-
     def _decode(self, latents: Tensor, chunk: int, sink: Optional[FrameSink] = None,
-                size: Optional[int] = None) -> Optional[np.ndarray]:
-        """(1, 4, F0, h, w) -> (F0, S, S, 3) uint8, decoded ``chunk`` frames at a time, each
+                shape: Optional[tuple[int, int]] = None) -> Optional[np.ndarray]:
+        """(1, 4, F0, h, w) -> (F0, H, W, 3) uint8, decoded ``chunk`` frames at a time, each
         chunk made uint8 at once (the float video is never whole); the host sees the frames
         once. With ``sink`` each chunk goes there instead and nothing is returned.
+        ``shape``: the frames' (width, height) (default: 8 x the latents').
 
         With several ranks the chunks go round-robin over the ranks; each round's chunks
         reach rank 0, which keeps or sinks them in frame order (a round at a time); the
@@ -387,11 +414,11 @@ class AnimationPipeline:
                 emit(i, decode(i))
         else:
             ranks = self.ranks
-            side = size if size is not None else latents.shape[-1] * 8
+            width, height = shape if shape is not None else (latents.shape[-1] * 8, latents.shape[-2] * 8)
             for first in range(0, len(starts), ranks.size):
                 k = first + ranks.rank
                 part = decode(starts[k]) if k < len(starts) else None
-                padded = torch.zeros((chunk, side, side, 3), dtype=torch.uint8, device=self.stages.device)
+                padded = torch.zeros((chunk, height, width, 3), dtype=torch.uint8, device=self.stages.device)
                 if part is not None:
                     padded[: part.shape[0]].copy_(part)
                 got = ranks.gather_to_root(padded, 0 if part is None else part.shape[0])

@@ -13,7 +13,7 @@ memory budget and the backend's :class:`MemoryModel`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -31,20 +31,21 @@ if TYPE_CHECKING:
 RESIDUAL_MODES = ("all", "per_window")
 
 
-def initial_noise(seed: int, num_frames: int, latent_size: int, window: int = 16) -> Tensor:
+def initial_noise(seed: int, num_frames: int, latent_size: Union[int, tuple[int, int]], window: int = 16) -> Tensor:
     """z ~ N(0, 1) of shape (1, 4, window, h, w) from a CPU float32 generator seeded with
     ``seed``, tiled along frames to ``num_frames`` (a multiple of ``window``): every
     window-long segment starts from the same noise, as in the original. On the CPU so that
-    a seed gives the same video on every backend."""
+    a seed gives the same video on every backend. ``latent_size``: (h, w), or h = w."""
+    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
     g = torch.Generator().manual_seed(int(seed))
-    z = torch.randn((1, 4, window, latent_size, latent_size), generator=g, dtype=torch.float32)
+    z = torch.randn((1, 4, window, h, w), generator=g, dtype=torch.float32)
     return z.repeat(1, 1, num_frames // window, 1, 1)
 
 
 def control_slice(control: Tensor, frames, dtype: torch.dtype) -> Tensor:
     """ControlNet conditioning of some frames, in [0, 1] and ``dtype``.
 
-    ``control`` is (N, 3, S, S): either already in [0, 1], or the uint8 driving frames
+    ``control`` is (N, 3, H, W): either already in [0, 1], or the uint8 driving frames
     (4x less memory), converted here per call with the same arithmetic as up front
     (``x.to(dtype) / 255``), so the values are identical. ``frames`` is a slice or an index
     tensor."""
@@ -86,7 +87,7 @@ def _controlnet_call(stages: Stages, embedded: bool):
 def controlnet_all_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, chunk: int,
                           embedded: bool = False, needed: Optional[Tensor] = None) -> list[Tensor]:
     """ControlNet residuals of every frame, computed in chunks of ``chunk`` frames (the
-    batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, S, S) (or its
+    batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, H, W) (or its
     embedding (N, C_0, h, w) when ``embedded``) -> 13 tensors (N, C_i, h_i, w_i).
     ``needed``: only the chunks with a needed frame (see :func:`_in_chunks`)."""
     frames = latents[0].transpose(0, 1)  # (N, 4, h, w)
@@ -267,7 +268,7 @@ def denoise(
     (5) one DDIM update. With g == 1 only the conditional half is computed (the guidance
     formula then gives eps_c).
 
-    ``control`` (N, 3, S, S) is in [0, 1] or uint8 (see :func:`control_slice`). ``plan``
+    ``control`` (N, 3, H, W) is in [0, 1] or uint8 (see :func:`control_slice`). ``plan``
     batches the work (default: one window per call, residuals of all frames, chunks of
     ``controlnet_chunk``); every plan gives the same sums: each window's predictions are
     added in window order, one window at a time, whatever call computed them.

@@ -2,15 +2,17 @@
 implements, and all the sampling loop knows about.
 
 Every tensor in and out lives on the backend's ``device`` in its ``dtype`` (timesteps are
-float32 tensors of shape (1,)); shapes use S = size, h = w = S/8, F = window length, N = a
-batch of frames. Backends are context managers; ``close()`` frees what they hold.
+float32 tensors of shape (1,)); shapes use W x H = the output width and height (W = H = size
+for a square), (h, w) = (H, W) / 8, F = window length, N = a batch of frames. Backends are
+context managers; ``close()`` frees what they hold.
 
 What the planner (``runtime/sampling.py`` ``plan_loop``) may ask of a backend is declared,
 with defaults, not probed: :attr:`Stages.capabilities` (:class:`Capabilities`: windows per
-UNet call, the two-part ControlNet, each stage's largest batch) and
+UNet call, the two-part ControlNet, each stage's largest batch),
 :meth:`Stages.memory_model` (working memory per call, see docs/PERFORMANCE.md "Memory";
-None: the pipeline uses fixed chunk sizes). The plan keeps within the declared maxima, so a
-backend never re-chunks a call behind the plan's back.
+None: the pipeline uses fixed chunk sizes) and :meth:`Stages.check_shape` (the output shapes
+it runs: fixed-shape engines one). The plan keeps within the declared maxima, so a backend
+never re-chunks a call behind the plan's back.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Capabilities:
 @dataclass(frozen=True)
 class MemoryModel:
     """Working memory of the loop's parts in bytes, as a backend estimates them for one
-    output size (``TorchStages.memory_model``). Only the residual size is exact (it follows
+    output shape (``TorchStages.memory_model``). Only the residual size is exact (it follows
     from the shapes); the others are measured peaks of this runtime's calls, rounded up
     (see docs/PERFORMANCE.md, "Memory").
 
@@ -82,14 +84,19 @@ class Stages(ABC):
     #: what the planner may ask of these stages (see :class:`Capabilities`)
     capabilities: Capabilities = Capabilities()
 
-    def memory_model(self, size: int) -> Optional[MemoryModel]:
-        """Working-memory estimates of this backend's calls at output size ``size``; None
-        when the backend has none (the pipeline then plans without a budget)."""
+    def memory_model(self, width: int, height: Optional[int] = None) -> Optional[MemoryModel]:
+        """Working-memory estimates of this backend's calls at output shape ``width`` x
+        ``height`` (``height`` None: a square); None when the backend has none (the
+        pipeline then plans without a budget)."""
         return None
+
+    def check_shape(self, width: int, height: int) -> None:
+        """Raise (with how to fix it) when these stages cannot produce ``width`` x ``height``
+        output; the pipeline asks before any work. Default: any shape."""
 
     @abstractmethod
     def encode_reference(self, image: Tensor) -> Tensor:
-        """image (B, 3, S, S), pixel values 0..255 -> reference latents (B, 4, h, w); the
+        """image (B, 3, H, W), pixel values 0..255 -> reference latents (B, 4, h, w); the
         pipeline encodes one source (B = 1 <= ``capabilities.max_encode_images``)."""
 
     @abstractmethod
@@ -98,12 +105,12 @@ class Stages(ABC):
 
     @abstractmethod
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
-        """latents (N, 4, h, w), t (1,), cond (N, 3, S, S) in [0, 1] -> 13 residuals:
+        """latents (N, 4, h, w), t (1,), cond (N, 3, H, W) in [0, 1] -> 13 residuals:
         12 down (N, C_i, h_i, w_i), then mid. N <= ``capabilities.max_controlnet_frames``."""
 
     def controlnet_embed(self, cond: Tensor) -> Tensor:
         """The ControlNet's first part (where ``capabilities.controlnet_in_two_parts``):
-        cond (N, 3, S, S) in [0, 1] -> conditioning embedding (N, C_0, h, w)."""
+        cond (N, 3, H, W) in [0, 1] -> conditioning embedding (N, C_0, h, w)."""
         raise NotImplementedError(f"the {self.name} backend runs the ControlNet in one part")
 
     def controlnet_embedded(self, latents: Tensor, t: Tensor, embedding: Tensor) -> list[Tensor]:
@@ -125,7 +132,7 @@ class Stages(ABC):
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
-        """latents (N, 4, h, w) -> frames (N, 3, S, S) in [0, 1].
+        """latents (N, 4, h, w) -> frames (N, 3, H, W) in [0, 1].
         N <= ``capabilities.max_decode_frames``."""
 
     def close(self) -> None:

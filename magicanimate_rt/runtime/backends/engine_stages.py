@@ -4,7 +4,9 @@ and how the loop's arguments become a stage's named inputs.
 
 The capabilities come from the manifest's stage specs: one window per UNet call (the UNet
 graph is built for one 16-frame window) and, for every stage with a dynamic batch axis,
-its profile's maximum, so the planner never asks for more than a plan was built for.
+its profile's maximum, so the planner never asks for more than a plan was built for. The
+graphs are built for one output shape (the manifest's width x height): a request of
+another is refused before any work, with the command that builds it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ...engines.manifest import EngineManifest
-from ...engines.specs import float_dtype
+from ...engines.specs import float_dtype, shape_label
 from ...errors import EngineError
 from ..ddim import DDIMSettings
 from ..dtypes import torch_dtype
@@ -45,6 +47,13 @@ class EngineStages(Stages):
         self.ddim = DDIMSettings.from_dict(dict(manifest.ddim))
         self.capabilities = engine_capabilities(manifest)
         self.text_embedding = torch.from_numpy(manifest.text_embedding()).to(self.device, self.dtype).contiguous()
+
+    def check_shape(self, width: int, height: int) -> None:
+        """EngineError unless the graphs were built for ``width`` x ``height``."""
+        m = self.manifest
+        if (width, height) != m.shape:
+            raise EngineError(f"{m.directory}: built for {shape_label(*m.shape)}, this request is "
+                              f"{shape_label(width, height)}; {m.rebuild_hint(width=width, height=height)}")
 
     def _in(self, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         """A stage input: on the device, in the engine's dtype (or ``dtype``), contiguous."""

@@ -85,17 +85,19 @@ class TorchOptions:
 #: model sets at 128 and 256 px, float32, rounded up): a guided UNet call per window, in
 #: units of its 16 frames' ControlNet residuals; a ControlNet call per frame, in units of
 #: one frame's residuals; a VAE decode per frame, in units of one frame's top decoder
-#: activation (first decoder channel count x S x S).
+#: activation (first decoder channel count x H x W).
 UNET_WINDOW_FACTOR = 26
 CONTROLNET_FRAME_FACTOR = 32
 DECODE_FRAME_FACTOR = 26
 
 
-def decode_bytes_per_frame(vae, size: int, dtype: torch.dtype) -> int:
-    """Estimated peak working memory of a VAE decode call per frame in it: one frame's top
-    decoder activation (first decoder width x S x S) times DECODE_FRAME_FACTOR."""
+def decode_bytes_per_frame(vae, width: int, dtype: torch.dtype, height: Optional[int] = None) -> int:
+    """Estimated peak working memory of a VAE decode call per frame in it at output shape
+    ``width`` x ``height`` (``height`` None: a square): one frame's top decoder activation
+    (first decoder width x H x W) times DECODE_FRAME_FACTOR."""
     item = torch.empty((), dtype=dtype).element_size()
-    return DECODE_FRAME_FACTOR * vae.vae.config.block_out_channels[0] * size * size * item
+    height = width if height is None else height
+    return DECODE_FRAME_FACTOR * vae.vae.config.block_out_channels[0] * height * width * item
 
 
 class TorchStages(Stages):
@@ -132,31 +134,34 @@ class TorchStages(Stages):
             raise InputError("dtype float16 needs a CUDA device; use float32 (or bfloat16) on the CPU")
         return cls(load_model_set(models_dir, device=device, dtype=dtype), device, dtype, options)
 
-    def residual_numel(self, size: int) -> int:
-        """Elements of one frame's 13 ControlNet residuals at output size ``size``: one
-        per skip feature of the UNet's down path (conv_in, every resnet, every
-        downsampler) plus the mid block's output."""
+    def residual_numel(self, width: int, height: Optional[int] = None) -> int:
+        """Elements of one frame's 13 ControlNet residuals at output shape ``width`` x
+        ``height`` (``height`` None: a square): one per skip feature of the UNet's down
+        path (conv_in, every resnet, every downsampler) plus the mid block's output."""
         cfg = self.models.unet.config
-        ch, side = cfg.block_out_channels, size // 8
-        total = ch[0] * side * side  # conv_in
+        ch = cfg.block_out_channels
+        h, w = (width if height is None else height) // 8, width // 8
+        total = ch[0] * h * w  # conv_in
         for i, c in enumerate(ch):
-            s = side >> i
-            total += cfg.layers_per_block * c * s * s
+            hi, wi = h >> i, w >> i
+            total += cfg.layers_per_block * c * hi * wi
             if i < len(ch) - 1:
-                total += c * (s // 2) * (s // 2)  # downsampler
-        return total + ch[-1] * (side >> (len(ch) - 1)) ** 2  # mid
+                total += c * (hi // 2) * (wi // 2)  # downsampler
+        return total + ch[-1] * (h >> (len(ch) - 1)) * (w >> (len(ch) - 1))  # mid
 
-    def memory_model(self, size: int) -> MemoryModel:
-        """Working-memory estimates of this backend's calls at output size ``size``."""
+    def memory_model(self, width: int, height: Optional[int] = None) -> MemoryModel:
+        """Working-memory estimates of this backend's calls at output shape ``width`` x
+        ``height`` (``height`` None: a square)."""
+        height = width if height is None else height
         item = torch.empty((), dtype=self.dtype).element_size()
-        residuals = self.residual_numel(size) * item
+        residuals = self.residual_numel(width, height) * item
         cn = self.models.controlnet.net.config  # its conditioning embedding has its conv_in's width
         return MemoryModel(
             residuals_per_frame=residuals,
             unet_per_window=UNET_WINDOW_FACTOR * self.window * residuals,
             controlnet_per_frame=CONTROLNET_FRAME_FACTOR * residuals,
-            decode_per_frame=decode_bytes_per_frame(self.models.vae, size, self.dtype),
-            control_embedding_per_frame=cn.block_out_channels[0] * (size // 8) ** 2 * item,
+            decode_per_frame=decode_bytes_per_frame(self.models.vae, width, self.dtype, height),
+            control_embedding_per_frame=cn.block_out_channels[0] * (height // 8) * (width // 8) * item,
         )
 
     def encode_reference(self, image: Tensor) -> Tensor:
