@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from equality import FP32_GRAPH_TOL
 from onnx import TensorProto, helper
 
 from magicanimate_rt.errors import EngineError, InputError, ModelLoadError
@@ -22,8 +23,10 @@ from magicanimate_rt.engines.specs import (
     STAGE_NAMES, AxisRange, BatchRanges, ModelDims, StageSpec, stage_specs,
 )
 
-FP32_TOL = 1e-4  # relative L2 against the torch stage / the original (issue 4)
-FP16_TOL = 3e-2
+FP32_TOL = 1e-4  # relative L2 against the original's recorded outputs (issue 4)
+# a float32 graph against its float32 torch stage: equality.FP32_GRAPH_TOL (3e-4, >= 150x
+# the measured <= 2e-6; both are ~1e-6 from the float64 function at any size)
+FP16_TOL = 3e-2  # an fp16 graph against the float32 torch stage: fp16 rounding (measured <= 1.5e-3)
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
@@ -155,7 +158,7 @@ def test_fp32_graph_matches_torch_stage(engines_fp32, tiny_model_set, stage):
         axes = {a: frames for a in spec.axes} if frames else {}
         assert [g.shape for g in got] == [r.shape for r in ref] == [spec.shapes(**axes)[n] for n in spec.output_names]
         for name, g, r in zip(spec.output_names, got, ref):
-            assert rel_l2(g, r) < FP32_TOL, (stage, frames, name, rel_l2(g, r))
+            assert rel_l2(g, r) < FP32_GRAPH_TOL, (stage, frames, name, rel_l2(g, r))
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +334,7 @@ def test_dynamo_exporter_where_onnxscript_is_installed(tiny_model_set, tmp_path)
     ox.export_onnx(module, spec32, tmp_path / "d.onnx", exporter="dynamo")
     ox.check_onnx(tmp_path / "d.onnx", spec32)
     cmp, _ = ox.compare_with_torch(tmp_path / "d.onnx", module, spec32)  # at a batch other than the traced one
-    assert cmp.rel_l2 < FP32_TOL
+    assert cmp.rel_l2 < FP32_GRAPH_TOL
     ox.convert_file_to_fp16(tmp_path / "d.onnx", tmp_path / "h.onnx", ox.fp32_node_rule(module, "dynamo"))
     ox.check_onnx(tmp_path / "h.onnx", spec16)
     assert ox.compare_with_torch(tmp_path / "h.onnx", module, spec16)[0].rel_l2 < FP16_TOL

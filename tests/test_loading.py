@@ -116,9 +116,10 @@ def test_fp16_variant_file_loads(models, tiny):
     f.unlink()
     save_file({k: v.half() for k, v in sd.items()}, str(f.with_name("diffusion_pytorch_model.fp16.safetensors")))
     vae = loading.load_vae(ModelPaths.locate(models))
-    k = next(iter(sd))
-    assert vae.vae.state_dict()[k].dtype == torch.float32
-    assert torch.allclose(vae.vae.state_dict()[k], sd[k], rtol=1e-3, atol=1e-4)
+    loaded = vae.vae.state_dict()
+    for k in sd:  # every weight is its fp16 value, widened exactly to float32
+        assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], sd[k].half().float()), k
+    assert any(not torch.equal(loaded[k], sd[k]) for k in sd)  # the fp16 file, not the original, was read
 
 
 def test_appearance_encoder_accepts_exactly_its_pruned_tail(models, tiny):
@@ -164,6 +165,9 @@ def test_writer_is_deterministic_and_has_no_zero_weights(tmp_path):
 
 # --------------------------------------------------------------------------- fuzz
 FUZZ_SECONDS = float(os.environ.get("MAGICANIMATE_FUZZ_SECONDS", "40"))
+#: damaged files each loader reads before the time-bounded runs: seeded, so the same
+#: inputs on every machine, whatever its speed
+SEEDED_RUNS = 40
 
 TARGETS = {
     # file relative to the model set -> loader that reads it
@@ -175,33 +179,51 @@ TARGETS = {
     "motion .ckpt": (MOTION, lambda p: read_state_dict(p.motion)),
 }
 
+#: ModelLoadErrors each loader must give among its SEEDED_RUNS damaged files: about 80% of
+#: what was measured (vae 37, text encoder 37, unet config 40, controlnet config 37,
+#: tokenizer 38, motion 34 of 40; the rest loaded), so the damage reaches the loaders'
+#: error paths rather than only files they accept
+MIN_ERRORS = {"vae safetensors": 30, "text encoder .bin": 30, "unet config.json": 32,
+              "controlnet config.json": 30, "tokenizer vocab.json": 30, "motion .ckpt": 27}
 
-def mutate(data: bytes, rng: random.Random) -> bytes:
+
+def mutate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """A damaged copy of ``data`` and what was done to it."""
     if rng.random() < 0.4:
-        return data[: rng.randrange(len(data))]
+        n = rng.randrange(len(data))
+        return data[:n], f"truncated to {n} of {len(data)} bytes"
     b = bytearray(data)
+    flips = []
     for _ in range(rng.randint(1, 8)):
         # bias flips towards the start, where headers and structure live
         i = min(len(b) - 1, int(rng.expovariate(1 / 2000))) if rng.random() < 0.7 else rng.randrange(len(b))
-        b[i] ^= 1 << rng.randrange(8)
-    return bytes(b)
+        bit = rng.randrange(8)
+        b[i] ^= 1 << bit
+        flips.append(f"{i}:{bit}")
+    return bytes(b), f"bits flipped (byte:bit) {', '.join(flips)}"
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_fuzz_loaders(target, tiny, tmp_path):
-    """Damaged files give a ModelLoadError or a successful load, never anything else."""
+    """Damaged files give a ModelLoadError (one line, naming the file) or a successful
+    load, never any other exception; and the damage does reach the error paths."""
     rel, loader = TARGETS[target]
     models = linked_copy(tiny, tmp_path / "models")
     original = (tiny / rel).read_bytes()
     rng = random.Random(f"{target}-0")
     deadline = time.monotonic() + FUZZ_SECONDS / len(TARGETS)
-    runs = errors = 0
-    while time.monotonic() < deadline or runs < 3:
-        replace_file(models / rel, mutate(original, rng))
+    runs = 0
+    errors = {"seeded": 0, "all": 0}
+    while runs < SEEDED_RUNS or time.monotonic() < deadline:
+        data, damage = mutate(original, rng)
+        replace_file(models / rel, data)
         try:
             loader(ModelPaths.locate(models))
         except ModelLoadError as e:
-            assert "\n" not in str(e)
-            errors += 1
+            assert "\n" not in str(e) and str(models / rel.parts[0]) in str(e), (damage, str(e))
+            errors["all"] += 1
+            errors["seeded"] += runs < SEEDED_RUNS
+        except Exception as e:  # anything else escaped the loader
+            pytest.fail(f"{target}, run {runs} ({damage}): {type(e).__name__}: {e}")
         runs += 1
-    assert runs >= 3
+    assert errors["seeded"] >= MIN_ERRORS[target], (errors, runs)

@@ -229,8 +229,9 @@ class FrameGroupNorm(nn.GroupNorm):
     Input (B*F, C, H, W) frame-major; the 16 frames of a window share their statistics
     (REFERENCE 3.5: AnimateDiff v1 applies a 2D ``nn.GroupNorm`` to a 5D tensor).
     diffusers' ``ResnetBlock2D`` normalises each frame on its own, which changes the output
-    by several percent, so this is ours. Statistics are computed in float32 whatever the
-    input dtype (fp16 variance over ~1M elements loses precision).
+    by several percent, so this is ours. Statistics are computed in float32 at least
+    whatever the input dtype (fp16 variance over ~1M elements loses precision; float64
+    inputs keep float64).
     With ``num_frames == 1`` it is an ordinary GroupNorm (the 2D appearance encoder).
     """
 
@@ -242,7 +243,7 @@ class FrameGroupNorm(nn.GroupNorm):
         nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         xg = x.permute(0, 2, 3, 1).reshape(b, num_frames * h * w, g, c // g) if nhwc \
             else x.reshape(b, num_frames, g, (c // g) * h * w)
-        x32 = xg.float()
+        x32 = xg.to(torch.promote_types(xg.dtype, torch.float32))  # float64 stays float64
         var, mean = torch.var_mean(x32, dim=(1, 3), keepdim=True, correction=0)
         y = ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
         if nhwc:
