@@ -49,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output", type=Path, required=True, help="animation, H.264 mp4 at 25 fps")
     out.add_argument("--grid", type=Path, help="also write the original's [source | driving | result] grid video")
     s = a.add_argument_group("sampling")
-    s.add_argument("--size", type=int, default=512, help="output side in pixels, a multiple of 64 (default 512)")
+    s.add_argument("--size", type=int, default=512,
+                   help="output side of a square video in pixels, a multiple of 64 up to 2048 (default 512)")
+    s.add_argument("--width", type=int, default=None,
+                   help="output width in pixels, with --height, instead of --size (e.g. portrait: --width 512 "
+                        "--height 768)")
+    s.add_argument("--height", type=int, default=None, help="output height in pixels, with --width")
+    s.add_argument("--fit", choices=("stretch", "crop", "pad"), default="stretch",
+                   help="inputs of another aspect ratio: stretch (resize, the original; default), crop (the centre, "
+                        "resized) or pad (with edge values, resized)")
+    s.add_argument("--crop-output", action="store_true",
+                   help="with --fit pad: crop the output back to where the driving video's content lies")
     s.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale >= 1 (default 7.5)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -97,35 +107,42 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None):
+def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None, box=None):
     """Animate and write the mp4 (and the grid) chunk by chunk as frames are decoded: the
     decoded video is never in memory whole. Both files are written to temporary paths and
-    renamed when complete; on any error or Ctrl-C neither appears."""
-    from .runtime.media import VideoWriter, grid_frames
+    renamed when complete; on any error or Ctrl-C neither appears.
 
+    ``size``: the output side, or (width, height); ``source`` and ``driving`` are already
+    that shape. ``box`` (left, top, right, bottom): the mp4 gets only that part of every
+    frame (``--crop-output``); the grid shows whole frames."""
+    from .runtime.media import VideoWriter, crop_frames, grid_frames
+
+    width, height = (size, size) if isinstance(size, int) else size
+    shape = dict(width=width, height=height)
     if not pipe.writes_outputs:  # another rank of a torchrun job: the same work, rank 0 writes
-        return pipe.animate(source, driving, size=size, steps=steps, guidance_scale=guidance, seed=seed)
+        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, **shape)
     ranks = f" on {pipe.world_size} processes" if pipe.world_size > 1 else ""
-    _log(f"animating {driving.shape[0]} frames at {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}"
+    _log(f"animating {driving.shape[0]} frames at {width}x{height}, {steps} steps, guidance {guidance}, seed {seed}"
          f"{ranks}")
     with contextlib.ExitStack() as writers:
         video = writers.enter_context(VideoWriter(output))
         side = writers.enter_context(VideoWriter(grid)) if grid is not None else None
 
         def sink(first: int, frames) -> None:
-            video.write(frames)
+            video.write(frames if box is None else crop_frames(frames, box))
             if side is not None:
                 side.write(grid_frames(source, driving[first : first + frames.shape[0]], frames))
 
-        return pipe.animate(source, driving, size=size, steps=steps, guidance_scale=guidance, seed=seed,
-                            progress=True, frame_sink=sink)
+        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, progress=True,
+                            frame_sink=sink, **shape)
 
 
 def cmd_animate(args) -> int:
-    from .runtime.media import load_source_image, read_video
+    from .runtime.media import driving_frames, load_source_image
     from .runtime.pipeline import AnimationPipeline, validate_settings
 
-    validate_settings(args.size, args.steps, args.guidance)
+    shape = validate_settings(args.size, args.steps, args.guidance, args.width, args.height, args.fit,
+                              args.crop_output, names=("--size", "--width", "--height"))
     if (args.models is None) == (args.engines is None):
         raise InputError("give exactly one of --models DIR or --engines DIR")
     _check_output(args.output, "--output")
@@ -138,8 +155,9 @@ def cmd_animate(args) -> int:
     if args.engines is not None and not args.engines.is_dir():
         raise InputError(f"--engines {args.engines}: directory not found")
     # read the inputs before loading any model, so bad input fails fast
-    source = load_source_image(args.source, args.size)
-    driving = read_video(args.driving, size=args.size, start_frame=args.start_frame, max_frames=args.max_frames)
+    source = load_source_image(args.source, shape, args.fit)
+    driving, box = driving_frames(args.driving, shape, args.start_frame, args.max_frames, args.fit)
+    box = box if args.crop_output and box != (0, 0, *shape) else None
 
     t0 = time.perf_counter()
     if args.models is not None:
@@ -153,7 +171,8 @@ def cmd_animate(args) -> int:
         writer = pipe.writes_outputs  # rank 0 of a torchrun job (or the only process)
         if writer:
             _log(f"loaded in {time.perf_counter() - t0:.1f} s")
-        result = _run(pipe, source, driving, args.size, args.steps, args.guidance, args.seed, args.output, args.grid)
+        result = _run(pipe, source, driving, shape, args.steps, args.guidance, args.seed, args.output, args.grid,
+                      box)
     if writer:
         _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
              f" ({driving.shape[0]} frames, {result.timings['total']:.1f} s)")
