@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     b.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
     b.set_defaults(func=cmd_batch)
+
+    c = sub.add_parser("check-models", help="check a downloaded models directory from its headers, loading no "
+                                            "weights (README 'Weights')")
+    c.add_argument("models", type=Path, help="model directory in the real layout (README 'Weights')")
+    c.set_defaults(func=cmd_check_models)
     return p
 
 
@@ -218,6 +223,19 @@ def cmd_batch(args) -> int:
         if pipe.writes_outputs:
             _log(f"loaded in {time.perf_counter() - t0:.1f} s; writing {batch.output}")
         return run_batch(batch, pipe, _run, log=_log, prog=PROG)
+
+
+def cmd_check_models(args) -> int:
+    """Print, per component, the file loading would read and why, its dtype, key count and
+    size, the choices (what the motion checkpoint overrides, sd-vae-ft-mse, ...) and every
+    problem loading would raise; exit 0 when the set would load, 2 otherwise. Headers only:
+    no weights are read."""
+    from .command_line import fail
+    from .models.loading import check_model_set
+
+    ok, lines = check_model_set(args.models)
+    print("\n".join(lines), flush=True)
+    return 0 if ok else fail(PROG, f"{args.models}: the models would not load (problems above)")
 
 
 def main(argv=None) -> int:

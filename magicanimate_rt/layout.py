@@ -52,3 +52,63 @@ def weights_names(component: str) -> tuple[str, ...]:
 def pick_weights(directory: Path, names: Iterable[str]) -> Optional[Path]:
     """The first of ``names`` present in ``directory`` (None if none is)."""
     return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
+# --------------------------------------------------------------------------- the published folders
+#: why each weights name is the one read, by its place in the order (DIFFUSERS_WEIGHTS,
+#: TRANSFORMERS_WEIGHTS): what diffusers 0.21.4 / transformers 4.32 pick without a variant
+CHOICE_REASONS = (
+    "full-precision safetensors (what diffusers/transformers read when a folder holds several files)",
+    "full-precision pickle (there is no full-precision safetensors file)",
+    "only the fp16 variant is present: its values are cast to the requested dtype "
+    "(the original, asking for no variant, would find no weights)",
+    "only the fp16 pickle variant is present: its values are cast to the requested dtype "
+    "(the original, asking for no variant, would find no weights)",
+)
+#: file suffixes that hold weights (a file with one of them that is not chosen is reported)
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+#: folders and files of the published Stable Diffusion 1.5 folder that MagicAnimate does not use
+SD_UNUSED = {
+    "safety_checker": "the NSFW classifier of SD's own pipeline; MagicAnimate does not run it",
+    "feature_extractor": "the safety checker's image preprocessing; not used",
+    "scheduler": "MagicAnimate has its own DDIM settings",
+}
+
+
+def other_weights_files(directory: Path, chosen: Optional[Path]) -> list[tuple[str, str]]:
+    """The weights files of ``directory`` that are not ``chosen``, as (name, why it is not
+    read): the other formats and precisions, and ``*.non_ema.*`` (SD's non-EMA training
+    weights, never read whatever else is there)."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for p in sorted(directory.iterdir()):
+        if not p.is_file() or p.suffix not in WEIGHTS_SUFFIXES or (chosen is not None and p.name == chosen.name):
+            continue
+        if ".non_ema." in p.name:
+            why = "non-EMA training weights: never read"
+        elif chosen is not None:
+            why = f"not read: {chosen.name} is preferred"
+        else:
+            why = "not a weights file name the loader reads"
+        out.append((p.name, why))
+    return out
+
+
+def unused_entries(root: Path) -> list[tuple[str, str]]:
+    """What the published folders hold that is never read, as (path relative to ``root``,
+    why): SD's single-file checkpoints (``v1-5-pruned-emaonly.{ckpt,safetensors}``: the
+    diffusers folders hold the same model), its safety checker, feature extractor and
+    scheduler, and SD's own vae/ when sd-vae-ft-mse/ replaces it."""
+    sd = root / SD_DIR
+    out = []
+    if sd.is_dir():
+        for p in sorted(sd.iterdir()):
+            if p.is_file() and p.suffix in WEIGHTS_SUFFIXES:
+                out.append((f"{SD_DIR}/{p.name}", "SD's single-file checkpoint: the diffusers folders are read "
+                                                  "instead"))
+            elif p.is_dir() and p.name in SD_UNUSED:
+                out.append((f"{SD_DIR}/{p.name}/", SD_UNUSED[p.name]))
+        if (root / VAE_MSE_DIR).is_dir() and (sd / "vae").is_dir():
+            out.append((f"{SD_DIR}/vae/", f"replaced by {VAE_MSE_DIR}/ (as the original's config)"))
+    return out
