@@ -310,9 +310,10 @@ def denoise(
         groups.append((members, rows, distinct, where))
     needed = None  # with several ranks: the frames this rank's windows read
     if ranks is not None:
-        needed = torch.zeros(n, dtype=torch.bool, device=device)
-        for idx in mine:
-            needed[idx] = True
+        # on the host, from the window lists: choosing chunks from it never syncs the device
+        needed = torch.zeros(n, dtype=torch.bool)
+        for k in share:
+            needed[list(win[k])] = True
     embedded = plan.embed_control_once and stages.capabilities.controlnet_in_two_parts
     if embedded and (needed is None or bool(needed.any())):  # the driving frames' embedding, once for all steps
         with timer.stage("controlnet"):
