@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VAE decode time and peak working memory against the decode chunk (frames per call).
 
-    python benchmarks/decode_chunks.py [--vae-config PATH] [--size 512] [--frames 16]
+    python benchmarks/decode_chunks.py [--vae-config PATH] [--size 512 | --width W --height H] [--frames 16]
                                        [--chunks 1,2,4,8,16] [--device cuda] [--repeats 5]
                                        [--cudnn-benchmark both|on|off] [--out FILE.json]
 
@@ -53,7 +53,9 @@ def sync(device: torch.device) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae-config", type=Path, default=None, help="an AutoencoderKL config.json")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=512, help="square output side")
+    p.add_argument("--width", type=int, default=None, help="output width, with --height (e.g. 512 x 768)")
+    p.add_argument("--height", type=int, default=None)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--chunks", default="1,2,4,8,16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,13 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--cudnn-benchmark", choices=("both", "on", "off"), default="off")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    if (a.width is None) != (a.height is None):
+        p.error("give --width and --height together")
+    width, height = (a.width, a.height) if a.width is not None else (a.size, a.size)
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     chunks = [int(c) for c in a.chunks.split(",") if c.strip()]
     torch.manual_seed(0)
     vae = VAE(vae_config(a.vae_config)).to(device=device, dtype=dtype).eval()
-    latents = torch.randn(a.frames, 4, a.size // 8, a.size // 8, device=device, dtype=dtype)
-    predicted = decode_bytes_per_frame(vae, a.size, dtype)  # the torch backend's estimate
+    latents = torch.randn(a.frames, 4, height // 8, width // 8, device=device, dtype=dtype)
+    predicted = decode_bytes_per_frame(vae, width, dtype, height)  # the torch backend's estimate
     rows = []
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.cudnn_benchmark]
     for bench in modes:
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
                   f"[{min(times):.4f}-{max(times):.4f}], working "
                   f"{'-' if peak is None else f'{peak:,.0f}'} MiB (model {predicted * chunk / 2**20:,.0f})", flush=True)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "dtype": str(dtype), "size": a.size, "frames": a.frames,
+              "torch": torch.__version__, "dtype": str(dtype), "width": width, "height": height, "frames": a.frames,
               "repeats": a.repeats, "rows": rows}
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)

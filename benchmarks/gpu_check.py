@@ -279,22 +279,25 @@ def sd15_model_set(shared: Path, cache: Path, preset: str) -> Path:
     return path
 
 
-def time_one(c: Check, label: str, pipe, frames: int, setup: Setup, inputs, warm: bool) -> Optional[dict]:
+def time_one(c: Check, label: str, pipe, frames: int, setup: Setup, inputs, warm: bool,
+             shape: Optional[tuple[int, int]] = None) -> Optional[dict]:
     """One timed animation (after a 1-step warm-up when ``warm``); its per-stage seconds
-    and peak memory."""
+    and peak memory. ``shape``: (width, height) instead of the setup's square size."""
     import torch
 
     source, driving = inputs
     cuda = setup.device == "cuda"
+    width, height = shape or (setup.size, setup.size)
+    size = dict(width=width, height=height)
     if warm:
-        pipe.animate(source, driving[:16], size=setup.size, steps=1)
+        pipe.animate(source, driving[:16], steps=1, **size)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    result = pipe.animate(source, driving[:frames], size=setup.size, steps=setup.steps)
-    row = {"config": label, "frames": frames, "steps": setup.steps, "size": setup.size,
-           "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+    result = pipe.animate(source, driving[:frames], steps=setup.steps, **size)
+    row = {"config": label, "frames": frames, "steps": setup.steps, "size": setup.size, "width": width,
+           "height": height, "timings": {k: round(v, 4) for k, v in result.timings.items()}}
     if cuda:
         free, total = torch.cuda.mem_get_info()
         row.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
@@ -379,6 +382,24 @@ def timings(c: Check, args, shared: Path, cache: Path, budget: Budget) -> None:
                     first[label] = row
         if setup.device == "cuda":
             torch.cuda.empty_cache()
+    # portrait (issue 16): SD 1.5 at 512 x 768 (the dry run: 128 x 192), 16 frames, ours;
+    # 1.5x the tokens of the square, so about 1.5x its time
+    portrait = (setup.size, setup.size * 3 // 2)
+    what = f"timing ours (torch), portrait {portrait[0]}x{portrait[1]}, 16 frames"
+    square = first.get("ours (torch)")
+    if square is None:
+        c.skip(what, "no square 16-frame run to estimate it from")
+    elif 1.6 * square["timings"]["total"] > budget.left():
+        c.skip(what, f"estimated {1.6 * square['timings']['total']:.0f} s, {max(budget.left(), 0):.0f} s left")
+    else:
+        with c.part(what):
+            with configs[1][1]() as pipe:
+                row = time_one(c, f"ours (torch), portrait {portrait[0]}x{portrait[1]}", pipe, 16, setup,
+                               (demo.source_image(portrait[0], portrait[1]),
+                                demo.driving_clip(16, portrait[0], portrait[1])),
+                               warm=setup.device == "cuda", shape=portrait)
+            row["vs_square"] = round(row["timings"]["total"] / square["timings"]["total"], 3)
+            log(f"   portrait / square: {row['vs_square']:.2f}x (tokens 1.5x)")
     del models
 
 
@@ -409,7 +430,7 @@ def speedups(rows: list) -> list:
     by = {(r["config"], r["frames"]): r for r in rows}
     for (config, frames), r in by.items():
         base = by.get(("original schedule", frames))
-        if base is None or config == "original schedule":
+        if base is None or config == "original schedule" or "portrait" in config:  # (its ratio: vs_square)
             continue
         entry = {"config": config, "frames": frames,
                  "total": round(base["timings"]["total"] / r["timings"]["total"], 2)}

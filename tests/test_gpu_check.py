@@ -52,7 +52,10 @@ def test_dry_run_end_to_end(shared_dir, tmp_path):
     for config in ("original schedule", "ours (torch)"):
         for frames in (16, 32):
             assert (config, frames) in ran or f"timing {config}, {frames} frames" in said
+    portrait = "timing ours (torch), portrait 128x192, 16 frames"
+    assert ("ours (torch), portrait 128x192", 16) in ran or portrait in said
     for r in report["timings"]:
         assert r["steps"] == 2 and r["size"] == 128
+        assert (r["width"], r["height"]) == ((128, 192) if "portrait" in r["config"] else (128, 128))
         assert r["timings"]["total"] > 0 and {"unet", "controlnet", "vae_decode"} <= set(r["timings"])
     assert "TensorRT timings" in said and "## Correctness" in md and "| torch cpu fp32 |" in md
