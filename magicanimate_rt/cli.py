@@ -11,7 +11,6 @@ ends with one line and exit code 130.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -88,6 +87,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
     b.set_defaults(func=cmd_batch)
 
+    v = sub.add_parser("serve", help="the HTTP service: warm models, a job queue, progress events and a web page "
+                                     "(README 'Serving'; needs pip install -e \".[serve]\")")
+    m = v.add_argument_group("models")
+    m.add_argument("--models", type=Path, help="model directory in the real layout (README 'Weights')")
+    m.add_argument("--engines", type=Path, help="engine directory from build_engines.py (instead of --models)")
+    m.add_argument("--backend", default=None, help="torch (default with --models) or onnxruntime (with --engines)")
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: one worker")
+    m.add_argument("--devices", default=None, help="one worker per device, comma-separated (e.g. cuda:0,cuda:1 "
+                                                    "or cpu,cpu); overrides --device")
+    m.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    n = v.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
+                                                        "--api-key-file)")
+    n.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    n.add_argument("--api-key-file", type=Path, default=None,
+                   help="file whose first line is the key every request but /healthz and the page must send as "
+                        "'Authorization: Bearer <key>'")
+    lim = v.add_argument_group("storage and limits")
+    lim.add_argument("--data-dir", type=Path, default=Path("magicanimate-data"),
+                     help="uploads, the SQLite job store and results (default ./magicanimate-data)")
+    lim.add_argument("--max-queue", type=_positive_int, default=16, help="jobs that may wait (default 16); more get 429")
+    lim.add_argument("--max-upload-mb", type=float, default=200.0, help="largest request body in MiB (default 200)")
+    lim.add_argument("--max-frames", type=_positive_int, default=1024, help="driving frames a job may use (default 1024)")
+    lim.add_argument("--max-steps", type=_positive_int, default=100, help="largest steps a job may ask for (default 100)")
+    lim.add_argument("--max-side", type=_positive_int, default=1024,
+                     help="largest output width or height in px (default 1024)")
+    lim.add_argument("--keep-hours", type=float, default=24.0,
+                     help="finished jobs and their videos are deleted after this many hours (default 24)")
+    lim.add_argument("--shutdown-grace", type=float, default=0.0,
+                     help="on SIGTERM, seconds running jobs may go on before they are cancelled (default 0)")
+    lim.add_argument("--examples-dir", type=Path, default=None,
+                     help="images and videos the page offers as examples, besides the built-in one")
+    lim.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    v.set_defaults(func=cmd_serve)
+
     c = sub.add_parser("check-models", help="check a downloaded models directory from its headers, loading no "
                                             "weights (README 'Weights')")
     c.add_argument("models", type=Path, help="model directory in the real layout (README 'Weights')")
@@ -113,33 +147,10 @@ def _log(msg: str) -> None:
 
 
 def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None, box=None):
-    """Animate and write the mp4 (and the grid) chunk by chunk as frames are decoded: the
-    decoded video is never in memory whole. Both files are written to temporary paths and
-    renamed when complete; on any error or Ctrl-C neither appears.
+    """Animate and write the mp4 (and the grid) with the progress bar and notes (render.py)."""
+    from .render import animate_to_files
 
-    ``size``: the output side, or (width, height); ``source`` and ``driving`` are already
-    that shape. ``box`` (left, top, right, bottom): the mp4 gets only that part of every
-    frame (``--crop-output``); the grid shows whole frames."""
-    from .runtime.media import VideoWriter, crop_frames, grid_frames
-
-    width, height = (size, size) if isinstance(size, int) else size
-    shape = dict(width=width, height=height)
-    if not pipe.writes_outputs:  # another rank of a torchrun job: the same work, rank 0 writes
-        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, **shape)
-    ranks = f" on {pipe.world_size} processes" if pipe.world_size > 1 else ""
-    _log(f"animating {driving.shape[0]} frames at {width}x{height}, {steps} steps, guidance {guidance}, seed {seed}"
-         f"{ranks}")
-    with contextlib.ExitStack() as writers:
-        video = writers.enter_context(VideoWriter(output))
-        side = writers.enter_context(VideoWriter(grid)) if grid is not None else None
-
-        def sink(first: int, frames) -> None:
-            video.write(frames if box is None else crop_frames(frames, box))
-            if side is not None:
-                side.write(grid_frames(source, driving[first : first + frames.shape[0]], frames))
-
-        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, progress=True,
-                            frame_sink=sink, **shape)
+    return animate_to_files(pipe, source, driving, size, steps, guidance, seed, output, grid, box, log=_log)
 
 
 def cmd_animate(args) -> int:
@@ -222,7 +233,35 @@ def cmd_batch(args) -> int:
                                            dtype=args.dtype) as pipe:
         if pipe.writes_outputs:
             _log(f"loaded in {time.perf_counter() - t0:.1f} s; writing {batch.output}")
-        return run_batch(batch, pipe, _run, log=_log, prog=PROG)
+        return run_batch(batch, pipe, log=_log, prog=PROG)
+
+
+def cmd_serve(args) -> int:
+    """Check every flag (one line, exit 2, before binding a port), then serve until SIGTERM."""
+    try:
+        from .serve.server import serve
+        from .serve.settings import ServeSettings, read_api_key
+    except ImportError as e:
+        raise InputError(f"serve needs the service's packages ({e.name} is missing): pip install -e \".[serve]\"") \
+            from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("serve runs in one process; give it several devices with --devices, not torchrun")
+    devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
+    settings = ServeSettings(
+        models=args.models, engines=args.engines, backend=args.backend, devices=devices, dtype=args.dtype,
+        host=args.host, port=args.port, data_dir=args.data_dir, max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_frames=args.max_frames, max_steps=args.max_steps,
+        max_side=args.max_side, keep_hours=args.keep_hours,
+        api_key=read_api_key(args.api_key_file) if args.api_key_file is not None else None,
+        shutdown_grace_s=args.shutdown_grace, examples_dir=args.examples_dir).check()
+    if args.models is not None:
+        from .models.loading import check_model_set
+
+        ok, lines = check_model_set(args.models)
+        if not ok:
+            print("\n".join(lines), file=sys.stderr)
+            raise InputError(f"--models {args.models}: the models would not load (problems above)")
+    return serve(settings, log_level=args.log_level)
 
 
 def cmd_check_models(args) -> int:

@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .errors import MagicAnimateError
+from .errors import MagicAnimateError, user_message
 
 #: exit codes
 EXIT_ERROR = 2
@@ -47,14 +47,11 @@ def run_command(prog: str, body: Callable[[], int], *, interrupted: str = "no ou
     was"); ``out_of_memory`` / ``cuda_out_of_memory``: what to do about it."""
     try:
         return body()
-    except MagicAnimateError as e:
-        return fail(prog, str(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        return fail(prog, f"out of memory; {out_of_memory}")
-    except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+    except (MagicAnimateError, MemoryError, RuntimeError) as e:
+        message = user_message(e, out_of_memory, cuda_out_of_memory)
+        if message is None:
             raise
-        return fail(prog, f"CUDA out of memory; {cuda_out_of_memory}")
+        return fail(prog, message)

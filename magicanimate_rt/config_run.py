@@ -32,8 +32,8 @@ What each key means comes from the original's ``magicanimate/pipelines/animation
 Relative paths are looked up in the current directory first (the original runs from its
 repository root, where the shipped config's paths start), then in the config's folder.
 
-This module does not import the CLI (``tests/test_imports.py``): the CLI passes in the one
-function that animates a pair and writes its video and grid (``cli._run``).
+Each pair is animated and written by ``render.animate_to_files``, as ``magicanimate-rt
+animate`` writes its video.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .command_line import EXIT_INTERRUPTED
-from .errors import DistributedError, InputError, MagicAnimateError
+from .errors import DistributedError, InputError, user_message
 from .layout import MOTION_CKPT, SD_DIR, VAE_MSE_DIR, component_dirs
 
 #: where runs go without --output-dir (the original writes to samples/ under its cwd)
@@ -513,11 +513,6 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
 
 
 # --------------------------------------------------------------------------- running it
-#: (pipe, source, driving, size, steps, guidance, seed, output, grid) -> result: animates
-#: and writes the video and its grid chunk by chunk (the CLI's ``_run``)
-AnimateAndWrite = Callable[..., Any]
-
-
 def draw_seeds(pairs: list[Pair], pipe) -> list[int]:
     """Each pair's seed; -1 draws one (0..2^32-1). Under torchrun every rank gets rank 0's
     draws, so the processes that share a clip start from the same noise."""
@@ -541,13 +536,7 @@ def _one_line(e: BaseException) -> Optional[str]:
     the batch goes on after it. A failure between ranks (DistributedError) ends the batch."""
     if isinstance(e, DistributedError):
         return None
-    if isinstance(e, MagicAnimateError):
-        return str(e)
-    if isinstance(e, MemoryError):
-        return "out of memory; lower size or max_length"
-    if isinstance(e, RuntimeError) and type(e).__name__ == "OutOfMemoryError":
-        return "CUDA out of memory; lower size or max_length, or use --dtype float16"
-    return None
+    return user_message(e, "lower size or max_length", "lower size or max_length, or use --dtype float16")
 
 
 def _write_yaml(path: Path, data: dict) -> None:
@@ -558,7 +547,8 @@ def _write_yaml(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, animate: AnimateAndWrite, writer: bool) -> None:
+def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, writer: bool, log: Callable[[str], None]) -> None:
+    from .render import animate_to_files
     from .runtime.media import read_video, write_video
 
     source = read_source(pair.source, batch.size)
@@ -572,8 +562,8 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, animate: AnimateAnd
         except OSError as e:
             raise InputError(f"output {folder}: cannot create it ({e.strerror or e})") from None
     try:
-        animate(pipe, source, driving, batch.size, batch.steps, batch.guidance_scale, seed,
-                videos / f"{pair.name}.mp4", folder / "grid.mp4")
+        animate_to_files(pipe, source, driving, batch.size, batch.steps, batch.guidance_scale, seed,
+                         videos / f"{pair.name}.mp4", folder / "grid.mp4", log=log)
         if writer and batch.save_individual_videos:
             write_video(folder / "ctrl.mp4", driving)
             write_video(folder / "orig.mp4", np.broadcast_to(source, driving.shape))
@@ -583,7 +573,7 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, animate: AnimateAnd
         raise
 
 
-def run_batch(batch: Batch, pipe, animate: AnimateAndWrite, log: Callable[[str], None] = print,
+def run_batch(batch: Batch, pipe, log: Callable[[str], None] = print,
               prog: str = "magicanimate-rt") -> int:
     """Animate every pair of ``batch`` with ``pipe`` (warm, shared by all pairs) and write
     the original's tree where ``pipe.writes_outputs``; other ranks run the same requests and
@@ -605,7 +595,7 @@ def run_batch(batch: Batch, pipe, animate: AnimateAndWrite, log: Callable[[str],
             note(f"pair {pair.index}/{len(batch.pairs)}: {pair.source_text} + {pair.video_text} -> "
                  f"{batch.output / 'videos' / pair.name}.mp4")
             try:
-                _animate_pair(batch, pair, seed, pipe, animate, writer)
+                _animate_pair(batch, pair, seed, pipe, writer, note)
                 done += 1
             except Exception as e:
                 message = _one_line(e)

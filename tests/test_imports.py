@@ -163,3 +163,14 @@ def test_the_stage_contract_lives_in_engines(graph):
     build, backend = "magicanimate_rt.engines.tensorrt_build", "magicanimate_rt.runtime.backends.tensorrt_backend"
     assert backend not in graph[build] and build not in graph[backend]
     assert "magicanimate_rt.engines.tensorrt_plan" in graph[build] & graph[backend]
+
+
+def test_only_the_command_line_reads_the_service(graph):
+    # the service (FastAPI, uvicorn) sits on top: nothing below it may need its packages
+    bad = [(m, e) for m, edges in graph.items() for e in edges
+           if under(e, "magicanimate_rt.serve") and not under(m, "magicanimate_rt.serve") and m != "magicanimate_rt.cli"]
+    assert bad == []
+    assert any(under(e, "magicanimate_rt.serve") for e in graph["magicanimate_rt.cli"])
+    # and the service writes videos through the one writer the CLI uses
+    assert "magicanimate_rt.render" in graph["magicanimate_rt.serve.jobs"]
+    assert "magicanimate_rt.render" in graph["magicanimate_rt.config_run"]

@@ -1,0 +1,472 @@
+"""The job queue and its workers: one thread per device, each holding one warm pipeline.
+
+A job is a row in the store (``store.py``) plus, while it waits or runs, a :class:`Live`
+record in memory (its progress, a cancel flag). Jobs wait in one FIFO queue; each worker
+takes the oldest, reads its uploaded files, and animates into ``results/<id>/`` through
+``render.animate_to_files``, the CLI's own writer (temporary files renamed when complete,
+so a failed or cancelled job leaves nothing). Cancellation is a flag the progress callback
+checks after every denoising step and every decoded chunk: a running job stops at the next
+boundary.
+
+Restart: jobs the previous process left running are marked failed ("interrupted by a
+restart"), queued ones are queued again in their order. Finished jobs, their results and
+unused references older than ``keep_hours`` are deleted every few minutes.
+
+Changes reach the event streams through :class:`Notifier`, which wakes asyncio waiters
+from the worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import secrets
+import shutil
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import MagicAnimateError, user_message
+from .errors import ServiceError
+from .metrics import Metrics
+from .settings import ServeSettings
+from .store import FINAL, JobRow, Store
+from .uploads import replace_path
+
+log = logging.getLogger("magicanimate_rt.serve")
+
+#: job and reference ids: 16 hex digits (checked before any id touches a path)
+ID_CHARS = frozenset("0123456789abcdef")
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def valid_id(text: str) -> bool:
+    return len(text) == 16 and set(text) <= ID_CHARS
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback at a step boundary to stop a cancelled job."""
+
+
+@dataclass
+class Live:
+    """What a waiting or running job has in memory."""
+
+    progress: dict[str, Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled by the client"
+    last_tick: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Worker:
+    name: str
+    device: str
+    pipe: Any = None
+    thread: Optional[threading.Thread] = None
+    job: Optional[str] = None  #: the job it runs now
+    error: Optional[str] = None  #: why its models did not load
+
+
+def iso(t: Optional[float]) -> Optional[str]:
+    return None if t is None else _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def one_line(e: BaseException) -> str:
+    """The message a client sees for a failed job: the CLI's line for the errors a user can
+    cause, a short note for the rest (whose traceback goes to the server log)."""
+    message = user_message(e, "lower the size or max_frames", "lower the size or max_frames")
+    return message or f"internal error ({type(e).__name__}); the server log has the details"
+
+
+class Notifier:
+    """Wakes asyncio tasks waiting on a job when a worker thread changes it."""
+
+    def __init__(self):
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._waiters: dict[str, set[asyncio.Future]] = {}
+        self._versions: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def version(self, job_id: str) -> int:
+        with self._lock:
+            return self._versions.get(job_id, 0)
+
+    def notify(self, job_id: str) -> None:
+        with self._lock:
+            self._versions[job_id] = self._versions.get(job_id, 0) + 1
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._wake, job_id)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self._waiters.pop(job_id, set()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, job_id: str, seen: int, timeout: float) -> None:
+        """Return when the job's version passes ``seen`` or after ``timeout`` seconds."""
+        if self.version(job_id) != seen:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, set()).add(fut)
+        if self.version(job_id) != seen:  # changed between the check and the registration
+            return
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters.get(job_id, set()).discard(fut)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._versions.pop(job_id, None)
+
+
+class JobManager:
+    """The queue, the workers and every job's state. ``load_pipeline(device)`` builds one
+    warm pipeline (default: from ``settings``' models or engines)."""
+
+    def __init__(self, settings: ServeSettings, load_pipeline: Optional[Callable[[str], Any]] = None):
+        self.settings = settings
+        self.data = Path(settings.data_dir)
+        for sub in ("uploads", "references", "results", ".incoming"):
+            (self.data / sub).mkdir(parents=True, exist_ok=True)
+        # uploads of requests that never completed (a crash mid-upload)
+        for leftover in (self.data / ".incoming").iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.store = Store(self.data / "jobs.sqlite3")
+        self.load_pipeline = load_pipeline or self._load_pipeline
+        self.notifier = Notifier()
+        self.metrics = Metrics(lambda: len(self._queue), self.store.counts,
+                               lambda: [(w.name, w.device) for w in self.workers])
+        self.workers = [Worker(f"worker-{i}", d) for i, d in enumerate(settings.devices)]
+        self._queue: deque[str] = deque()
+        self._live: dict[str, Live] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.draining = False
+        self.fatal: Optional[str] = None  #: set when a worker's models cannot load
+        self.on_fatal: Optional[Callable[[str], None]] = None
+        self._loaded = 0
+        self._run_times: deque[float] = deque(maxlen=20)
+        self._janitor: Optional[threading.Thread] = None
+        self._janitor_stop = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Recover the store, start the workers (they load their models) and the janitor."""
+        for job_id in self.store.interrupted():
+            log.warning("job %s was running when the server stopped: marked failed", job_id)
+            self._remove_files(job_id, uploads=True)
+        for row in self.store.with_status("queued"):
+            missing = [p for p in (row.source, row.driving) if p is not None and not (self.data / p).is_file()]
+            if missing or (row.reference_id is not None and self.store.reference(row.reference_id) is None):
+                self.store.finish(row.id, "failed", "its uploaded files were lost while the server was down")
+                continue
+            self._live[row.id] = Live(progress=self._queued_progress(row))
+            self._queue.append(row.id)
+        self.expire()
+        for w in self.workers:
+            w.thread = threading.Thread(target=self._work, args=(w,), name=w.name, daemon=True)
+            w.thread.start()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="janitor", daemon=True)
+        self._janitor.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded == len(self.workers) and self.fatal is None
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop taking jobs; let running jobs go on for ``grace`` seconds, then cancel them at
+        their next step boundary; wait for the workers and close their pipelines. Queued jobs
+        stay queued in the store (the next start runs them)."""
+        self.draining = True
+        with self._cond:  # no worker takes another job; idle ones end now
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + grace
+        while grace > 0 and time.monotonic() < deadline and any(w.job for w in self.workers):
+            time.sleep(0.05)
+        with self._cond:
+            for w in self.workers:
+                if w.job is not None and w.job in self._live:
+                    live = self._live[w.job]
+                    live.cancel_reason = "cancelled: the server shut down"
+                    live.cancel.set()
+            self._cond.notify_all()
+        for w in self.workers:
+            if w.thread is not None:
+                w.thread.join()
+        self._janitor_stop.set()
+        if self._janitor is not None:
+            self._janitor.join()
+        self.store.close()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, job_id: str, params: dict, source: Optional[str], reference_id: Optional[str], driving: str,
+               grid: bool) -> int:
+        """Queue a job whose files are already under ``uploads/<job_id>/``; returns its
+        queue position (1: next). ServiceError 429 when the queue is full, 503 while
+        loading or draining."""
+        self._check_accepting()
+        with self._cond:
+            if len(self._queue) >= self.settings.max_queue:
+                raise ServiceError(429, f"the queue is full ({self.settings.max_queue} jobs waiting); retry later",
+                                   headers={"Retry-After": str(self.retry_after())})
+            self.store.add_job(job_id, params, source, reference_id, driving, grid)
+            row = self.store.get(job_id)
+            self._live[job_id] = Live(progress=self._queued_progress(row))
+            self._queue.append(job_id)
+            position = len(self._queue)
+            self._cond.notify()
+        self.notifier.notify(job_id)
+        return position
+
+    def _check_accepting(self) -> None:
+        if self.draining:
+            raise ServiceError(503, "the server is shutting down", headers={"Retry-After": "30"})
+        if self.fatal is not None:
+            raise ServiceError(503, f"the models failed to load: {self.fatal}")
+        if not self.ready:
+            raise ServiceError(503, "the models are still loading; retry shortly", headers={"Retry-After": "5"})
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: the mean recent run time per worker."""
+        mean = sum(self._run_times) / len(self._run_times) if self._run_times else 10.0
+        return max(1, round(mean / len(self.workers)))
+
+    def cancel(self, job_id: str) -> Optional[str]:
+        """Cancel a job: a queued one leaves the queue at once, a running one stops at its
+        next step boundary. Returns its status afterwards (None: unknown id)."""
+        with self._cond:
+            row = self.store.get(job_id)
+            if row is None:
+                return None
+            if row.status == "queued" and job_id in self._queue:
+                self._queue.remove(job_id)
+                self.store.finish(job_id, "cancelled", "cancelled by the client")
+                self._live.pop(job_id, None)
+                self._remove_files(job_id, uploads=True)
+                status = "cancelled"
+            elif row.status == "running" and job_id in self._live:
+                self._live[job_id].cancel.set()
+                status = "running"  # until the worker reaches the next step boundary
+            else:
+                status = row.status
+        self.notifier.notify(job_id)
+        return status
+
+    def status(self, job_id: str, row: Optional[JobRow] = None) -> Optional[dict]:
+        """The job's status object (the API's ``GET /v1/animations/{id}``), or None."""
+        row = row or self.store.get(job_id)
+        if row is None:
+            return None
+        live = self._live.get(job_id)
+        if live is not None and row.status not in FINAL:
+            progress = dict(live.progress)
+            if live.cancel.is_set():
+                progress["cancelling"] = True
+        else:
+            progress = row.progress or dict(self._queued_progress(row),
+                                            stage="finished" if row.status in FINAL else "queued")
+        position = None
+        if row.status == "queued":
+            with self._cond:
+                position = self._queue.index(job_id) + 1 if job_id in self._queue else None
+        p = row.params
+        done = row.status == "succeeded"
+        return {
+            "id": row.id, "status": row.status, "progress": progress, "queue_position": position,
+            "error": {"message": row.error} if row.error and row.status in ("failed", "cancelled") else None,
+            "timings": row.timings, "created": iso(row.created), "started": iso(row.started),
+            "finished": iso(row.finished),
+            "settings": {k: p[k] for k in ("width", "height", "steps", "guidance", "seed", "start_frame", "max_frames",
+                                           "fit", "grid") if k in p},
+            "source": p.get("source_name"), "driving": p.get("driving_name"), "reference_id": row.reference_id,
+            "frames": p.get("frames"), "worker": row.worker,
+            "video_url": f"/v1/animations/{row.id}/video" if done else None,
+            "grid_url": f"/v1/animations/{row.id}/grid" if done and row.grid else None,
+        }
+
+    def recent(self, limit: int) -> list[dict]:
+        return [self.status(r.id, r) for r in self.store.recent(limit)]
+
+    def result_path(self, job_id: str, kind: str) -> Path:
+        return self.data / "results" / job_id / f"{kind}.mp4"
+
+    # ------------------------------------------------------------------ the workers
+    def _load_pipeline(self, device: str):
+        from ..runtime.pipeline import AnimationPipeline
+
+        s = self.settings
+        if s.models is not None:
+            return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype)
+        return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device)
+
+    def _work(self, worker: Worker) -> None:
+        t0 = time.perf_counter()
+        try:
+            worker.pipe = self.load_pipeline(worker.device)
+        except BaseException as e:  # noqa: BLE001 - reported, and it stops the server
+            worker.error = one_line(e) if not isinstance(e, MagicAnimateError) else str(e)
+            if not isinstance(e, MagicAnimateError):
+                log.error("%s could not load its models:\n%s", worker.name, traceback.format_exc())
+            self.fatal = f"{worker.name} ({worker.device}): {worker.error}"
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
+            return
+        with self._cond:
+            self._loaded += 1
+        log.info("%s loaded its models on %s in %.1f s", worker.name, worker.device, time.perf_counter() - t0)
+        try:
+            while True:
+                job_id = self._next(worker)
+                if job_id is None:
+                    break
+                try:
+                    self._run(worker, job_id)
+                finally:
+                    worker.job = None
+        finally:
+            worker.pipe.close()
+
+    def _next(self, worker: Worker) -> Optional[str]:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if self._queue:
+                    job_id = self._queue.popleft()
+                    if self.store.start(job_id, worker.name):
+                        worker.job = job_id
+                        return job_id
+                    continue
+                self._cond.wait()
+
+    def _run(self, worker: Worker, job_id: str) -> None:
+        from ..render import animate_to_files
+        from ..runtime.media import driving_frames, load_source_image
+
+        row = self.store.get(job_id)
+        live = self._live[job_id]
+        p = row.params
+        started = time.time()
+        self.metrics.job_seconds.labels("queue_wait").observe(started - row.created)
+        shape = (p["width"], p["height"])
+        live.progress = {"stage": "reading", "step": 0, "steps": p["steps"], "frames_done": 0, "frames": None,
+                         "eta_s": None}
+        self.notifier.notify(job_id)
+        source = self.data / row.source if row.source else self.data / self.store.reference(row.reference_id)
+        driving = self.data / row.driving
+        out = self.data / "results" / job_id
+        t_run = time.perf_counter()
+        status, error, timings = "failed", None, None
+        try:
+            src = load_source_image(source, shape, p["fit"])
+            ctl, _ = driving_frames(driving, shape, p["start_frame"], p["max_frames"], p["fit"])
+            live.progress.update(stage="denoising", frames=int(ctl.shape[0]))
+            live.last_tick = time.perf_counter()
+            self._check_cancel(live)
+            self.notifier.notify(job_id)
+            out.mkdir(parents=True, exist_ok=True)
+            result = animate_to_files(
+                worker.pipe, src, ctl, shape, p["steps"], p["guidance"], p["seed"], out / "video.mp4",
+                out / "grid.mp4" if row.grid else None, progress=lambda i, n: self._on_step(job_id, live, i, n),
+                on_frames=lambda done, total: self._on_frames(job_id, live, done, total))
+            timings = {k: round(v, 4) for k, v in result.timings.items()}
+            status = "succeeded"
+        except JobCancelled:
+            status, error = "cancelled", live.cancel_reason
+        except Exception as e:  # noqa: BLE001 - every failure becomes the job's one line
+            error = one_line(e)
+            for path, name in ((source, p.get("source_name") or "source"), (driving, p.get("driving_name"))):
+                error = replace_path(error, path, name or "driving")
+            if not isinstance(e, MagicAnimateError):
+                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        run_s = time.perf_counter() - t_run
+        if status != "succeeded":
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            timings["queue_wait"] = round(started - row.created, 4)
+            timings["run"] = round(run_s, 4)
+            self._run_times.append(run_s)
+        self.metrics.job_seconds.labels("run").observe(run_s)
+        progress = dict(live.progress, stage="finished", eta_s=0 if status == "succeeded" else None)
+        self.store.finish(job_id, status, error, timings, progress)
+        self._remove_files(job_id, uploads=True)
+        self._live.pop(job_id, None)
+        self.notifier.notify(job_id)
+        log.info("job %s %s in %.2f s%s", job_id, status, run_s, f": {error}" if error else "")
+
+    def _check_cancel(self, live: Live) -> None:
+        if live.cancel.is_set():
+            raise JobCancelled()
+
+    def _on_step(self, job_id: str, live: Live, step: int, steps: int) -> None:
+        now = time.perf_counter()
+        dt = now - live.last_tick
+        live.last_tick = now
+        live.step_times.append(dt)
+        self.metrics.step_seconds.observe(dt)
+        recent = live.step_times[1:] or live.step_times  # the first step also pays the reference encode
+        eta = (steps - step) * sum(recent) / len(recent)
+        live.progress.update(step=step, steps=steps, eta_s=round(eta, 2),
+                             stage="decoding" if step == steps else "denoising")
+        self.notifier.notify(job_id)
+        self._check_cancel(live)
+
+    def _on_frames(self, job_id: str, live: Live, done: int, total: int) -> None:
+        live.progress.update(stage="decoding", frames_done=done, frames=total)
+        self.notifier.notify(job_id)
+        self._check_cancel(live)
+
+    @staticmethod
+    def _queued_progress(row: JobRow) -> dict:
+        return {"stage": "queued", "step": 0, "steps": row.params.get("steps"), "frames_done": 0, "frames": None,
+                "eta_s": None}
+
+    # ------------------------------------------------------------------ storage
+    def _remove_files(self, job_id: str, uploads: bool = False, results: bool = False) -> None:
+        if not valid_id(job_id):  # never build a path from anything else
+            return
+        if uploads:
+            shutil.rmtree(self.data / "uploads" / job_id, ignore_errors=True)
+        if results:
+            shutil.rmtree(self.data / "results" / job_id, ignore_errors=True)
+
+    def expire(self) -> None:
+        """Delete finished jobs (rows, results), and unused references, older than keep_hours."""
+        before = time.time() - self.settings.keep_hours * 3600
+        for job_id in self.store.expired(before):
+            self._remove_files(job_id, uploads=True, results=True)
+            self.notifier.forget(job_id)
+        for ref_id, path in self.store.expired_references(before):
+            (self.data / path).unlink(missing_ok=True)
+        # results whose job is gone (a crash between the two)
+        for folder in (self.data / "results").iterdir():
+            if valid_id(folder.name) and self.store.get(folder.name) is None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _janitor_loop(self) -> None:
+        period = min(300.0, max(1.0, self.settings.keep_hours * 3600 / 10))
+        while not self._janitor_stop.wait(period):
+            try:
+                self.expire()
+            except Exception:  # noqa: BLE001 - the janitor must not die; it retries next period
+                log.error("expiring old jobs failed:\n%s", traceback.format_exc())
