@@ -2,7 +2,7 @@
 
     python -m benchmarks.serve_load [--clients 8] [--jobs 3] [--max-queue 4] [--devices cpu]
                                     [--steps 2] [--frames 16] [--size 128] [--deadline 900]
-                                    [--overhead-runs 5]
+                                    [--overhead-runs 5] [--ray [--replicas 1] [--cpus-per-replica 2]]
 
 1. Overhead: the same tiny job (the sample photo + motion, ``--size``, ``--frames``,
    ``--steps``) through the Python API in this process (``render.animate_to_files`` from
@@ -14,6 +14,11 @@
    accepted job is followed to its end and its video downloaded. Queue wait and run come
    from the server's timings, end to end from the client. The server's RSS is sampled
    every 0.25 s. Everything stops by ``--deadline`` seconds.
+
+With ``--ray`` the server is ``magicanimate-rt serve --ray`` (a local Ray cluster, an ingress
+and ``--replicas`` worker replicas, README "A fleet on Ray Serve"), and the server's memory
+is that of its whole process tree (the driver, Ray's GCS and raylet, the Serve controller,
+proxy, ingress and replicas); the report goes to ``...-serve-ray/``.
 
 The report (serve_load.json, serve_load.md, serve_load.png) goes to
 ``benchmarks/results/<date>-<machine>-serve/``. The server runs the tiny random model set;
@@ -59,7 +64,25 @@ def rss_of(pid: int) -> int:
     return 0
 
 
-def start_server(models: Path, data: Path, extra: list[str]):
+def tree_rss(pid: int) -> int:
+    """RSS of ``pid`` and all its descendants (a Ray server is a tree of processes)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss_of(p)
+        todo.extend(children.get(p, ()))
+    return total
+
+
+def start_server(models: Path, data: Path, extra: list[str], ready_timeout: float = 180):
     import socket
 
     import httpx
@@ -73,7 +96,7 @@ def start_server(models: Path, data: Path, extra: list[str]):
                              "--data-dir", str(data), "--port", str(port), "--log-level", "warning", *extra],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {(data.parent / 'server.log').read_text()}")
@@ -84,7 +107,7 @@ def start_server(models: Path, data: Path, extra: list[str]):
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not become ready in 180 s")
+    raise SystemExit(f"the server did not become ready in {ready_timeout:g} s")
 
 
 def http_job(client, source: Path, driving: Path, fields: dict, deadline: float) -> dict:
@@ -157,7 +180,7 @@ def run_load(client, pid: int, source: Path, driving: Path, a) -> dict:
 
     def sample():
         while not stop.wait(0.25):
-            rss.append((time.perf_counter() - t_start, rss_of(pid)))
+            rss.append((time.perf_counter() - t_start, tree_rss(pid)))
 
     def client_loop(k: int):
         import httpx
@@ -254,6 +277,10 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=900, help="seconds after which clients stop submitting")
     p.add_argument("--overhead-runs", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ray", action="store_true", help="the server on Ray Serve (serve --ray) instead of one process")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: worker replicas")
+    p.add_argument("--cpus-per-replica", type=float, default=2,
+                   help="with --ray: CPUs each replica reserves, its torch threads (default 2: as one process here)")
     a = p.parse_args(argv)
 
     from magicanimate_rt.demo import demo_models
@@ -266,8 +293,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"the samples are not at {SAMPLES}")
     models = demo_models()
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    extra = ["--devices", a.devices, "--max-queue", str(a.max_queue)]
-    proc, client, log = start_server(models, work / "data", extra)
+    if a.ray:
+        extra = ["--ray", "--replicas", str(a.replicas), "--cpus-per-replica", f"{a.cpus_per_replica:g}",
+                 "--max-queue", str(a.max_queue)]
+    else:
+        extra = ["--devices", a.devices, "--max-queue", str(a.max_queue)]
+    proc, client, log = start_server(models, work / "data", extra, ready_timeout=300 if a.ray else 180)
     try:
         print("overhead ...", flush=True)
         overhead = measure_overhead(models, client, source, driving, a)
@@ -287,7 +318,7 @@ def main(argv=None) -> int:
             "size": a.size, "frames": a.frames, "steps": a.steps, "server_exit": rc,
             "server": "magicanimate-rt serve " + " ".join(extra),
             "command": "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = a.out or ROOT / "benchmarks" / "results" / f"{meta['date']}-{machine}-serve"
+    out = a.out or ROOT / "benchmarks" / "results" / f"{meta['date']}-{machine}-serve{'-ray' if a.ray else ''}"
     write_report(out, {"meta": meta, "overhead": overhead, "load": load})
     shutil.rmtree(work, ignore_errors=True)
     print(out)

@@ -7,7 +7,10 @@
   ``AnimationPipeline`` (cancellation at step boundaries, restart recovery, expiry);
 - ``metrics.py``: Prometheus metrics;
 - ``app.py``: the routes (``/v1/...``, the page at ``/``, ``/healthz``, ``/readyz``, ``/metrics``);
-- ``server.py``: uvicorn with a draining SIGTERM.
+- ``server.py``: uvicorn with a draining SIGTERM;
+- ``ray_app.py``: the same service on Ray Serve (``serve --ray``): an ingress deployment with
+  the app, the store and the queue, and worker replicas with one warm pipeline each
+  (``pip install -e ".[ray]"``; the only module that imports ``ray``).
 
 Imports FastAPI, uvicorn, python-multipart and prometheus_client: ``pip install -e ".[serve]"``.
 Nothing else in the package imports this one.

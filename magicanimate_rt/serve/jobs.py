@@ -14,6 +14,11 @@ unused references older than ``keep_hours`` are deleted every few minutes.
 
 Changes reach the event streams through :class:`Notifier`, which wakes asyncio waiters
 from the worker threads.
+
+Where a job runs is the manager's *executor*: :class:`LocalExecutor` (the default) gives
+each worker thread a pipeline of its own in this process; ``ray_app.RayExecutor`` gives
+each one a slot on a Ray Serve worker deployment and relays the job there. Either way the
+queue, the store, cancellation and the results stay here, so clients see one service.
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ class JobCancelled(Exception):
     """Raised from the progress callback at a step boundary to stop a cancelled job."""
 
 
+class JobFailed(Exception):
+    """A job failed with a message that is already the client's line (an executor that ran
+    it elsewhere made it there, with the client's file names in it)."""
+
+
 @dataclass
 class Live:
     """What a waiting or running job has in memory."""
@@ -75,6 +85,141 @@ class Worker:
     thread: Optional[threading.Thread] = None
     job: Optional[str] = None  #: the job it runs now
     error: Optional[str] = None  #: why its models did not load
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """What an executor gets for one job: its settings, its input files, where its results go."""
+
+    id: str
+    params: dict
+    source: Path
+    driving: Path
+    out: Path  #: results go to ``out/video.mp4`` (and ``out/grid.mp4`` with ``grid``)
+    grid: bool
+
+    @property
+    def names(self) -> tuple[tuple[Path, str], ...]:
+        """(server path, the client's name) of each input, to keep server paths out of messages."""
+        return ((self.source, self.params.get("source_name") or "source"),
+                (self.driving, self.params.get("driving_name") or "driving"))
+
+
+def load_pipeline(settings: ServeSettings, device: str):
+    """One warm pipeline on ``device`` from ``settings``' models or engines."""
+    from ..runtime.pipeline import AnimationPipeline
+
+    s = settings
+    if s.models is not None:
+        return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype)
+    return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device)
+
+
+def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:
+    """Read the job's files and animate them into ``job.out`` through the CLI's writer; returns
+    the stage timings. What every worker does with a job, in this process or on a Ray
+    replica. ``progress`` hears of the frame count, every step and every decoded chunk; any
+    of them may raise JobCancelled to stop at that boundary (no partial file stays)."""
+    from ..render import animate_to_files
+    from ..runtime.media import driving_frames, load_source_image
+
+    p = job.params
+    shape = (p["width"], p["height"])
+    src = load_source_image(job.source, shape, p["fit"])
+    ctl, _ = driving_frames(job.driving, shape, p["start_frame"], p["max_frames"], p["fit"])
+    progress.started(int(ctl.shape[0]))
+    job.out.mkdir(parents=True, exist_ok=True)
+    result = animate_to_files(pipe, src, ctl, shape, p["steps"], p["guidance"], p["seed"], job.out / "video.mp4",
+                              job.out / "grid.mp4" if job.grid else None, progress=progress.step,
+                              on_frames=progress.frames)
+    return {k: round(v, 4) for k, v in result.timings.items()}
+
+
+def failure_line(e: BaseException, job: JobFiles) -> str:
+    """The client's line for a job that raised ``e`` (server paths replaced by the client's
+    file names); the traceback of an internal error goes to the log."""
+    error = one_line(e)
+    for path, name in job.names:
+        error = replace_path(error, path, name)
+    if not isinstance(e, MagicAnimateError):
+        log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+    return error
+
+
+class Progress:
+    """A running job's reports (the pipeline's callbacks, or the events relayed from a Ray
+    replica) turned into its live progress, metrics and event-stream wake-ups. Each report
+    checks the cancel flag and raises JobCancelled once it is set."""
+
+    def __init__(self, manager: "JobManager", job_id: str, live: Live):
+        self.manager, self.job_id, self.live = manager, job_id, live
+
+    def _changed(self) -> None:
+        self.manager.notifier.notify(self.job_id)
+
+    def check_cancel(self) -> None:
+        if self.live.cancel.is_set():
+            raise JobCancelled()
+
+    def started(self, frames: int) -> None:
+        """The inputs are read: ``frames`` frames to animate; denoising begins."""
+        self.live.progress.update(stage="denoising", frames=frames)
+        self.live.last_tick = time.perf_counter()
+        self.check_cancel()
+        self._changed()
+
+    def step(self, step: int, steps: int) -> None:
+        live = self.live
+        now = time.perf_counter()
+        dt = now - live.last_tick
+        live.last_tick = now
+        live.step_times.append(dt)
+        self.manager.metrics.step_seconds.observe(dt)
+        recent = live.step_times[1:] or live.step_times  # the first step also pays the reference encode
+        eta = (steps - step) * sum(recent) / len(recent)
+        live.progress.update(step=step, steps=steps, eta_s=round(eta, 2),
+                             stage="decoding" if step == steps else "denoising")
+        self._changed()
+        self.check_cancel()
+
+    def frames(self, done: int, total: int) -> None:
+        self.live.progress.update(stage="decoding", frames_done=done, frames=total)
+        self._changed()
+        self.check_cancel()
+
+    def ran_on(self, worker: str) -> None:
+        """The job runs on ``worker`` (a Ray replica's id): the status's ``worker`` field."""
+        self.manager.store.set_worker(self.job_id, worker)
+        self._changed()
+
+    def restarted(self, attempt: int, why: str) -> None:
+        """The job starts again from its first step (its replica died): attempt ``attempt``."""
+        self.live.step_times.clear()
+        self.live.progress = {"stage": "reading", "step": 0, "steps": self.live.progress.get("steps"),
+                              "frames_done": 0, "frames": None, "eta_s": None, "attempt": attempt, "retried": why}
+        self._changed()
+
+
+class LocalExecutor:
+    """Jobs run in this process: one worker per ``settings.devices`` entry, each holding one
+    warm pipeline built by ``load(device)``. The manager calls ``open`` (in the worker's
+    thread, once), ``run`` per job and ``close`` at the end."""
+
+    def __init__(self, settings: ServeSettings, load: Optional[Callable[[str], Any]] = None):
+        self.settings = settings
+        self.load = load or (lambda device: load_pipeline(settings, device))
+
+    def workers(self) -> list["Worker"]:
+        return [Worker(f"worker-{i}", d) for i, d in enumerate(self.settings.devices)]
+
+    def open(self, worker: "Worker") -> None:
+        worker.pipe = self.load(worker.device)
+
+    def run(self, worker: "Worker", job: JobFiles, progress: Progress) -> dict[str, float]:
+        return render_job(worker.pipe, job, progress)
+
+    def close(self, worker: "Worker") -> None:
+        worker.pipe.close()
 
 
 def iso(t: Optional[float]) -> Optional[str]:
@@ -140,9 +285,11 @@ class Notifier:
 
 class JobManager:
     """The queue, the workers and every job's state. ``load_pipeline(device)`` builds one
-    warm pipeline (default: from ``settings``' models or engines)."""
+    warm pipeline (default: from ``settings``' models or engines); ``executor`` replaces the
+    in-process workers altogether (``ray_app.RayExecutor``)."""
 
-    def __init__(self, settings: ServeSettings, load_pipeline: Optional[Callable[[str], Any]] = None):
+    def __init__(self, settings: ServeSettings, load_pipeline: Optional[Callable[[str], Any]] = None,
+                 executor: Any = None):
         self.settings = settings
         self.data = Path(settings.data_dir)
         for sub in ("uploads", "references", "results", ".incoming"):
@@ -151,11 +298,11 @@ class JobManager:
         for leftover in (self.data / ".incoming").iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         self.store = Store(self.data / "jobs.sqlite3")
-        self.load_pipeline = load_pipeline or self._load_pipeline
+        self.executor = executor if executor is not None else LocalExecutor(settings, load_pipeline)
         self.notifier = Notifier()
         self.metrics = Metrics(lambda: len(self._queue), self.store.counts,
                                lambda: [(w.name, w.device) for w in self.workers])
-        self.workers = [Worker(f"worker-{i}", d) for i, d in enumerate(settings.devices)]
+        self.workers = self.executor.workers()
         self._queue: deque[str] = deque()
         self._live: dict[str, Live] = {}
         self._cond = threading.Condition()
@@ -311,18 +458,10 @@ class JobManager:
         return self.data / "results" / job_id / f"{kind}.mp4"
 
     # ------------------------------------------------------------------ the workers
-    def _load_pipeline(self, device: str):
-        from ..runtime.pipeline import AnimationPipeline
-
-        s = self.settings
-        if s.models is not None:
-            return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype)
-        return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device)
-
     def _work(self, worker: Worker) -> None:
         t0 = time.perf_counter()
         try:
-            worker.pipe = self.load_pipeline(worker.device)
+            self.executor.open(worker)
         except BaseException as e:  # noqa: BLE001 - reported, and it stops the server
             worker.error = one_line(e) if not isinstance(e, MagicAnimateError) else str(e)
             if not isinstance(e, MagicAnimateError):
@@ -344,7 +483,7 @@ class JobManager:
                 finally:
                     worker.job = None
         finally:
-            worker.pipe.close()
+            self.executor.close(worker)
 
     def _next(self, worker: Worker) -> Optional[str]:
         with self._cond:
@@ -360,48 +499,30 @@ class JobManager:
                 self._cond.wait()
 
     def _run(self, worker: Worker, job_id: str) -> None:
-        from ..render import animate_to_files
-        from ..runtime.media import driving_frames, load_source_image
-
         row = self.store.get(job_id)
         live = self._live[job_id]
         p = row.params
         started = time.time()
         self.metrics.job_seconds.labels("queue_wait").observe(started - row.created)
-        shape = (p["width"], p["height"])
         live.progress = {"stage": "reading", "step": 0, "steps": p["steps"], "frames_done": 0, "frames": None,
                          "eta_s": None}
         self.notifier.notify(job_id)
         source = self.data / row.source if row.source else self.data / self.store.reference(row.reference_id)
-        driving = self.data / row.driving
-        out = self.data / "results" / job_id
+        job = JobFiles(job_id, p, source, self.data / row.driving, self.data / "results" / job_id, row.grid)
         t_run = time.perf_counter()
         status, error, timings = "failed", None, None
         try:
-            src = load_source_image(source, shape, p["fit"])
-            ctl, _ = driving_frames(driving, shape, p["start_frame"], p["max_frames"], p["fit"])
-            live.progress.update(stage="denoising", frames=int(ctl.shape[0]))
-            live.last_tick = time.perf_counter()
-            self._check_cancel(live)
-            self.notifier.notify(job_id)
-            out.mkdir(parents=True, exist_ok=True)
-            result = animate_to_files(
-                worker.pipe, src, ctl, shape, p["steps"], p["guidance"], p["seed"], out / "video.mp4",
-                out / "grid.mp4" if row.grid else None, progress=lambda i, n: self._on_step(job_id, live, i, n),
-                on_frames=lambda done, total: self._on_frames(job_id, live, done, total))
-            timings = {k: round(v, 4) for k, v in result.timings.items()}
+            timings = self.executor.run(worker, job, Progress(self, job_id, live))
             status = "succeeded"
         except JobCancelled:
             status, error = "cancelled", live.cancel_reason
+        except JobFailed as e:
+            error = str(e)
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's one line
-            error = one_line(e)
-            for path, name in ((source, p.get("source_name") or "source"), (driving, p.get("driving_name"))):
-                error = replace_path(error, path, name or "driving")
-            if not isinstance(e, MagicAnimateError):
-                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            error = failure_line(e, job)
         run_s = time.perf_counter() - t_run
         if status != "succeeded":
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(job.out, ignore_errors=True)
         else:
             timings["queue_wait"] = round(started - row.created, 4)
             timings["run"] = round(run_s, 4)
@@ -413,28 +534,6 @@ class JobManager:
         self._live.pop(job_id, None)
         self.notifier.notify(job_id)
         log.info("job %s %s in %.2f s%s", job_id, status, run_s, f": {error}" if error else "")
-
-    def _check_cancel(self, live: Live) -> None:
-        if live.cancel.is_set():
-            raise JobCancelled()
-
-    def _on_step(self, job_id: str, live: Live, step: int, steps: int) -> None:
-        now = time.perf_counter()
-        dt = now - live.last_tick
-        live.last_tick = now
-        live.step_times.append(dt)
-        self.metrics.step_seconds.observe(dt)
-        recent = live.step_times[1:] or live.step_times  # the first step also pays the reference encode
-        eta = (steps - step) * sum(recent) / len(recent)
-        live.progress.update(step=step, steps=steps, eta_s=round(eta, 2),
-                             stage="decoding" if step == steps else "denoising")
-        self.notifier.notify(job_id)
-        self._check_cancel(live)
-
-    def _on_frames(self, job_id: str, live: Live, done: int, total: int) -> None:
-        live.progress.update(stage="decoding", frames_done=done, frames=total)
-        self.notifier.notify(job_id)
-        self._check_cancel(live)
 
     @staticmethod
     def _queued_progress(row: JobRow) -> dict:

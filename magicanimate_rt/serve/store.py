@@ -128,6 +128,10 @@ class Store:
                                    "WHERE id = ? AND status = 'queued'", (time.time(), worker, job_id))
             return cur.rowcount == 1
 
+    def set_worker(self, job_id: str, worker: str) -> None:
+        """Name the worker that runs a running job (a Ray replica's id, known once it starts)."""
+        self._exec("UPDATE jobs SET worker = ? WHERE id = ? AND status = 'running'", (worker, job_id))
+
     def finish(self, job_id: str, status: str, error: Optional[str] = None,
                timings: Optional[dict[str, float]] = None, progress: Optional[dict] = None) -> bool:
         """A queued or running job -> ``status`` (final); False if it had already ended."""
