@@ -32,18 +32,46 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Fast, faithful MagicAnimate: one photo + a DensePose motion video -> an animation.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
-    a = sub.add_parser("animate", help="animate a source image with a DensePose driving video")
-    src = a.add_argument_group("inputs")
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    """The models and the request's inputs, as ``animate`` and ``compare`` take them."""
+    src = parser.add_argument_group("inputs")
     src.add_argument("--models", type=Path, help="model directory in the real layout (README 'Weights')")
     src.add_argument("--engines", type=Path, help="engine directory from build_engines.py (instead of --models)")
     src.add_argument("--source", type=Path, required=True, help="source image (any format PIL reads)")
     src.add_argument("--driving", type=Path, required=True, help="DensePose driving video (any format ffmpeg reads)")
     src.add_argument("--start-frame", type=_positive_int, default=0, help="first driving frame to use (default 0)")
     src.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    """Backend, device and dtype of the pipeline ``animate`` and ``compare`` load."""
+    r = parser.add_argument_group("runtime")
+    r.add_argument("--backend", default=None,
+                   help="torch (default with --models) or onnxruntime (default with --engines)")
+    r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    r.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+
+
+def _add_sampling_mode(parser: argparse.ArgumentParser, title: str, preset_help: str) -> None:
+    """``--preset`` and the knobs of ``runtime/modes.py``, as ``animate`` and ``compare`` take
+    them (read by :func:`_sampling_mode`; None: not given)."""
+    f = parser.add_argument_group(title)
+    f.add_argument("--preset", default=None, help=preset_help)
+    f.add_argument("--sampler", default=None, help="ddim (default, the original) or dpmpp-2m")
+    f.add_argument("--cache-interval", type=_positive_int, default=None,
+                   help="every N-th step runs the whole UNet, the others reuse its deep features (default 1: off)")
+    f.add_argument("--cache-depth", type=_positive_int, default=None,
+                   help="how many of the UNet's last up blocks the reusing steps run (default 1)")
+    f.add_argument("--guidance-until", type=float, default=None,
+                   help="guidance for this fraction of the steps, then the conditional half alone (default 1.0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Fast, faithful MagicAnimate: one photo + a DensePose motion video -> an animation.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    a = sub.add_parser("animate", help="animate a source image with a DensePose driving video")
+    _add_inputs(a)
     out = a.add_argument_group("outputs")
     out.add_argument("--output", type=Path, required=True, help="animation, H.264 mp4 at 25 fps")
     out.add_argument("--grid", type=Path, help="also write the original's [source | driving | result] grid video")
@@ -59,14 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized) or pad (with edge values, resized)")
     s.add_argument("--crop-output", action="store_true",
                    help="with --fit pad: crop the output back to where the driving video's content lies")
-    s.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default 25, or the preset's)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale >= 1 (default 7.5)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    r = a.add_argument_group("runtime")
-    r.add_argument("--backend", default=None,
-                   help="torch (default with --models) or onnxruntime (default with --engines)")
-    r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    r.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    _add_sampling_mode(a, "faster, approximately (README 'Faster, approximately'; off by default: the original's "
+                          "function)", "exact (default) or fast; any knob below given overrides it")
+    _add_runtime(a)
     a.set_defaults(func=cmd_animate)
 
     d = sub.add_parser("demo", help="run the whole pipeline on generated inputs and a tiny random model set")
@@ -93,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--models", type=Path, help="model directory in the real layout (README 'Weights')")
     m.add_argument("--engines", type=Path, help="engine directory from build_engines.py (instead of --models)")
     m.add_argument("--backend", default=None, help="torch (default with --models) or onnxruntime (with --engines)")
-    m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: one worker")
+    m.add_argument("--device", default=None, help="cpu (default) or cuda[:N]: one worker (with --ray: cpu or cuda, "
+                                                  "the replicas' device)")
     m.add_argument("--devices", default=None, help="one worker per device, comma-separated (e.g. cuda:0,cuda:1 "
                                                     "or cpu,cpu); overrides --device")
     m.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
@@ -120,12 +147,48 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--examples-dir", type=Path, default=None,
                      help="images and videos the page offers as examples, besides the built-in one")
     lim.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    r = v.add_argument_group("a fleet on Ray Serve (README 'A fleet on Ray Serve'; needs pip install -e \".[ray]\")")
+    r.add_argument("--ray", action="store_true",
+                   help="run as a Ray Serve app: one ingress (this API, the queue, the store) and --replicas worker "
+                        "replicas, each one warm pipeline")
+    r.add_argument("--address", default=None,
+                   help="the Ray cluster to join (auto: the one `ray start` runs on this host; default: start a "
+                        "local one)")
+    r.add_argument("--replicas", type=int, default=None, help="worker replicas, one job at a time each (default 1)")
+    r.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs each replica reserves (default 1 with --device cuda, else 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs each replica reserves (default 1)")
     v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-models", help="check a downloaded models directory from its headers, loading no "
                                             "weights (README 'Weights')")
     c.add_argument("models", type=Path, help="model directory in the real layout (README 'Weights')")
     c.set_defaults(func=cmd_check_models)
+
+    k = sub.add_parser("compare", help="render one request exact and with other sampling settings on your weights: "
+                                       "a side-by-side video and a time / PSNR / SSIM / flicker report (README "
+                                       "'Judging a mode on your weights'; needs pip install -e \".[compare]\")")
+    _add_inputs(k)
+    out = k.add_argument_group("outputs")
+    out.add_argument("--output-dir", type=Path, required=True,
+                     help="gets exact.mp4, other.mp4, side_by_side.mp4 ([exact | other | 4x difference]), "
+                          "compare.json and compare.md (created if missing; its parent must exist)")
+    s = k.add_argument_group("the request")
+    s.add_argument("--size", type=int, default=512, help="output side of a square video, a multiple of 64 (default 512)")
+    s.add_argument("--width", type=int, default=None, help="output width in pixels, with --height, instead of --size")
+    s.add_argument("--height", type=int, default=None, help="output height in pixels, with --width")
+    s.add_argument("--steps", type=int, default=None, help="steps of the exact render (default 25)")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale >= 1 (default 7.5)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    s.add_argument("--other-steps", type=int, default=None,
+                   help="steps of the other render (default: its preset's, else --steps)")
+    s.add_argument("--no-warmup", action="store_true",
+                   help="skip the short untimed render of each mode before the timed ones (then the exact "
+                        "render, first, also pays one-time start-up costs)")
+    _add_sampling_mode(k, "the other settings (README 'Faster, approximately'; give a preset and/or knobs)",
+                       "exact or fast; any knob below given overrides it")
+    _add_runtime(k)
+    k.set_defaults(func=cmd_compare)
     return p
 
 
@@ -146,49 +209,75 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None, box=None):
+def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None, box=None, mode=None):
     """Animate and write the mp4 (and the grid) with the progress bar and notes (render.py)."""
     from .render import animate_to_files
 
-    return animate_to_files(pipe, source, driving, size, steps, guidance, seed, output, grid, box, log=_log)
+    return animate_to_files(pipe, source, driving, size, steps, guidance, seed, output, grid, box, log=_log,
+                            mode=mode)
+
+
+def _sampling_mode(args):
+    """The sampling mode of ``--preset`` (default exact) with each knob given overriding it
+    (``runtime/modes.py``; every value is checked there: InputError naming it)."""
+    from dataclasses import replace
+
+    from .runtime.modes import SamplingMode
+
+    knobs = {"sampler": args.sampler, "cache_interval": args.cache_interval, "cache_depth": args.cache_depth,
+             "guidance_until": args.guidance_until}
+    return replace(SamplingMode.preset(args.preset or "exact"), **{k: v for k, v in knobs.items() if v is not None})
+
+
+def _check_model_dirs(args) -> None:
+    """Exactly one of --models / --engines, and an existing directory."""
+    if (args.models is None) == (args.engines is None):
+        raise InputError("give exactly one of --models DIR or --engines DIR")
+    if args.models is not None and not args.models.is_dir():
+        raise InputError(f"--models {args.models}: directory not found")
+    if args.engines is not None and not args.engines.is_dir():
+        raise InputError(f"--engines {args.engines}: directory not found")
+
+
+def _load_pipeline(args):
+    """The pipeline of --models or --engines (checked by :func:`_check_model_dirs`)."""
+    from .runtime.pipeline import AnimationPipeline
+
+    if args.models is not None:
+        _log(f"loading models from {args.models} ...")
+        return AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch", device=args.device,
+                                                 dtype=args.dtype)
+    _log(f"loading engines from {args.engines} ...")
+    return AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device)
 
 
 def cmd_animate(args) -> int:
     from .runtime.media import driving_frames, load_source_image
-    from .runtime.pipeline import AnimationPipeline, validate_settings
+    from .runtime.pipeline import validate_settings
 
-    shape = validate_settings(args.size, args.steps, args.guidance, args.width, args.height, args.fit,
+    mode = _sampling_mode(args)
+    steps = mode.request_steps(args.steps)
+    shape = validate_settings(args.size, steps, args.guidance, args.width, args.height, args.fit,
                               args.crop_output, names=("--size", "--width", "--height"))
-    if (args.models is None) == (args.engines is None):
-        raise InputError("give exactly one of --models DIR or --engines DIR")
+    _check_model_dirs(args)
     _check_output(args.output, "--output")
     if args.grid is not None:
         _check_output(args.grid, "--grid")
         if args.grid.resolve() == args.output.resolve():
             raise InputError("--grid must differ from --output")
-    if args.models is not None and not args.models.is_dir():
-        raise InputError(f"--models {args.models}: directory not found")
-    if args.engines is not None and not args.engines.is_dir():
-        raise InputError(f"--engines {args.engines}: directory not found")
     # read the inputs before loading any model, so bad input fails fast
     source = load_source_image(args.source, shape, args.fit)
     driving, box = driving_frames(args.driving, shape, args.start_frame, args.max_frames, args.fit)
     box = box if args.crop_output and box != (0, 0, *shape) else None
 
     t0 = time.perf_counter()
-    if args.models is not None:
-        _log(f"loading models from {args.models} ...")
-        pipe = AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch",
-                                                 device=args.device, dtype=args.dtype)
-    else:
-        _log(f"loading engines from {args.engines} ...")
-        pipe = AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device)
+    pipe = _load_pipeline(args)
     with pipe:
         writer = pipe.writes_outputs  # rank 0 of a torchrun job (or the only process)
         if writer:
             _log(f"loaded in {time.perf_counter() - t0:.1f} s")
-        result = _run(pipe, source, driving, shape, args.steps, args.guidance, args.seed, args.output, args.grid,
-                      box)
+        result = _run(pipe, source, driving, shape, steps, args.guidance, args.seed, args.output, args.grid,
+                      box, mode)
     if writer:
         _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
              f" ({driving.shape[0]} frames, {result.timings['total']:.1f} s)")
@@ -246,7 +335,15 @@ def cmd_serve(args) -> int:
             from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("serve runs in one process; give it several devices with --devices, not torchrun")
-    devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
+    ray_flags = (("--address", args.address), ("--replicas", args.replicas),
+                 ("--gpus-per-replica", args.gpus_per_replica), ("--cpus-per-replica", args.cpus_per_replica))
+    if args.ray and args.devices is not None:
+        raise InputError("--ray runs one pipeline per replica and Ray places them: give --replicas N (and "
+                         "--gpus-per-replica), not --devices")
+    for flag, value in ray_flags:
+        if value is not None and not args.ray:
+            raise InputError(f"{flag} is for a fleet on Ray Serve: add --ray")
+    devices = tuple(d.strip() for d in (args.devices or args.device or "cpu").split(",") if d.strip())
     settings = ServeSettings(
         models=args.models, engines=args.engines, backend=args.backend, devices=devices, dtype=args.dtype,
         host=args.host, port=args.port, data_dir=args.data_dir, max_queue=args.max_queue,
@@ -261,7 +358,28 @@ def cmd_serve(args) -> int:
         if not ok:
             print("\n".join(lines), file=sys.stderr)
             raise InputError(f"--models {args.models}: the models would not load (problems above)")
+    if args.ray:
+        return _serve_on_ray(args, settings)
     return serve(settings, log_level=args.log_level)
+
+
+def _serve_on_ray(args, settings) -> int:
+    """``serve --ray``: the same settings, on a Ray Serve ingress and worker replicas."""
+    try:
+        from .serve.ray_app import RayOptions, serve_on_ray
+    except ImportError as e:
+        raise InputError(f"serve --ray needs Ray Serve ({e.name} is missing): pip install -e \".[serve,ray]\"") \
+            from None
+    device = args.device or "cpu"
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: with --ray give cpu or cuda (Ray gives each replica its own GPUs)")
+    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
+    if (gpus > 0) != (device == "cuda"):
+        raise InputError(f"--gpus-per-replica {gpus:g} does not fit --device {device} (GPUs need --device cuda)")
+    options = RayOptions(address=args.address, replicas=1 if args.replicas is None else args.replicas,
+                         gpus_per_replica=gpus,
+                         cpus_per_replica=1.0 if args.cpus_per_replica is None else args.cpus_per_replica).check()
+    return serve_on_ray(settings, options, log_level=args.log_level)
 
 
 def cmd_check_models(args) -> int:
@@ -275,6 +393,54 @@ def cmd_check_models(args) -> int:
     ok, lines = check_model_set(args.models)
     print("\n".join(lines), flush=True)
     return 0 if ok else fail(PROG, f"{args.models}: the models would not load (problems above)")
+
+
+def _compare_mode(args):
+    """The other settings of ``compare``, as ``animate`` reads them (:func:`_sampling_mode`);
+    neither ``--preset`` nor any knob given is an error: there would be nothing to compare."""
+    knobs = (args.sampler, args.cache_interval, args.cache_depth, args.guidance_until)
+    if args.preset is None and all(v is None for v in knobs):
+        raise InputError("compare needs the settings to compare with exact: --preset NAME, or any of --sampler, "
+                         "--cache-interval, --cache-depth, --guidance-until")
+    return _sampling_mode(args)
+
+
+def cmd_compare(args) -> int:
+    """Render the request exact and with the other settings, write the videos and the report
+    into --output-dir (compare.py) and print the table. Every argument and input is checked
+    before a model loads."""
+    from .compare import DEFAULT_STEPS, compare, require_scikit_image, summary_table
+    from .runtime.media import driving_frames, load_source_image
+    from .runtime.pipeline import validate_settings
+
+    require_scikit_image()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("compare runs in one process, not under torchrun")
+    shape = validate_settings(args.size, DEFAULT_STEPS if args.steps is None else args.steps, args.guidance,
+                              args.width, args.height, names=("--size", "--width", "--height"))
+    mode = _compare_mode(args)
+    if args.other_steps is not None and args.other_steps < 1:
+        raise InputError(f"--other-steps must be >= 1, got {args.other_steps}")
+    _check_model_dirs(args)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output-dir {args.output_dir}: is not a directory")
+    if not args.output_dir.parent.is_dir():
+        raise InputError(f"--output-dir {args.output_dir}: directory {args.output_dir.parent} does not exist")
+    source = load_source_image(args.source, shape)
+    driving, _ = driving_frames(args.driving, shape, args.start_frame, args.max_frames)
+
+    t0 = time.perf_counter()
+    pipe = _load_pipeline(args)
+    inputs = {"source": str(args.source), "driving": str(args.driving), "start_frame": args.start_frame}
+    with pipe:
+        _log(f"loaded in {time.perf_counter() - t0:.1f} s; {driving.shape[0]} frames at {shape[0]}x{shape[1]}")
+        report = compare(pipe, source, driving, shape, args.steps, args.guidance, args.seed, mode, args.output_dir,
+                         other_steps=args.other_steps, warmup=not args.no_warmup, progress=True, inputs=inputs,
+                         log=_log).report
+    print(summary_table(report))
+    print(f"\n{report['note']}\nwrote exact.mp4, other.mp4, side_by_side.mp4, compare.json and compare.md "
+          f"into {args.output_dir}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:

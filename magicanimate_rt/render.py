@@ -22,7 +22,7 @@ def animate_to_files(pipe, source: np.ndarray, driving: np.ndarray, size: Union[
                      guidance: float, seed: int, output: Path, grid: Optional[Path] = None,
                      box: Optional[Box] = None, progress: Union[bool, Callable[[int, int], None]] = True,
                      on_frames: Optional[Callable[[int, int], None]] = None,
-                     log: Optional[Callable[[str], None]] = None):
+                     log: Optional[Callable[[str], None]] = None, mode=None):
     """Animate with ``pipe`` and write ``output`` (and ``grid``, the original's [source |
     driving | result] video); returns the :class:`~.runtime.pipeline.AnimationResult`
     (frames None: they went to the files).
@@ -32,16 +32,17 @@ def animate_to_files(pipe, source: np.ndarray, driving: np.ndarray, size: Union[
     frame (``--crop-output``); the grid shows whole frames. ``progress``: as
     ``AnimationPipeline.animate`` (True: a tqdm bar; a callback(step, steps), which may
     raise to stop at that step boundary). ``on_frames(done, total)``: called after each
-    decoded chunk is written. Under torchrun only rank 0 writes; the other ranks do the
-    same work and write nothing."""
+    decoded chunk is written. ``mode``: the sampling mode (``runtime/modes.py``; None: exact).
+    Under torchrun only rank 0 writes; the other ranks do the same work and write nothing."""
     width, height = (size, size) if isinstance(size, int) else size
     shape = dict(width=width, height=height)
     if not pipe.writes_outputs:  # another rank of a torchrun job: the same work, rank 0 writes
-        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, **shape)
+        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, mode=mode, **shape)
     if log is not None:
         ranks = f" on {pipe.world_size} processes" if pipe.world_size > 1 else ""
+        how = "" if mode is None or getattr(mode, "is_exact", True) else f" ({mode.describe()})"
         log(f"animating {driving.shape[0]} frames at {width}x{height}, {steps} steps, guidance {guidance}, "
-            f"seed {seed}{ranks}")
+            f"seed {seed}{ranks}{how}")
     total = driving.shape[0]
     with contextlib.ExitStack() as writers:
         video = writers.enter_context(VideoWriter(output))
@@ -55,4 +56,4 @@ def animate_to_files(pipe, source: np.ndarray, driving: np.ndarray, size: Union[
                 on_frames(first + frames.shape[0], total)
 
         return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, progress=progress,
-                            frame_sink=sink, **shape)
+                            frame_sink=sink, mode=mode, **shape)

@@ -174,3 +174,26 @@ def test_only_the_command_line_reads_the_service(graph):
     # and the service writes videos through the one writer the CLI uses
     assert "magicanimate_rt.render" in graph["magicanimate_rt.serve.jobs"]
     assert "magicanimate_rt.render" in graph["magicanimate_rt.config_run"]
+
+
+def test_only_the_command_line_reads_compare(graph):
+    # `magicanimate-rt compare` sits on the pipeline and its modes: nothing below it needs
+    # scikit-image, and it needs neither the command line nor the service
+    bad = [(m, e) for m, edges in graph.items() for e in edges
+           if e == "magicanimate_rt.compare" and m != "magicanimate_rt.cli"]
+    assert bad == []
+    assert "magicanimate_rt.compare" in graph["magicanimate_rt.cli"]
+    assert {"magicanimate_rt.runtime.modes", "magicanimate_rt.runtime.media"} <= graph["magicanimate_rt.compare"]
+    assert not any(under(e, "magicanimate_rt.serve", "magicanimate_rt.cli") for e in graph["magicanimate_rt.compare"])
+
+
+def test_only_ray_app_imports_ray():
+    # the base install has no ray: only the Ray Serve deployment (serve --ray) may import it
+    found = []
+    for name, path in module_files(PACKAGE).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.append(name)
+    assert sorted(set(found)) == ["magicanimate_rt.serve.ray_app"]

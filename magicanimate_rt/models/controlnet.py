@@ -27,7 +27,7 @@ the ControlNet's FLOPs at the ``mid`` size. ``forward`` is the two composed.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from diffusers import ControlNetModel
 from torch import Tensor, nn
@@ -52,21 +52,29 @@ class ControlNet(nn.Module):
         return self.net.controlnet_cond_embedding(cond)
 
     def forward_embedded(self, latents: Tensor, timestep: Tensor, text_embedding: Tensor,
-                         embedding: Tensor) -> tuple[Tensor, ...]:
+                         embedding: Tensor, skips_only: Optional[int] = None) -> tuple[Tensor, ...]:
         """The ControlNet after its conditioning embedding: diffusers' ControlNetModel.forward
         steps 1-6 (time embedding, conv_in + embedding, down blocks, mid block, zero convs;
-        conditioning scale 1.0 is the identity). Returns the 12 down residuals and mid."""
+        conditioning scale 1.0 is the identity). Returns the 12 down residuals and mid.
+
+        ``skips_only=k`` (the shallow steps of deep-feature reuse, ``runtime/modes.py``):
+        only the first k down residuals, computing the down blocks only as far as they
+        need (no mid block); the same values as the first k of a whole call."""
         net, n = self.net, latents.shape[0]
         text = text_embedding.expand(n, -1, -1)
         emb = net.time_embedding(net.time_proj(timestep.reshape(1).expand(n)).to(latents.dtype))
         sample = net.conv_in(latents) + embedding
         skips = [sample]
         for block in net.down_blocks:
+            if skips_only is not None and len(skips) >= skips_only:
+                break
             if getattr(block, "has_cross_attention", False):
                 sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text)
             else:
                 sample, res = block(hidden_states=sample, temb=emb)
             skips.extend(res)
+        if skips_only is not None:
+            return tuple(zero_conv(s) for s, zero_conv in zip(skips[:skips_only], net.controlnet_down_blocks))
         sample = net.mid_block(sample, emb, encoder_hidden_states=text)
         down = [zero_conv(s) for s, zero_conv in zip(skips, net.controlnet_down_blocks)]
         return (*down, net.controlnet_mid_block(sample))

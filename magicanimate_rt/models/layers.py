@@ -504,13 +504,16 @@ def build_blocks(cfg: UNetConfig, motion=None) -> tuple[nn.ModuleList, Block, nn
 
 def run_down_blocks(
     blocks: Sequence[Block], h: Tensor, temb: Tensor, context: Tensor, num_frames: int,
-    arithmetic: Arithmetic = FAST,
+    arithmetic: Arithmetic = FAST, stop_after: Optional[int] = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The down path shared by every UNet here: returns the last feature and the skip
-    features (conv_in's output first, as ``h`` is given)."""
+    features (conv_in's output first, as ``h`` is given). ``stop_after=k``: return as soon
+    as k skip features exist (the shallow part of deep-feature reuse needs only the first)."""
     skips = [h]
     for blk in blocks:
         for j, resnet in enumerate(blk.resnets):
+            if stop_after is not None and len(skips) >= stop_after:
+                return h, skips
             h = resnet(h, temb, num_frames)
             if len(blk.attentions):
                 h = blk.attentions[j](h, context, arithmetic=arithmetic)
@@ -518,6 +521,8 @@ def run_down_blocks(
                 h = blk.motion_modules[j](h, num_frames, arithmetic)
             skips.append(h)
         if hasattr(blk, "downsamplers"):
+            if stop_after is not None and len(skips) >= stop_after:
+                return h, skips
             h = blk.downsamplers[0](h)
             skips.append(h)
     return h, skips

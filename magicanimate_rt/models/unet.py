@@ -145,22 +145,82 @@ class TemporalUNet(nn.Module):
         eps = self._out(h, f)
         return eps[:b], eps[b:]
 
+    def shallow_skips(self, depth: int) -> int:
+        """Skip features (and so ControlNet down residuals) the last ``depth`` up blocks read:
+        the first ones of the down path."""
+        if not 1 <= depth < len(self.up_blocks):
+            raise ValueError(f"cache depth must be in 1..{len(self.up_blocks) - 1}, got {depth}")
+        return sum(len(blk.resnets) for blk in self.up_blocks[len(self.up_blocks) - depth:])
+
+    def cached(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_embedding: Tensor,
+        down_residuals: Optional[Sequence[Tensor]],
+        mid_residual: Optional[Tensor],
+        bank: Sequence[Tensor],
+        depth: int,
+        deep: Optional[Tensor] = None,
+        guided: bool = True,
+        arithmetic: Arithmetic = FAST,
+    ) -> tuple[Optional[Tensor], Tensor, Tensor]:
+        """Deep-feature reuse (``runtime/modes.py``): -> (eps_uncond or None, eps_cond, deep).
+
+        ``deep`` None: the whole UNet, as :meth:`guided` (``guided``) or :meth:`forward`
+        with the bank (the conditional half alone), computed the same way; also returns
+        ``deep``, the feature entering the last ``depth`` up blocks (both halves' rows when
+        guided). ``deep`` given (from a whole call of the same window): only the shallow
+        part: conv_in and the down path up to the first ``shallow_skips(depth)`` skips (the
+        residuals given are those first ones), then the last ``depth`` up blocks on
+        ``deep`` and the output head; the mid block and the deeper blocks do not run.
+        A guided ``deep`` serves a conditional-only call through its conditional rows.
+        """
+        b, f = latents.shape[0], latents.shape[2]
+        refs = list(bank)
+        self._check_bank(refs)
+        n = len(self.up_blocks)
+        tail = self.up_blocks[n - depth:]
+        tail_refs = sum(len(blk.attentions) for blk in tail)
+        cfg = CFGRows.halves(b * f) if guided else ONE_HALF
+        x = to_frames(latents)
+        temb = time_embedding(self, timestep, x.dtype)
+        if deep is None:
+            h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
+            mid = self.mid_block
+            h = mid.resnets[0](h, temb, f)
+            h = mid.attentions[0](h, text_embedding, ref=refs[0], arithmetic=arithmetic,
+                                  **({"cfg": CFGRows.fork(b * f)} if guided else {}))
+            h = mid.resnets[1](h, temb, f)
+            if mid_residual is not None:
+                h = add_shared(h, mid_residual)
+            h = self._up(h, skips, temb, text_embedding, f, refs[1 : len(refs) - tail_refs], cfg, arithmetic,
+                         self.up_blocks[: n - depth])
+            deep = h
+        else:
+            _, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic,
+                                  stop_after=self.shallow_skips(depth))
+            h = deep if guided or deep.shape[0] == b * f else deep[b * f :]  # a guided deep's conditional rows
+        h = self._up(h, skips, temb, text_embedding, f, refs[len(refs) - tail_refs :], cfg, arithmetic, tail)
+        eps = self._out(h, f)
+        return (eps[:b], eps[b:], deep) if guided else (None, eps, deep)
+
     # ------------------------------------------------------------------ pieces
     def _check_bank(self, refs: list) -> None:
         if len(refs) != self.num_bank:
             raise ValueError(f"reference bank has {len(refs)} tensors, the UNet has {self.num_bank} mid/up blocks")
 
-    def _down(self, x, temb, context, f, down_residuals, arithmetic):
-        h, skips = run_down_blocks(self.down_blocks, self.conv_in(x), temb, context, f, arithmetic)
+    def _down(self, x, temb, context, f, down_residuals, arithmetic, stop_after=None):
+        h, skips = run_down_blocks(self.down_blocks, self.conv_in(x), temb, context, f, arithmetic, stop_after)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
             skips = [add_shared(s, r) for s, r in zip(skips, down_residuals)]
         return h, skips
 
-    def _up(self, h, skips, temb, context, f, refs, cfg: CFGRows, arithmetic):
+    def _up(self, h, skips, temb, context, f, refs, cfg: CFGRows, arithmetic, blocks=None):
         refs = iter(refs)
-        for blk in self.up_blocks:
+        for blk in self.up_blocks if blocks is None else blocks:
             for j, resnet in enumerate(blk.resnets):
                 skip = shared_rows(skips.pop(), h.shape[0])  # computed once, fed to both halves
                 h = resnet(torch.cat([h, skip], dim=1), temb, f)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -30,9 +30,10 @@ from torch import Tensor
 from ..engines.specs import output_shape
 from ..errors import InputError, MagicAnimateError
 from .backends import engine_factory, pretrained_factory
-from .ddim import DDIMSampler, DDIMSettings
+from .ddim import DDIMSettings
 from .distributed import Ranks, request_digest
 from .media import FITS, Box, crop_frames, driving_frames, load_source_image
+from .modes import SamplingMode, make_sampler, resolve_mode
 from .cache import ReferenceCache
 from .sampling import LoopPlan, denoise, initial_noise, plan_loop
 from .stages import Stages
@@ -129,6 +130,8 @@ class AnimationResult:
     #: content: the whole frame unless ``fit="pad"`` padded them (then the frames were
     #: cropped to it if ``crop_output``)
     content_box: Optional[Box] = None
+    #: the sampling mode it ran (``runtime/modes.py``): "exact" reproduces the original
+    mode: SamplingMode = SamplingMode()
 
 
 def validate_settings(size, steps, guidance_scale, width=None, height=None, fit="stretch", crop_output=False,
@@ -242,7 +245,7 @@ class AnimationPipeline:
         source: Union[str, Path, np.ndarray, "PIL.Image.Image"],  # noqa: F821
         driving: Union[str, Path, np.ndarray],
         size: int = 512,
-        steps: int = 25,
+        steps: Optional[int] = None,
         guidance_scale: float = 7.5,
         seed: int = 0,
         progress: Union[bool, Callable[[int, int], None]] = False,
@@ -253,6 +256,7 @@ class AnimationPipeline:
         height: Optional[int] = None,
         fit: str = "stretch",
         crop_output: bool = False,
+        mode: Union[str, SamplingMode, None] = None,
     ) -> AnimationResult:
         """Animate ``source`` (a path, PIL image or HxWx3 uint8 array) with ``driving`` (a
         video path or (F, H, W, 3) uint8 DensePose frames).
@@ -265,6 +269,11 @@ class AnimationPipeline:
         with edge values, resized). ``crop_output`` (with "pad"): the frames are cropped
         back to where the driving frames' content lies (``result.content_box``, even
         width and height).
+
+        ``steps``: DDIM steps (default 25, the original's; or the mode's own count).
+        ``mode``: "exact" (default: the original's function), "fast", or a
+        :class:`~.modes.SamplingMode` (opt-in approximations: another sampler, deep-feature
+        reuse, guidance for part of the steps; README "Faster, approximately").
 
         ``progress``: True for a tqdm bar over the steps, or a callback(step, steps).
         ``frame_sink``: called with each decoded chunk of frames, in order, as soon as it
@@ -283,7 +292,14 @@ class AnimationPipeline:
         timer = StageTimer(st.device)
         error = None
         try:
+            m = resolve_mode(mode)
+            steps = m.request_steps(steps)
             shape = validate_settings(size, steps, guidance_scale, width, height, fit, crop_output)
+            if m.cache_interval > 1 and not st.capabilities.deep_cache:
+                raise InputError(f"deep-feature reuse (cache_interval {m.cache_interval}) needs the torch backend; "
+                                 f"the {st.name} backend runs whole UNet calls only")
+            if m.cache_interval > 1:
+                st.shallow_skips(m.cache_depth)  # InputError for a depth the UNet does not have
             st.check_shape(*shape)
             with timer.stage("read_inputs"):
                 src = load_source_image(source, shape, fit)
@@ -295,13 +311,13 @@ class AnimationPipeline:
         if self.ranks is not None:  # the same request on every rank, or every rank stops here
             digest = None if error is not None else request_digest(
                 src, ctl, shape, steps, float(guidance_scale), int(seed), self.options, self.ddim, st.name, st.dtype,
-                fit, crop_output)
+                fit, crop_output, m)
             self.ranks.agree(digest, error)
         crop = crop_output and box != (0, 0, *shape)  # else the frames are the driving content whole
         if crop and frame_sink is not None:
             sink = frame_sink
             frame_sink = lambda first, frames: sink(first, np.ascontiguousarray(crop_frames(frames, box)))  # noqa: E731
-        sampler = DDIMSampler(steps, self.ddim, device=st.device)
+        sampler = make_sampler(m.sampler, steps, self.ddim, device=st.device)
         f0 = ctl.shape[0]
         n = padded_length(f0, st.window)
         if n > f0:  # pad by repeating the last frame (np.pad mode="edge" in the original)
@@ -314,7 +330,7 @@ class AnimationPipeline:
             if not o.control_uint8:
                 control = control.to(st.dtype) / 255.0
             latents = initial_noise(seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device, st.dtype)
-            plan = self.plan(shape, n)
+            plan = self.plan(shape, n, m)
         with timer.stage("vae_encode"):
             key = ReferenceCache.key(src, st.device, st.dtype)
             entry = self.reference_cache.lookup(key)
@@ -343,7 +359,9 @@ class AnimationPipeline:
             on_step = None
         try:
             latents = denoise(st, entry.latent, control, latents, sampler, float(guidance_scale), o.overlap,
-                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks)
+                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks,
+                              guided_steps=m.guided_steps(steps) if m.guidance_until < 1.0 else None,
+                              cache_interval=m.cache_interval, cache_depth=m.cache_depth)
         finally:
             if bar is not None:
                 bar.close()
@@ -355,19 +373,25 @@ class AnimationPipeline:
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
-                               reference_cached=cached, content_box=box)
+                               reference_cached=cached, content_box=box, mode=m)
 
-    def plan(self, size: Union[int, tuple[int, int]], num_frames: int) -> LoopPlan:
+    def plan(self, size: Union[int, tuple[int, int]], num_frames: int,
+             mode: Optional[SamplingMode] = None) -> LoopPlan:
         """The batching of a request of ``num_frames`` padded frames at output ``size`` (a
         square's side, or (width, height)), from the options, the memory budget and the
-        backend's memory model."""
+        backend's memory model. With deep-feature reuse (``mode``), the kept features of
+        every window (both CFG halves) are taken from the budget first."""
         st, o = self.stages, self.options
         width, height = (size, size) if isinstance(size, int) else size
         caps = st.capabilities
         n_windows = len(context_windows(num_frames, st.window, o.overlap))
         win_cap, dec_cap = AUTO_LIMITS.get(st.device.type, AUTO_LIMITS["cpu"])
-        return plan_loop(
-            num_frames, n_windows, self.memory_budget_bytes(), st.memory_model(width, height),
+        kept = 0
+        if mode is not None and mode.cache_interval > 1:
+            kept = n_windows * st.deep_feature_bytes(width, height, mode.cache_depth)
+        budget = self.memory_budget_bytes()
+        plan = plan_loop(
+            num_frames, n_windows, max(budget - kept, 0.0), st.memory_model(width, height),
             windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
             controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
             max_windows_per_call=caps.max_windows_per_call, window=st.window,
@@ -375,6 +399,7 @@ class AnimationPipeline:
             embed_control=o.embed_control_once and caps.controlnet_in_two_parts,
             max_controlnet_chunk=caps.max_controlnet_frames, max_decode_chunk=caps.max_decode_frames,
         )
+        return replace(plan, deep_cache_bytes=kept) if kept else plan
 
     def memory_budget_bytes(self) -> float:
         """``memory_budget_mb`` in bytes, or half of the device's available memory now."""

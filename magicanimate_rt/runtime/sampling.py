@@ -78,31 +78,36 @@ def _in_chunks(call: Callable[[int, int], Sequence[Tensor]], n: int, chunk: int,
     return out
 
 
-def _controlnet_call(stages: Stages, embedded: bool):
+def _controlnet_call(stages: Stages, embedded: bool, skips: Optional[int] = None):
     """The ControlNet call on (latents, t, control part): from the driving frames, or from
-    their conditioning embedding when ``embedded`` (see :func:`embed_control`)."""
+    their conditioning embedding when ``embedded`` (see :func:`embed_control`); with
+    ``skips``, only the first ``skips`` down residuals (deep-feature reuse's shallow steps)."""
+    if skips is not None:
+        return lambda lat, t, ctl: stages.controlnet_shallow(lat, t, ctl, skips, embedded)
     return stages.controlnet_embedded if embedded else stages.controlnet
 
 
 def controlnet_all_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, chunk: int,
-                          embedded: bool = False, needed: Optional[Tensor] = None) -> list[Tensor]:
+                          embedded: bool = False, needed: Optional[Tensor] = None,
+                          skips: Optional[int] = None) -> list[Tensor]:
     """ControlNet residuals of every frame, computed in chunks of ``chunk`` frames (the
     batching changes nothing else). latents (1, 4, N, h, w), control (N, 3, H, W) (or its
     embedding (N, C_0, h, w) when ``embedded``) -> 13 tensors (N, C_i, h_i, w_i).
-    ``needed``: only the chunks with a needed frame (see :func:`_in_chunks`)."""
+    ``needed``: only the chunks with a needed frame (see :func:`_in_chunks`); ``skips``:
+    only the first down residuals."""
     frames = latents[0].transpose(0, 1)  # (N, 4, h, w)
-    call = _controlnet_call(stages, embedded)
+    call = _controlnet_call(stages, embedded, skips)
     return _in_chunks(lambda i, j: call(frames[i:j], t, control_slice(control, slice(i, j), latents.dtype)),
                       frames.shape[0], chunk, needed)
 
 
 def controlnet_frames(stages: Stages, latents: Tensor, t: Tensor, control: Tensor, frames: Tensor,
-                      chunk: int, embedded: bool = False) -> list[Tensor]:
+                      chunk: int, embedded: bool = False, skips: Optional[int] = None) -> list[Tensor]:
     """ControlNet residuals of the frames ``frames`` (1-D index tensor, no repeats), in
     chunks of ``chunk`` -> 13 tensors (len(frames), C_i, h_i, w_i). Per frame, so the same
-    values as :func:`controlnet_all_frames` gives for those frames."""
+    values as :func:`controlnet_all_frames` gives for those frames (``skips`` as there)."""
     x = latents[0].transpose(0, 1).index_select(0, frames)  # (n, 4, h, w)
-    call = _controlnet_call(stages, embedded)
+    call = _controlnet_call(stages, embedded, skips)
     return _in_chunks(lambda i, j: call(x[i:j], t, control_slice(control, frames[i:j], latents.dtype)),
                       x.shape[0], chunk)
 
@@ -133,6 +138,9 @@ class LoopPlan:
         embed_control_once: the driving frames' ControlNet conditioning embedding is
             computed once for the request and kept (with residuals "all" only: it grows
             with the frame count) instead of once per step, as the original.
+        deep_cache_bytes: with deep-feature reuse (``runtime/modes.py``), the memory of the
+            features kept for every window between whole steps, taken from the budget
+            before the rest was planned (0 without it).
     """
 
     windows_per_call: int = 1
@@ -140,6 +148,7 @@ class LoopPlan:
     controlnet_chunk: int = 16
     decode_chunk: int = 1
     embed_control_once: bool = False
+    deep_cache_bytes: int = 0
 
     def __post_init__(self):
         for name in ("windows_per_call", "controlnet_chunk", "decode_chunk"):
@@ -257,6 +266,9 @@ def denoise(
     plan: Optional[LoopPlan] = None,
     bank_fn: Optional[BankFn] = None,
     ranks: Optional["Ranks"] = None,
+    guided_steps: Optional[int] = None,
+    cache_interval: int = 1,
+    cache_depth: int = 1,
 ) -> Tensor:
     """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window, in
     the stages' dtype; returns the final latents in float32 (float64 for float64 stages).
@@ -277,6 +289,13 @@ def denoise(
     runs only its share of the windows (and the ControlNet only on the frames they need);
     every rank's predictions are gathered and added on every rank in window order, as one
     process adds them, and rank 0's latents are kept on every rank after each step.
+
+    Opt-in approximations (``runtime/modes.py``; at their defaults the loop is exactly the
+    path above): ``guided_steps``: only the first that many steps use guidance, the rest
+    the conditional half alone; ``cache_interval`` > 1: steps ``i % cache_interval != 0``
+    run the UNet's shallow part (depth ``cache_depth``) on each call's deep feature kept
+    from the last whole step, and the ControlNet only up to the residuals it reads.
+    ``sampler`` may be any object with DDIMSampler's ``timestep_tensors`` and ``step``.
     """
     timer = timer or StageTimer(latents.device)
     plan = plan or LoopPlan(controlnet_chunk=controlnet_chunk)
@@ -296,6 +315,14 @@ def denoise(
     counts = counts.view(1, 1, n, 1, 1)
     guided = guidance_scale != 1.0
     per_window = plan.controlnet_residuals == "per_window"
+    reuse = cache_interval > 1
+    if reuse and not stages.capabilities.deep_cache:
+        raise InputError(f"deep-feature reuse (cache_interval {cache_interval}) needs the torch backend; the "
+                         f"{stages.name} backend runs whole UNet calls only")
+    if reuse and ranks is not None:
+        raise InputError("deep-feature reuse (cache_interval > 1) runs in one process; drop it or run without torchrun")
+    shallow = stages.shallow_skips(cache_depth) if reuse else None
+    kept: dict[int, Tensor] = {}  # deep-feature reuse: each call's (group's) deep feature
 
     # Calls: groups of consecutive windows, their frames concatenated (B*F indices; a frame
     # of two windows of one group appears twice), and for per-window residuals the group's
@@ -318,13 +345,17 @@ def denoise(
     if embedded and (needed is None or bool(needed.any())):  # the driving frames' embedding, once for all steps
         with timer.stage("controlnet"):
             control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype, needed)
-    halves = 2 if guided else 1
 
     if bank_fn is None:
         def bank_fn(i: int, t: Tensor) -> Sequence[Tensor]:
             return stages.bank(ref_latent, t)
 
+    all_guided = guided
     for i, t in enumerate(sampler.timestep_tensors):
+        guided = all_guided and (guided_steps is None or i < guided_steps)
+        halves = 2 if guided else 1
+        whole = not reuse or i % cache_interval == 0
+        skips = None if whole else shallow  # the shallow steps need only the first residuals
         with timer.stage("appearance_encoder"):
             bank = bank_fn(i, t)
         stage_latents = latents.to(stage_dtype)  # the stages' inputs, cast once per step
@@ -332,23 +363,26 @@ def denoise(
         if not per_window and mine:
             with timer.stage("controlnet"):
                 residuals = controlnet_all_frames(stages, stage_latents, t, control, plan.controlnet_chunk, embedded,
-                                                  needed)
+                                                  needed, skips)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
         local: list[Tensor] = []  # with several ranks: this rank's predictions, (halves, 4, F, h, w) per window
-        for members, rows, distinct, where in groups:
+        for g_index, (members, rows, distinct, where) in enumerate(groups):
             b = len(members)
             if per_window:
                 with timer.stage("controlnet"):
                     own = controlnet_frames(stages, stage_latents, t, control, distinct, plan.controlnet_chunk,
-                                            embedded)
+                                            embedded, skips)
                     res = [r.index_select(0, where) for r in own]
             else:
                 res = [r.index_select(0, rows) for r in residuals]
             with timer.stage("unet"):
                 # (1, 4, B*F, h, w) -> (B, 4, F, h, w): window k of the call is batch row k
                 lat = stage_latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1)
-                if guided:
+                if reuse:
+                    eps_u, eps_c, kept[g_index] = stages.unet_cached(
+                        lat, t, res, bank, cache_depth, None if whole else kept[g_index], guided)
+                elif guided:
                     eps_u, eps_c = stages.unet_guided(lat, t, res, bank)
                 else:
                     eps_c = stages.unet_cond(lat, t, res, bank)

@@ -38,10 +38,13 @@ class Capabilities:
         max_controlnet_frames: frames one ``controlnet`` call takes (an engine's profile max).
         max_decode_frames: frames one ``decode`` call takes.
         max_encode_images: images one ``encode_reference`` call takes.
+        deep_cache: the backend offers ``unet_cached`` and ``controlnet_shallow``, the two
+            calls of deep-feature reuse (``runtime/modes.py``; the torch backend).
     """
 
     max_windows_per_call: Optional[int] = 1
     controlnet_in_two_parts: bool = False
+    deep_cache: bool = False
     max_controlnet_frames: Optional[int] = None
     max_decode_frames: Optional[int] = None
     max_encode_images: Optional[int] = None
@@ -129,6 +132,27 @@ class Stages(ABC):
     @abstractmethod
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
         """The conditional half alone (guidance scale 1.0): -> eps_cond (B, 4, F, h, w)."""
+
+    def unet_cached(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor],
+                    depth: int, deep: Optional[Tensor], guided: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+        """Deep-feature reuse (where ``capabilities.deep_cache``): ``deep`` None: the whole
+        UNet (13 residuals) -> (eps_uncond or None, eps_cond, the feature entering the last
+        ``depth`` up blocks); ``deep`` given: only the shallow part, with the first
+        ``shallow_skips(depth)`` down residuals."""
+        raise NotImplementedError(f"the {self.name} backend has no deep-feature reuse")
+
+    def deep_feature_bytes(self, width: int, height: int, depth: int) -> int:
+        """Bytes of the feature deep-feature reuse keeps for one window (both CFG halves)."""
+        raise NotImplementedError(f"the {self.name} backend has no deep-feature reuse")
+
+    def shallow_skips(self, depth: int) -> int:
+        """The down residuals the shallow part of depth ``depth`` reads."""
+        raise NotImplementedError(f"the {self.name} backend has no deep-feature reuse")
+
+    def controlnet_shallow(self, latents: Tensor, t: Tensor, control: Tensor, skips: int, embedded: bool) -> list[Tensor]:
+        """The first ``skips`` down residuals only (``control``: the conditioning in [0, 1],
+        or its embedding when ``embedded``)."""
+        raise NotImplementedError(f"the {self.name} backend has no deep-feature reuse")
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:

@@ -105,7 +105,7 @@ class TorchStages(Stages):
     #: any number of windows per UNet call (``TemporalUNet.guided`` takes B windows), any
     #: batch per stage, and the ControlNet in two parts (``ControlNet.embed`` /
     #: ``forward_embedded``)
-    capabilities = Capabilities(max_windows_per_call=None, controlnet_in_two_parts=True)
+    capabilities = Capabilities(max_windows_per_call=None, controlnet_in_two_parts=True, deep_cache=True)
 
     def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype,
                  options: TorchOptions = TorchOptions()):
@@ -203,6 +203,32 @@ class TorchStages(Stages):
         self._new_graph_step()
         return self._forward(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank,
                              self._arithmetic)
+
+    def unet_cached(self, latents, t, residuals, bank, depth, deep, guided):
+        down, mid = (residuals[:-1], residuals[-1]) if deep is None else (residuals, None)
+        return self.models.unet.cached(latents, t, self.text_embedding, down, mid, bank, depth, deep, guided,
+                                       self._arithmetic)
+
+    def deep_feature_bytes(self, width: int, height: int, depth: int) -> int:
+        """The input of the last ``depth`` up blocks: the output channels of the up block
+        before them, at 1 / 2^(depth-1) of the latent size, for 2 x 16 rows."""
+        self.shallow_skips(depth)  # checks the depth
+        ch = list(reversed(self.models.unet.config.block_out_channels))
+        n = len(ch)
+        scale = 2 ** (depth - 1)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.window * ch[n - depth - 1] * (height // 8 // scale) * (width // 8 // scale) * item
+
+    def shallow_skips(self, depth: int) -> int:
+        try:
+            return self.models.unet.shallow_skips(depth)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    def controlnet_shallow(self, latents, t, control, skips, embedded):
+        cn = self.models.controlnet
+        embedding = control if embedded else cn.embed(control)
+        return list(cn.forward_embedded(latents, t, self.text_embedding, embedding, skips_only=skips))
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.models.vae.decode(latents)
