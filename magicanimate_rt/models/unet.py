@@ -99,12 +99,7 @@ class TemporalUNet(nn.Module):
         h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
         refs = list(bank) if bank is not None else [None] * self.num_bank
         self._check_bank(refs)
-        mid = self.mid_block
-        h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0], arithmetic=arithmetic)
-        h = mid.resnets[1](h, temb, f)
-        if mid_residual is not None:
-            h = add_shared(h, mid_residual)
+        h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual, ONE_HALF, arithmetic)
         h = self._up(h, skips, temb, text_embedding, f, refs[1:], ONE_HALF, arithmetic)
         return self._out(h, f)
 
@@ -135,12 +130,8 @@ class TemporalUNet(nn.Module):
         x = to_frames(latents)
         temb = time_embedding(self, timestep, x.dtype)
         h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)  # shared rows
-        mid = self.mid_block
-        h = mid.resnets[0](h, temb, f)
-        h = mid.attentions[0](h, text_embedding, ref=refs[0], cfg=CFGRows.fork(b * f), arithmetic=arithmetic)
-        h = mid.resnets[1](h, temb, f)  # from here both halves: 2 * B * F rows
-        if mid_residual is not None:
-            h = add_shared(h, mid_residual)
+        # the mid self-attention forks the shared rows: from there both halves, 2 * B * F rows
+        h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual, CFGRows.fork(b * f), arithmetic)
         h = self._up(h, skips, temb, text_embedding, f, refs[1:], CFGRows.halves(b * f), arithmetic)
         eps = self._out(h, f)
         return eps[:b], eps[b:]
@@ -187,13 +178,8 @@ class TemporalUNet(nn.Module):
         temb = time_embedding(self, timestep, x.dtype)
         if deep is None:
             h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
-            mid = self.mid_block
-            h = mid.resnets[0](h, temb, f)
-            h = mid.attentions[0](h, text_embedding, ref=refs[0], arithmetic=arithmetic,
-                                  **({"cfg": CFGRows.fork(b * f)} if guided else {}))
-            h = mid.resnets[1](h, temb, f)
-            if mid_residual is not None:
-                h = add_shared(h, mid_residual)
+            h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual,
+                          CFGRows.fork(b * f) if guided else ONE_HALF, arithmetic)
             h = self._up(h, skips, temb, text_embedding, f, refs[1 : len(refs) - tail_refs], cfg, arithmetic,
                          self.up_blocks[: n - depth])
             deep = h
@@ -217,6 +203,15 @@ class TemporalUNet(nn.Module):
                 raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
             skips = [add_shared(s, r) for s, r in zip(skips, down_residuals)]
         return h, skips
+
+    def _mid(self, h, temb, context, f, ref, mid_residual, cfg: CFGRows, arithmetic):
+        """The mid block (``cfg``: ONE_HALF, or a fork into both CFG halves at its
+        self-attention), then the ControlNet's mid residual."""
+        mid = self.mid_block
+        h = mid.resnets[0](h, temb, f)
+        h = mid.attentions[0](h, context, ref=ref, cfg=cfg, arithmetic=arithmetic)
+        h = mid.resnets[1](h, temb, f)
+        return h if mid_residual is None else add_shared(h, mid_residual)
 
     def _up(self, h, skips, temb, context, f, refs, cfg: CFGRows, arithmetic, blocks=None):
         refs = iter(refs)

@@ -35,7 +35,7 @@ from .distributed import Ranks, request_digest
 from .media import FITS, Box, crop_frames, driving_frames, load_source_image
 from .modes import SamplingMode, make_sampler, resolve_mode
 from .cache import ReferenceCache
-from .sampling import LoopPlan, denoise, initial_noise, plan_loop
+from .sampling import LoopPlan, check_deep_cache, denoise, initial_noise, plan_loop
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
@@ -295,11 +295,7 @@ class AnimationPipeline:
             m = resolve_mode(mode)
             steps = m.request_steps(steps)
             shape = validate_settings(size, steps, guidance_scale, width, height, fit, crop_output)
-            if m.cache_interval > 1 and not st.capabilities.deep_cache:
-                raise InputError(f"deep-feature reuse (cache_interval {m.cache_interval}) needs the torch backend; "
-                                 f"the {st.name} backend runs whole UNet calls only")
-            if m.cache_interval > 1:
-                st.shallow_skips(m.cache_depth)  # InputError for a depth the UNet does not have
+            check_deep_cache(st, m.cache_interval, m.cache_depth, self.ranks)  # before any work
             st.check_shape(*shape)
             with timer.stage("read_inputs"):
                 src = load_source_image(source, shape, fit)

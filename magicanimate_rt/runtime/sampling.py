@@ -252,6 +252,21 @@ def plan_loop(
 BankFn = Callable[[int, Tensor], Sequence[Tensor]]
 
 
+def check_deep_cache(stages: Stages, cache_interval: int, cache_depth: int,
+                     ranks: Optional["Ranks"] = None) -> Optional[int]:
+    """InputError unless deep-feature reuse at these settings can run here (a backend that
+    offers it, one process, a depth the UNet has); returns the shallow part's skip count
+    (None when reuse is off)."""
+    if cache_interval <= 1:
+        return None
+    if not stages.capabilities.deep_cache:
+        raise InputError(f"deep-feature reuse (cache_interval {cache_interval}) needs the torch backend; the "
+                         f"{stages.name} backend runs whole UNet calls only")
+    if ranks is not None:
+        raise InputError("deep-feature reuse (cache_interval > 1) runs in one process; drop it or run without torchrun")
+    return stages.shallow_skips(cache_depth)
+
+
 def denoise(
     stages: Stages,
     ref_latent: Tensor,
@@ -316,12 +331,7 @@ def denoise(
     guided = guidance_scale != 1.0
     per_window = plan.controlnet_residuals == "per_window"
     reuse = cache_interval > 1
-    if reuse and not stages.capabilities.deep_cache:
-        raise InputError(f"deep-feature reuse (cache_interval {cache_interval}) needs the torch backend; the "
-                         f"{stages.name} backend runs whole UNet calls only")
-    if reuse and ranks is not None:
-        raise InputError("deep-feature reuse (cache_interval > 1) runs in one process; drop it or run without torchrun")
-    shallow = stages.shallow_skips(cache_depth) if reuse else None
+    shallow = check_deep_cache(stages, cache_interval, cache_depth, ranks)
     kept: dict[int, Tensor] = {}  # deep-feature reuse: each call's (group's) deep feature
 
     # Calls: groups of consecutive windows, their frames concatenated (B*F indices; a frame
