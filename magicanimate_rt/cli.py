@@ -50,6 +50,9 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
                    help="torch (default with --models) or onnxruntime (default with --engines)")
     r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     r.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    r.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
+                   help="device memory the request may use, weights included: stages leave the GPU when idle and "
+                        "the loop runs leaner until the plan fits (default: what the device has)")
 
 
 def _add_sampling_mode(parser: argparse.ArgumentParser, title: str, preset_help: str) -> None:
@@ -241,14 +244,16 @@ def _check_model_dirs(args) -> None:
 
 def _load_pipeline(args):
     """The pipeline of --models or --engines (checked by :func:`_check_model_dirs`)."""
-    from .runtime.pipeline import AnimationPipeline
+    from .runtime.pipeline import AnimationPipeline, PipelineOptions
 
+    options = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)  # checked before anything loads
     if args.models is not None:
         _log(f"loading models from {args.models} ...")
         return AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch", device=args.device,
-                                                 dtype=args.dtype)
+                                                 dtype=args.dtype, options=options)
     _log(f"loading engines from {args.engines} ...")
-    return AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device)
+    return AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device,
+                                          options=options)
 
 
 def cmd_animate(args) -> int:

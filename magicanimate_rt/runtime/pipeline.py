@@ -35,7 +35,8 @@ from .distributed import Ranks, request_digest
 from .media import FITS, Box, crop_frames, driving_frames, load_source_image
 from .modes import SamplingMode, make_sampler, resolve_mode
 from .cache import ReferenceCache
-from .sampling import LoopPlan, check_deep_cache, denoise, initial_noise, plan_loop
+from .residency import HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
+from .sampling import LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise, plan_loop
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
@@ -80,6 +81,14 @@ class PipelineOptions:
         reference_cache_entries: source images whose reference latent and banks are kept
             for later requests (``runtime/cache.py``); 0 disables the cache (the original).
         reference_cache_mb: bound, in MiB, on the cache's tensors.
+        gpu_memory_gb: device memory, in GiB, a request may use, weights included
+            (``--gpu-memory-gb``): the residency planner (``runtime/residency.py``) decides
+            which stages stay on the device, whether the banks of all timesteps are computed
+            up front, the loop's batching and the UNet's lean settings so that the
+            predicted peak fits. None: on CUDA what the device has (free memory plus this
+            process's allocations); on the CPU the loop is planned within
+            ``memory_budget_mb`` as before. ``memory_budget_mb``, when given, plans the
+            working memory alone instead.
     """
 
     overlap: int = 4
@@ -92,6 +101,7 @@ class PipelineOptions:
     control_uint8: bool = True
     reference_cache_entries: int = 4
     reference_cache_mb: float = 512.0
+    gpu_memory_gb: Optional[float] = None
 
     @classmethod
     def original(cls) -> "PipelineOptions":
@@ -113,6 +123,8 @@ class PipelineOptions:
             raise InputError(f"memory_budget_mb must be > 0 (or None), got {self.memory_budget_mb!r}")
         if self.reference_cache_entries < 0 or self.reference_cache_mb < 0:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
+        if self.gpu_memory_gb is not None and (isinstance(self.gpu_memory_gb, bool) or not self.gpu_memory_gb > 0):
+            raise InputError(f"--gpu-memory-gb must be a number of GiB > 0, got {self.gpu_memory_gb!r}")
 
 
 #: receives the decoded video chunk by chunk: (index of the chunk's first frame, (n, H, W, 3) uint8)
@@ -132,6 +144,10 @@ class AnimationResult:
     content_box: Optional[Box] = None
     #: the sampling mode it ran (``runtime/modes.py``): "exact" reproduces the original
     mode: SamplingMode = SamplingMode()
+    #: where the weights were in each phase and the predicted peak (``runtime/residency.py``)
+    residency: Optional[ResidencyPlan] = None
+    #: the loop plans before and after an out-of-memory step-down (None: none happened)
+    stepped_down: Optional[tuple[LoopPlan, LoopPlan]] = None
 
 
 def validate_settings(size, steps, guidance_scale, width=None, height=None, fit="stretch", crop_output=False,
@@ -326,22 +342,37 @@ class AnimationPipeline:
             if not o.control_uint8:
                 control = control.to(st.dtype) / 255.0
             latents = initial_noise(seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device, st.dtype)
-            plan = self.plan(shape, n, m)
+            residency = self.plan_request(shape, n, m, steps, guidance_scale != 1.0, frame_sink is not None)
+            plan = residency.loop
+        caps = st.capabilities
+        place = st.set_resident if caps.residency else (lambda stages: None)
+        if caps.lean_unet:  # this request's settings (a step-down of an earlier one does not persist)
+            st.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
+        key = ReferenceCache.key(src, st.device, st.dtype)
+        entry = self.reference_cache.lookup(key)
+        cached = entry is not None
+        if not cached or residency.banks_up_front:
+            place(residency.resident("reference"))
         with timer.stage("vae_encode"):
-            key = ReferenceCache.key(src, st.device, st.dtype)
-            entry = self.reference_cache.lookup(key)
-            cached = entry is not None
             if entry is None:
                 entry = self.reference_cache.insert(key, st.encode_reference(image))
         cache = self.reference_cache
+        banks: dict[int, list[Tensor]] = {}  # this request's banks, whatever the cache keeps
 
         def bank_fn(i: int, t: Tensor):
             ts = sampler.timesteps[i]
-            bank = entry.banks.get(ts)
+            bank = banks.get(ts) or entry.banks.get(ts)
             if bank is None:
                 bank = st.bank(entry.latent, t)
                 cache.add_bank(key, entry, ts, bank)
+            banks[ts] = bank
             return bank
+
+        if residency.banks_up_front:  # every timestep's bank now, so the appearance encoder can leave
+            with timer.stage("appearance_encoder"):
+                for i, t in enumerate(sampler.timestep_tensors):
+                    bank_fn(i, t)
+        place(residency.resident("loop"))
 
         bar = None
         if progress is True and self.rank == 0:
@@ -353,14 +384,20 @@ class AnimationPipeline:
             on_step = lambda i: progress(i + 1, steps)  # noqa: E731
         else:
             on_step = None
+        changes: list[tuple[LoopPlan, LoopPlan]] = []
         try:
             latents = denoise(st, entry.latent, control, latents, sampler, float(guidance_scale), o.overlap,
                               o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks,
                               guided_steps=m.guided_steps(steps) if m.guidance_until < 1.0 else None,
-                              cache_interval=m.cache_interval, cache_depth=m.cache_depth)
+                              cache_interval=m.cache_interval, cache_depth=m.cache_depth,
+                              on_plan_change=lambda old, new: changes.append((old, new)))
         finally:
             if bar is not None:
                 bar.close()
+        del banks
+        if changes:
+            plan = changes[-1][1]
+        place(residency.resident("decode"))
 
         with timer.stage("vae_decode"):
             frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
@@ -369,33 +406,68 @@ class AnimationPipeline:
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
-                               reference_cached=cached, content_box=box, mode=m)
+                               reference_cached=cached, content_box=box, mode=m, residency=residency,
+                               stepped_down=changes[0] if changes else None)
 
     def plan(self, size: Union[int, tuple[int, int]], num_frames: int,
              mode: Optional[SamplingMode] = None) -> LoopPlan:
         """The batching of a request of ``num_frames`` padded frames at output ``size`` (a
-        square's side, or (width, height)), from the options, the memory budget and the
-        backend's memory model. With deep-feature reuse (``mode``), the kept features of
-        every window (both CFG halves) are taken from the budget first."""
+        square's side, or (width, height)): :meth:`plan_request`'s loop plan."""
+        return self.plan_request(size, num_frames, mode).loop
+
+    def plan_request(self, size: Union[int, tuple[int, int]], num_frames: int,
+                     mode: Optional[SamplingMode] = None, steps: Optional[int] = None, guided: bool = True,
+                     to_sink: bool = False) -> ResidencyPlan:
+        """Where the weights live and how the work is batched for a request of
+        ``num_frames`` padded frames at output ``size``, from the options, the budget and
+        the backend's memory model (``runtime/residency.py``). With deep-feature reuse
+        (``mode``) the kept features of every window (both CFG halves) are counted first.
+        ``to_sink``: the frames go to a frame sink (none are kept on the device)."""
         st, o = self.stages, self.options
         width, height = (size, size) if isinstance(size, int) else size
+        mode = mode or SamplingMode()
+        steps = steps or mode.request_steps(None)
         caps = st.capabilities
         n_windows = len(context_windows(num_frames, st.window, o.overlap))
         win_cap, dec_cap = AUTO_LIMITS.get(st.device.type, AUTO_LIMITS["cpu"])
         kept = 0
-        if mode is not None and mode.cache_interval > 1:
+        if mode.cache_interval > 1:
             kept = n_windows * st.deep_feature_bytes(width, height, mode.cache_depth)
-        budget = self.memory_budget_bytes()
-        plan = plan_loop(
-            num_frames, n_windows, max(budget - kept, 0.0), st.memory_model(width, height),
+        settings = dict(
             windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
             controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
-            max_windows_per_call=caps.max_windows_per_call, window=st.window,
-            max_auto_windows=win_cap, max_auto_decode=dec_cap,
+            max_windows_per_call=caps.max_windows_per_call, max_auto_windows=win_cap, max_auto_decode=dec_cap,
             embed_control=o.embed_control_once and caps.controlnet_in_two_parts,
             max_controlnet_chunk=caps.max_controlnet_frames, max_decode_chunk=caps.max_decode_frames,
+            deep_cache_bytes=kept,
         )
-        return replace(plan, deep_cache_bytes=kept) if kept else plan
+        memory = st.memory_model(width, height)
+        total = self.device_budget_bytes()
+        if total is None:  # the working memory alone, within memory_budget_mb (or half the available)
+            budget = max(self.memory_budget_bytes() - kept, 0.0)
+            settings.pop("deep_cache_bytes")
+            loop = plan_loop(num_frames, n_windows, budget, memory, window=st.window, **settings)
+            return ResidencyPlan(replace(loop, deep_cache_bytes=kept))
+        item = torch.empty((), dtype=st.dtype).element_size()
+        shape = RequestShape(
+            num_frames, n_windows, steps, width, height,
+            state_bytes=state_bytes(num_frames, width, height, item, 1 if o.control_uint8 else item, guided),
+            frames_bytes=0 if to_sink else 2 * num_frames * height * width * 3)
+        return plan_residency(total, memory, st.weight_bytes(), shape, can_offload=caps.residency,
+                              lean_unet=caps.lean_unet, window=st.window, **settings)
+
+    def device_budget_bytes(self) -> Optional[float]:
+        """The budget of the residency planner, weights included: ``gpu_memory_gb``, or on
+        CUDA (without ``memory_budget_mb``) what the device has for this process, each times
+        ``residency.HEADROOM``; None: plan the working memory alone
+        (:meth:`memory_budget_bytes`)."""
+        o = self.options
+        if o.gpu_memory_gb is not None:
+            return o.gpu_memory_gb * 2**30 * HEADROOM
+        device = torch.device(self.stages.device)
+        if device.type == "cuda" and o.memory_budget_mb is None:
+            return float(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)) * HEADROOM
+        return None
 
     def memory_budget_bytes(self) -> float:
         """``memory_budget_mb`` in bytes, or half of the device's available memory now."""
@@ -418,7 +490,7 @@ class AnimationPipeline:
         n = frames.shape[0]
         out: list[Tensor] = []
 
-        def decode(i: int) -> Tensor:
+        def decode(i: int, chunk: int = chunk) -> Tensor:
             video = self.stages.decode(frames[i : i + chunk]).float()
             # (video * 255) truncated to uint8, as the original saves it
             return (video * 255).to(torch.uint8).permute(0, 2, 3, 1)
@@ -431,8 +503,20 @@ class AnimationPipeline:
 
         starts = list(range(0, n, chunk))
         if self.ranks is None:
-            for i in starts:
-                emit(i, decode(i))
+            i, stepped = 0, False
+            while i < n:
+                try:
+                    part = decode(i, chunk)
+                except torch.OutOfMemoryError:
+                    # out of device memory: a quarter of the chunk, once (each frame decodes alone,
+                    # so the chunking changes nothing but rounding)
+                    if stepped or chunk == 1:
+                        raise
+                    stepped, chunk = True, max(1, chunk // 4)
+                    empty_device_cache(self.stages.device)
+                    continue
+                emit(i, part)
+                i += part.shape[0]
         else:
             ranks = self.ranks
             width, height = shape if shape is not None else (latents.shape[-1] * 8, latents.shape[-2] * 8)

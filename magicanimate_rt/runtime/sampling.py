@@ -12,7 +12,7 @@ memory budget and the backend's :class:`MemoryModel`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .ddim import DDIMSampler
-from .stages import MemoryModel, Stages
+from .stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
 from .timing import StageTimer
 from .windows import context_windows
 
@@ -141,6 +141,9 @@ class LoopPlan:
         deep_cache_bytes: with deep-feature reuse (``runtime/modes.py``), the memory of the
             features kept for every window between whole steps, taken from the budget
             before the rest was planned (0 without it).
+        cfg_sequential: the guided UNet call runs its two CFG halves' mid/up path one
+            after the other (``Stages.set_unet_memory``; about half its working memory).
+        ff_chunk: tokens per feed-forward chunk in the UNet (None: whole).
     """
 
     windows_per_call: int = 1
@@ -149,6 +152,8 @@ class LoopPlan:
     decode_chunk: int = 1
     embed_control_once: bool = False
     deep_cache_bytes: int = 0
+    cfg_sequential: bool = False
+    ff_chunk: Optional[int] = None
 
     def __post_init__(self):
         for name in ("windows_per_call", "controlnet_chunk", "decode_chunk"):
@@ -156,6 +161,50 @@ class LoopPlan:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.controlnet_residuals not in RESIDUAL_MODES:
             raise InputError(f"controlnet_residuals must be one of {RESIDUAL_MODES}, got {self.controlnet_residuals!r}")
+        if self.ff_chunk is not None and self.ff_chunk < 1:
+            raise InputError(f"ff_chunk must be >= 1 (or None), got {self.ff_chunk!r}")
+
+    def stepped_down(self, capabilities: Capabilities) -> Optional["LoopPlan"]:
+        """The leanest plan of the same request that the backend runs (one window per call,
+        ControlNet residuals per window, and where offered the CFG halves one after the
+        other and chunked feed-forwards; the ControlNet and decode chunks a quarter), or None when this
+        plan is that already. Same function: what the loop does after a CUDA
+        out-of-memory error instead of failing."""
+        lean = capabilities.lean_unet
+        down = replace(self, windows_per_call=1, controlnet_residuals="per_window",
+                       decode_chunk=max(1, self.decode_chunk // 4), controlnet_chunk=max(1, self.controlnet_chunk // 4),
+                       cfg_sequential=self.cfg_sequential or lean,
+                       ff_chunk=self.ff_chunk if self.ff_chunk is not None or not lean else FF_CHUNK_TOKENS)
+        return None if down == self else down
+
+    def describe(self) -> str:
+        """One line: e.g. '2 windows per UNet call, ControlNet residuals of all frames, ...'."""
+        parts = [f"{self.windows_per_call} window{'s' if self.windows_per_call > 1 else ''} per UNet call",
+                 "ControlNet residuals " + ("of all frames" if self.controlnet_residuals == "all" else "per window"),
+                 f"{self.decode_chunk} frame{'s' if self.decode_chunk > 1 else ''} per decode call"]
+        if self.cfg_sequential:
+            parts.append("CFG halves one after the other")
+        if self.ff_chunk is not None:
+            parts.append(f"feed-forward in chunks of {self.ff_chunk} tokens")
+        return ", ".join(parts)
+
+
+def loop_working_bytes(plan: LoopPlan, memory: MemoryModel, num_frames: int, window: int = 16,
+                       embed_control: Optional[bool] = None) -> int:
+    """Predicted working memory of the denoising loop under ``plan``: the residual store
+    ("all": every frame's residuals, and their conditioning embeddings when kept; "per
+    window": one call's frames), plus the larger of one UNet call (its windows, with the
+    plan's lean settings) and one ControlNet call. Weights, the bank and the step state
+    are counted by the caller (``runtime/residency.py``)."""
+    m = memory
+    embed = plan.embed_control_once if embed_control is None else embed_control
+    cn_call = m.controlnet_per_frame * plan.controlnet_chunk
+    unet = plan.windows_per_call * m.unet_window(plan.cfg_sequential, plan.ff_chunk is not None)
+    if plan.controlnet_residuals == "all":
+        store = (m.residuals_per_frame + (m.control_embedding_per_frame if embed else 0)) * num_frames
+    else:
+        store = m.residuals_per_frame * min(plan.windows_per_call * window, num_frames)
+    return store + max(unet, cn_call)
 
 
 def plan_loop(
@@ -231,10 +280,8 @@ def plan_loop(
         controlnet_residuals = "all" if fits else "per_window"
 
     def loop_bytes(b: int) -> float:
-        if controlnet_residuals == "all":
-            return store_all + max(b * m.unet_per_window, cn_call)
-        own = m.residuals_per_frame * min(b * window, num_frames)
-        return own + max(b * m.unet_per_window, cn_call)
+        return loop_working_bytes(LoopPlan(b, controlnet_residuals, controlnet_chunk), m, num_frames, window,
+                                  embed_control)
 
     if windows_per_call is None:
         windows_per_call = 1
@@ -249,6 +296,13 @@ def plan_loop(
 
 
 # --------------------------------------------------------------------------- the loop
+def empty_device_cache(device: torch.device) -> None:
+    """Return the caching allocator's free blocks to the device (CUDA), so that a retry
+    after an out-of-memory error starts from unfragmented memory."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 BankFn = Callable[[int, Tensor], Sequence[Tensor]]
 
 
@@ -284,6 +338,7 @@ def denoise(
     guided_steps: Optional[int] = None,
     cache_interval: int = 1,
     cache_depth: int = 1,
+    on_plan_change: Optional[Callable[[LoopPlan, LoopPlan], None]] = None,
 ) -> Tensor:
     """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window, in
     the stages' dtype; returns the final latents in float32 (float64 for float64 stages).
@@ -311,6 +366,10 @@ def denoise(
     run the UNet's shallow part (depth ``cache_depth``) on each call's deep feature kept
     from the last whole step, and the ControlNet only up to the residuals it reads.
     ``sampler`` may be any object with DDIMSampler's ``timestep_tensors`` and ``step``.
+
+    Out of device memory (``torch.OutOfMemoryError``) in a step, the loop steps the plan
+    down once (:meth:`LoopPlan.stepped_down`), tells ``on_plan_change(old, new)`` and runs
+    the step again; a second one propagates.
     """
     timer = timer or StageTimer(latents.device)
     plan = plan or LoopPlan(controlnet_chunk=controlnet_chunk)
@@ -329,7 +388,6 @@ def denoise(
         counts.index_add_(0, idx, torch.ones(len(idx), device=device, dtype=latents.dtype))
     counts = counts.view(1, 1, n, 1, 1)
     guided = guidance_scale != 1.0
-    per_window = plan.controlnet_residuals == "per_window"
     reuse = cache_interval > 1
     shallow = check_deep_cache(stages, cache_interval, cache_depth, ranks)
     kept: dict[int, Tensor] = {}  # deep-feature reuse: each call's (group's) deep feature
@@ -339,12 +397,18 @@ def denoise(
     # distinct frames and where each row finds its residual among them.
     share = range(len(windows)) if ranks is None else ranks.share(len(windows))
     mine = [windows[k] for k in share]
-    groups = []
-    for g in range(0, len(mine), plan.windows_per_call):
-        members = mine[g : g + plan.windows_per_call]
-        rows = torch.cat(members)
-        distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
-        groups.append((members, rows, distinct, where))
+
+    def call_groups(plan: LoopPlan):
+        per_window = plan.controlnet_residuals == "per_window"
+        groups = []
+        for g in range(0, len(mine), plan.windows_per_call):
+            members = mine[g : g + plan.windows_per_call]
+            rows = torch.cat(members)
+            distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
+            groups.append((members, rows, distinct, where))
+        return groups
+
+    groups = call_groups(plan)
     needed = None  # with several ranks: the frames this rank's windows read
     if ranks is not None:
         # on the host, from the window lists: choosing chunks from it never syncs the device
@@ -360,12 +424,14 @@ def denoise(
         def bank_fn(i: int, t: Tensor) -> Sequence[Tensor]:
             return stages.bank(ref_latent, t)
 
-    all_guided = guided
-    for i, t in enumerate(sampler.timestep_tensors):
+    def one_step(i: int, t: Tensor, latents: Tensor, plan: LoopPlan, groups) -> Tensor:
+        """Step i on ``latents`` -> the next latents (the input is left as it was, so a
+        step that fails for lack of memory can run again)."""
         guided = all_guided and (guided_steps is None or i < guided_steps)
         halves = 2 if guided else 1
         whole = not reuse or i % cache_interval == 0
         skips = None if whole else shallow  # the shallow steps need only the first residuals
+        per_window = plan.controlnet_residuals == "per_window"
         with timer.stage("appearance_encoder"):
             bank = bank_fn(i, t)
         stage_latents = latents.to(stage_dtype)  # the stages' inputs, cast once per step
@@ -403,6 +469,7 @@ def denoise(
                     if guided:
                         sum_u.index_add_(2, idx, eps_u[k : k + 1].to(sum_u.dtype))
                     sum_c.index_add_(2, idx, eps_c[k : k + 1].to(sum_c.dtype))
+        del residuals
         if ranks is not None:
             with timer.stage("gather"):
                 c, (h, w) = latents.shape[1], latents.shape[3:]
@@ -422,6 +489,30 @@ def denoise(
         if ranks is not None:
             with timer.stage("gather"):
                 latents = ranks.broadcast(latents)
+        return latents
+
+    all_guided = guided
+    stepped = False
+    for i, t in enumerate(sampler.timestep_tensors):
+        try:
+            latents = one_step(i, t, latents, plan, groups)
+        except torch.OutOfMemoryError:
+            # Out of device memory: step down once to the leanest plan and run the step again
+            # (same function). Not with several ranks (the others would wait in a gather),
+            # nor with deep-feature reuse (its kept features belong to the old groups).
+            lean = None if stepped or ranks is not None or reuse else plan.stepped_down(stages.capabilities)
+            if lean is None:
+                raise
+            stepped = True
+            kept.clear()
+            empty_device_cache(device)
+            if on_plan_change is not None:
+                on_plan_change(plan, lean)
+            plan = lean
+            if plan.cfg_sequential or plan.ff_chunk is not None:
+                stages.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
+            groups = call_groups(plan)
+            latents = one_step(i, t, latents, plan, groups)
         if on_step is not None:
             on_step(i)
     return latents  # the step state's dtype (float32, or float64 for float64 stages)

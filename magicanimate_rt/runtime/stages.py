@@ -40,11 +40,18 @@ class Capabilities:
         max_encode_images: images one ``encode_reference`` call takes.
         deep_cache: the backend offers ``unet_cached`` and ``controlnet_shallow``, the two
             calls of deep-feature reuse (``runtime/modes.py``; the torch backend).
+        lean_unet: the backend offers :meth:`Stages.set_unet_memory`: the guided call's two
+            CFG halves one after the other, and feed-forwards in chunks of tokens (the
+            torch backend).
+        residency: the backend offers :meth:`Stages.set_resident`: stages can leave the
+            device while idle (the torch backend on CUDA: to pinned host memory).
     """
 
     max_windows_per_call: Optional[int] = 1
     controlnet_in_two_parts: bool = False
     deep_cache: bool = False
+    lean_unet: bool = False
+    residency: bool = False
     max_controlnet_frames: Optional[int] = None
     max_decode_frames: Optional[int] = None
     max_encode_images: Optional[int] = None
@@ -64,6 +71,12 @@ class MemoryModel:
         decode_per_frame: peak working memory of a VAE decode call per frame in it.
         control_embedding_per_frame: one frame's ControlNet conditioning embedding (kept
             for the request when the plan embeds the driving frames once).
+        bank_per_step: one timestep's reference bank (exact: it follows from the shapes).
+        appearance_call: peak working memory of one appearance-encoder call.
+        unet_per_window_sequential: ``unet_per_window`` with the guided call's two CFG
+            halves one after the other (0: the backend cannot).
+        ff_chunk_saving: what feed-forwards in chunks of ``FF_CHUNK_TOKENS`` tokens take
+            off a window's UNet working memory (0: the backend cannot).
     """
 
     residuals_per_frame: int
@@ -71,6 +84,27 @@ class MemoryModel:
     controlnet_per_frame: int
     decode_per_frame: int
     control_embedding_per_frame: int = 0
+    bank_per_step: int = 0
+    appearance_call: int = 0
+    unet_per_window_sequential: int = 0
+    ff_chunk_saving: int = 0
+
+    def unet_window(self, cfg_sequential: bool = False, ff_chunk: bool = False) -> int:
+        """A window's UNet working memory with the lean settings asked for (those the
+        backend does not offer change nothing). One half at a time also halves the rows
+        whose feed-forward the chunking shrinks."""
+        sequential = cfg_sequential and self.unet_per_window_sequential > 0
+        base = self.unet_per_window_sequential if sequential else self.unet_per_window
+        if not ff_chunk or not self.ff_chunk_saving:
+            return base
+        return max(base - self.ff_chunk_saving // (2 if sequential else 1), base // 4)
+
+
+#: tokens of each row per feed-forward chunk of the lean UNet (``Stages.set_unet_memory``):
+#: at SD 1.5's top level at 512 px a row has 64 x 64 = 4096 tokens, whose GEGLU activations
+#: (12 x 320 channels) for the 32 rows of a guided window take 1 GB in fp16; in chunks of
+#: 1024 tokens a quarter of that
+FF_CHUNK_TOKENS = 1024
 
 
 class Stages(ABC):
@@ -92,6 +126,24 @@ class Stages(ABC):
         ``height`` (``height`` None: a square); None when the backend has none (the
         pipeline then plans without a budget)."""
         return None
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of each stage's weights on the device ("vae", "appearance_encoder",
+        "controlnet", "unet"); empty when the backend cannot say (the residency planner
+        then counts no weights)."""
+        return {}
+
+    def set_resident(self, stages: Sequence[str]) -> None:
+        """Where ``capabilities.residency``: keep exactly ``stages`` (names as in
+        :meth:`weight_bytes`) on the device and move the others' weights off it (copies
+        queued without a host sync). Default: nothing moves."""
+
+    def set_unet_memory(self, cfg_sequential: bool, ff_chunk: Optional[int]) -> None:
+        """Where ``capabilities.lean_unet``: how the UNet calls that follow arrange their
+        work to use less memory (same function): the guided call's two CFG halves one after
+        the other, and feed-forwards ``ff_chunk`` tokens at a time (None: whole)."""
+        if cfg_sequential or ff_chunk is not None:
+            raise NotImplementedError(f"the {self.name} backend has no lean UNet settings")
 
     def check_shape(self, width: int, height: int) -> None:
         """Raise (with how to fix it) when these stages cannot produce ``width`` x ``height``

@@ -18,7 +18,7 @@ from ...errors import InputError
 from ...models import ModelSet, load_model_set
 from ...models.layers import ORIGINAL, Arithmetic
 from ..dtypes import float_torch_dtype
-from ..stages import Capabilities, MemoryModel, Stages
+from ..stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
 
 @dataclass(frozen=True)
 class TorchOptions:
@@ -81,23 +81,38 @@ class TorchOptions:
 
 
 #: measured peak working memory of this backend's calls, as multiples of a size that
-#: follows from the shapes (docs/PERFORMANCE.md, "Memory"; measured on the tiny and mid
-#: model sets at 128 and 256 px, float32, rounded up): a guided UNet call per window, in
-#: units of its 16 frames' ControlNet residuals; a ControlNet call per frame, in units of
-#: one frame's residuals; a VAE decode per frame, in units of one frame's top decoder
-#: activation (first decoder channel count x H x W).
-UNET_WINDOW_FACTOR = 26
-CONTROLNET_FRAME_FACTOR = 32
-DECODE_FRAME_FACTOR = 26
+#: follows from the shapes (docs/PERFORMANCE.md, "Memory"), per device type: a guided UNet
+#: call per window, in units of its 16 frames' ControlNet residuals; a ControlNet call per
+#: frame, in units of one frame's residuals; a VAE decode per frame, in units of one
+#: frame's top decoder activation (first decoder channel count x H x W).
+#: "cpu": measured on the tiny and mid model sets at 128 and 256 px, float32, rounded up.
+#: "cuda": the H200 run of 2026-11-26 (SD 1.5, 512 px, fp16: the guided call's working
+#: memory 2.48 GiB, the decode 512-610 MiB per frame; docs/PERFORMANCE.md "GPU"), where the
+#: CPU factors over-estimated the loop 2.8x and the decode 3.2x; the ControlNet's CPU
+#: factor scaled the same way (not measured alone). ``benchmarks/gpu_check.py`` measures
+#: each call's peak and prints the factors it implies.
+MEMORY_FACTORS = {
+    "cpu": {"unet_window": 26, "controlnet_frame": 32, "decode_frame": 26},
+    "cuda": {"unet_window": 10, "controlnet_frame": 12, "decode_frame": 10},
+}
+UNET_WINDOW_FACTOR = MEMORY_FACTORS["cpu"]["unet_window"]
+CONTROLNET_FRAME_FACTOR = MEMORY_FACTORS["cpu"]["controlnet_frame"]
+DECODE_FRAME_FACTOR = MEMORY_FACTORS["cpu"]["decode_frame"]
+#: a guided call with its CFG halves one after the other, as a share of the batched one's
+#: working memory: the down path and its skip features are shared, the mid/up path runs on
+#: half the rows (an estimate from that split; gpu_check measures it)
+UNET_SEQUENTIAL_SHARE = 0.6
 
 
-def decode_bytes_per_frame(vae, width: int, dtype: torch.dtype, height: Optional[int] = None) -> int:
+def decode_bytes_per_frame(vae, width: int, dtype: torch.dtype, height: Optional[int] = None,
+                           device_type: str = "cpu") -> int:
     """Estimated peak working memory of a VAE decode call per frame in it at output shape
     ``width`` x ``height`` (``height`` None: a square): one frame's top decoder activation
-    (first decoder width x H x W) times DECODE_FRAME_FACTOR."""
+    (first decoder width x H x W) times the device type's decode factor."""
     item = torch.empty((), dtype=dtype).element_size()
     height = width if height is None else height
-    return DECODE_FRAME_FACTOR * vae.vae.config.block_out_channels[0] * height * width * item
+    factor = MEMORY_FACTORS.get(device_type, MEMORY_FACTORS["cpu"])["decode_frame"]
+    return factor * vae.vae.config.block_out_channels[0] * height * width * item
 
 
 class TorchStages(Stages):
@@ -105,7 +120,8 @@ class TorchStages(Stages):
     #: any number of windows per UNet call (``TemporalUNet.guided`` takes B windows), any
     #: batch per stage, and the ControlNet in two parts (``ControlNet.embed`` /
     #: ``forward_embedded``)
-    capabilities = Capabilities(max_windows_per_call=None, controlnet_in_two_parts=True, deep_cache=True)
+    capabilities = Capabilities(max_windows_per_call=None, controlnet_in_two_parts=True, deep_cache=True,
+                                lean_unet=True)
 
     def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype,
                  options: TorchOptions = TorchOptions()):
@@ -115,6 +131,9 @@ class TorchStages(Stages):
         self.options = options
         self.text_embedding = models.text_embedding
         self._arithmetic = options.arithmetic
+        # stages leave the device only where there is another place for them (CUDA: pinned host memory)
+        self.capabilities = replace(type(self).capabilities, residency=self.device.type == "cuda")
+        self._host_copies: dict[str, dict[str, Tensor]] = {}  # pinned host copies of offloaded stages' weights
         if options.channels_last:
             for m in (models.vae, models.appearance_encoder, models.controlnet, models.unet):
                 m.to(memory_format=torch.channels_last)
@@ -151,18 +170,49 @@ class TorchStages(Stages):
 
     def memory_model(self, width: int, height: Optional[int] = None) -> MemoryModel:
         """Working-memory estimates of this backend's calls at output shape ``width`` x
-        ``height`` (``height`` None: a square)."""
+        ``height`` (``height`` None: a square), with this device type's factors."""
         height = width if height is None else height
         item = torch.empty((), dtype=self.dtype).element_size()
         residuals = self.residual_numel(width, height) * item
+        factors = MEMORY_FACTORS.get(self.device.type, MEMORY_FACTORS["cpu"])
         cn = self.models.controlnet.net.config  # its conditioning embedding has its conv_in's width
+        unet = factors["unet_window"] * self.window * residuals
+        controlnet = factors["controlnet_frame"] * residuals
         return MemoryModel(
             residuals_per_frame=residuals,
-            unet_per_window=UNET_WINDOW_FACTOR * self.window * residuals,
-            controlnet_per_frame=CONTROLNET_FRAME_FACTOR * residuals,
-            decode_per_frame=decode_bytes_per_frame(self.models.vae, width, self.dtype, height),
+            unet_per_window=unet,
+            controlnet_per_frame=controlnet,
+            decode_per_frame=decode_bytes_per_frame(self.models.vae, width, self.dtype, height, self.device.type),
             control_embedding_per_frame=cn.block_out_channels[0] * (height // 8) * (width // 8) * item,
+            bank_per_step=self.bank_numel(width, height) * item,
+            appearance_call=2 * controlnet,  # one latent through a whole 2D UNet: the ControlNet's down path twice
+            unet_per_window_sequential=int(UNET_SEQUENTIAL_SHARE * unet),
+            ff_chunk_saving=self.ff_chunk_saving(width, height),
         )
+
+    def bank_numel(self, width: int, height: Optional[int] = None) -> int:
+        """Elements of one timestep's reference bank: one (1, h_j * w_j, C_j) tensor per
+        self-attention of the mid block and the up path, at its block's resolution."""
+        unet = self.models.unet
+        ch = unet.config.block_out_channels
+        h, w = (width if height is None else height) // 8, width // 8
+        n = len(ch)
+        low = (h >> (n - 1)) * (w >> (n - 1))
+        total = len(unet.mid_block.attentions) * ch[-1] * low
+        for i, blk in enumerate(unet.up_blocks):  # up block i runs at latent / 2^(n-1-i)
+            scale = n - 1 - i
+            total += len(blk.attentions) * list(reversed(ch))[i] * (h >> scale) * (w >> scale)
+        return total
+
+    def ff_chunk_saving(self, width: int, height: Optional[int] = None) -> int:
+        """What chunked feed-forwards (``FF_CHUNK_TOKENS`` tokens per chunk) take off a
+        guided window's working memory: at the top level, 2 x 16 rows of h x w tokens carry
+        the GEGLU projection (8 C) and its gated half (4 C) at once; chunked, only
+        ``FF_CHUNK_TOKENS`` tokens of each row do."""
+        c = self.models.unet.config.block_out_channels[0]
+        tokens = ((width if height is None else height) // 8) * (width // 8)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.window * max(tokens - FF_CHUNK_TOKENS, 0) * 12 * c * item
 
     def encode_reference(self, image: Tensor) -> Tensor:
         return self.models.vae.encode(image)
@@ -233,6 +283,57 @@ class TorchStages(Stages):
     def decode(self, latents: Tensor) -> Tensor:
         return self.models.vae.decode(latents)
 
+    # ------------------------------------------------------------------ memory
+    def _stage_modules(self) -> dict[str, torch.nn.Module]:
+        m = self.models
+        return {"vae": m.vae, "appearance_encoder": m.appearance_encoder, "controlnet": m.controlnet,
+                "unet": m.unet}
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of each stage's parameters and buffers (the text encoder is not here: it
+        is freed once its embedding is computed, at load)."""
+        return {name: sum(t.numel() * t.element_size() for t in (*mod.parameters(), *mod.buffers()))
+                for name, mod in self._stage_modules().items()}
+
+    def set_resident(self, stages: Sequence[str]) -> None:
+        """Keep ``stages`` on the GPU, the others' weights in pinned host memory. The first
+        time a stage leaves, its weights are copied to pinned buffers (queued on the
+        current stream); they never change, so later it leaves by dropping its device
+        copies, and comes back by an asynchronous copy. On the CPU nothing moves (the host
+        is the device)."""
+        if self.device.type != "cuda":
+            return
+        unknown = set(stages) - set(self._stage_modules())
+        if unknown:
+            raise InputError(f"unknown stage(s) {sorted(unknown)}; the stages are {sorted(self._stage_modules())}")
+        for name, mod in self._stage_modules().items():
+            tensors = dict(mod.named_parameters())
+            tensors.update(mod.named_buffers())
+            on_device = next(iter(tensors.values())).device.type == "cuda"
+            if name in stages and not on_device:
+                for key, t in tensors.items():
+                    t.data = self._host_copies[name][key].to(self.device, non_blocking=True)
+            elif name not in stages and on_device:
+                host = self._host_copies.get(name)
+                if host is None:
+                    host = self._host_copies[name] = {}
+                    for key, t in tensors.items():
+                        host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        host[key].copy_(t.data, non_blocking=True)
+                    torch.cuda.current_stream(self.device).synchronize()  # the copies are done before the frees
+                for key, t in tensors.items():
+                    t.data = host[key]
+
+    def set_unet_memory(self, cfg_sequential: bool, ff_chunk: Optional[int]) -> None:
+        """The UNet calls that follow run the guided call's CFG halves one after the other
+        and/or the feed-forwards ``ff_chunk`` tokens at a time (``models/layers.py``
+        ``Arithmetic``; the same function)."""
+        a = self._arithmetic
+        if (getattr(a, "cfg_sequential", False), getattr(a, "ff_chunk", None)) == (cfg_sequential, ff_chunk):
+            return  # TEMP until the Arithmetic fields land
+        self._arithmetic = replace(self._arithmetic, cfg_sequential=cfg_sequential, ff_chunk=ff_chunk)
+
     def close(self) -> None:
         self.models = None  # type: ignore[assignment]
+        self._host_copies.clear()
         self._guided = self._forward = None
