@@ -26,6 +26,17 @@ installed and reported as skipped where not. Within ``--budget-s`` (default 450 
     GPU memory. A run whose estimate (from the 16-frame run) does not fit the time left is
     skipped, and the report says so.
 
+(c) issue 17, most wanted first, each skipped (and said so) when the budget is spent: the
+    cold and warm start of a compiled pipeline (process start to first step, each in a
+    fresh process with its own empty inductor cache: only the project's compile artifacts
+    make the second warm); ours compiled (``reduce-overhead``: inductor + CUDA graphs) at
+    16 and 64 frames beside eager and the original schedule; ``--gpu-memory-gb`` 8 and 12
+    (enforced with ``set_per_process_memory_fraction``) at 16, 64 and 256 frames (256 at
+    5 steps) with the uncapped default and the original schedule at 256 beside them; each
+    call's measured peak and the memory factors it implies; device time by kernel class;
+    and each SDPA backend on the UNet's three attention shapes. Correctness against
+    case_c also covers the compiled stages and the leanest plan.
+
 ``--quick``: 16 frames only. ``--dry-run``: the whole script on the CPU in float32, tiny
 set at 128 px, 2 steps, 16 and 32 frames (what CI runs; no GPU needed). Exit code 0, or 1
 when a correctness check failed, 2 when a part of the check itself failed (its error is in
@@ -41,7 +52,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -97,6 +108,10 @@ class Check:
     timings: list
     skipped: list
     errors: list
+    starts: list = field(default_factory=list)  #: cold and warm process starts, compiled
+    memory: list = field(default_factory=list)  #: measured per-call peaks and implied factors
+    profile: list = field(default_factory=list)  #: device time by kernel class
+    sdpa: list = field(default_factory=list)  #: SDPA backends per attention shape
 
     def skip(self, what: str, why: str) -> None:
         self.skipped.append({"what": what, "why": why})
@@ -192,11 +207,25 @@ def correctness(c: Check, args, shared: Path, cache: Path) -> None:
             return AnimationPipeline(TorchStages(models, torch.device(device), dtype, options), options=popts)
         return make
 
+    # issue 17's configurations: compiled stages, and the leanest plan (the CFG halves one
+    # after the other, chunked feed-forwards, 4-frame ControlNet calls per window)
+    lean = (TorchOptions(cfg_sequential=True, ff_chunk=64),
+            PipelineOptions(windows_per_call=1, controlnet_residuals="per_window", controlnet_chunk=4, decode_chunk=1))
     if args.dry_run:
         case_c_check(c, "torch cpu fp32", torch_pipe("cpu", torch.float32), case, TOLERANCE["cpu-fp32"])
+        case_c_check(c, "torch cpu fp32, lean plan", torch_pipe("cpu", torch.float32, *lean), case,
+                     TOLERANCE["cpu-fp32"])
+        compiled = TorchOptions(compile_mode="default", compile_backend="aot_eager",
+                                compile_cache_dir=str(cache / "compile-correctness"))
+        case_c_check(c, "torch cpu fp32, compiled (aot_eager)", torch_pipe("cpu", torch.float32, compiled), case,
+                     TOLERANCE["cpu-fp32"])
         c.skip("TensorRT and ONNX Runtime CUDA correctness", "dry run: CPU only")
         return
     case_c_check(c, "torch cuda fp16", torch_pipe("cuda", torch.float16), case, TOLERANCE["fp16"])
+    case_c_check(c, "torch cuda fp16, lean plan", torch_pipe("cuda", torch.float16, *lean), case, TOLERANCE["fp16"])
+    compiled = TorchOptions(compile_mode=GPU_COMPILE_MODE, compile_cache_dir=str(cache / "compile-correctness"))
+    case_c_check(c, f"torch cuda fp16, compiled ({GPU_COMPILE_MODE})", torch_pipe("cuda", torch.float16, compiled),
+                 case, TOLERANCE["fp16"])
     case_c_check(c, "torch cuda fp16, original schedule",
                  torch_pipe("cuda", torch.float16, TorchOptions.original("cuda"), PipelineOptions.original()), case,
                  TOLERANCE["fp16"])
@@ -280,24 +309,33 @@ def sd15_model_set(shared: Path, cache: Path, preset: str) -> Path:
 
 
 def time_one(c: Check, label: str, pipe, frames: int, setup: Setup, inputs, warm: bool,
-             shape: Optional[tuple[int, int]] = None) -> Optional[dict]:
-    """One timed animation (after a 1-step warm-up when ``warm``); its per-stage seconds
-    and peak memory. ``shape``: (width, height) instead of the setup's square size."""
+             shape: Optional[tuple[int, int]] = None, steps: Optional[int] = None, warm_frames: int = 16,
+             memory_cap_gib: Optional[float] = None) -> Optional[dict]:
+    """One timed animation (after a 1-step warm-up of ``warm_frames`` frames when
+    ``warm``: compiled stages compile at the shapes of that request's plan); its per-stage
+    seconds and peak memory. ``shape``: (width, height) instead of the setup's square size;
+    ``steps``: instead of the setup's; ``memory_cap_gib``: recorded with the row."""
     import torch
 
     source, driving = inputs
     cuda = setup.device == "cuda"
     width, height = shape or (setup.size, setup.size)
     size = dict(width=width, height=height)
+    steps = steps or setup.steps
     if warm:
-        pipe.animate(source, driving[:16], steps=1, **size)
+        pipe.animate(source, driving[:warm_frames], steps=1, **size)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    result = pipe.animate(source, driving[:frames], steps=setup.steps, **size)
-    row = {"config": label, "frames": frames, "steps": setup.steps, "size": setup.size, "width": width,
-           "height": height, "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+    result = pipe.animate(source, driving[:frames], steps=steps, **size)
+    row = {"config": label, "frames": frames, "steps": steps, "size": setup.size, "width": width,
+           "height": height, "timings": {k: round(v, 4) for k, v in result.timings.items()},
+           "memory_cap_gib": memory_cap_gib}
+    if result.residency is not None:
+        row["plan"] = result.residency.describe()
+    if result.stepped_down is not None:
+        row["stepped_down"] = result.stepped_down[1].describe()
     if cuda:
         free, total = torch.cuda.mem_get_info()
         row.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
@@ -319,7 +357,8 @@ def estimate(row16: dict, frames: int) -> float:
     return t.get("unet", 0.0) * windows + (t["total"] - t.get("unet", 0.0)) * frames / 16
 
 
-def timings(c: Check, args, shared: Path, cache: Path, budget: Budget) -> None:
+def timings(c: Check, args, shared: Path, cache: Path, budget: Budget) -> dict:
+    """The eager rows; returns what the later parts reuse (setup, model set, inputs)."""
     import torch
 
     from magicanimate_rt import AnimationPipeline, demo
@@ -400,7 +439,7 @@ def timings(c: Check, args, shared: Path, cache: Path, budget: Budget) -> None:
                                warm=setup.device == "cuda", shape=portrait)
             row["vs_square"] = round(row["timings"]["total"] / square["timings"]["total"], 3)
             log(f"   portrait / square: {row['vs_square']:.2f}x (tokens 1.5x)")
-    del models
+    return {"setup": setup, "models": models, "models_dir": models_dir, "inputs": inputs}
 
 
 def sd15_engines(c: Check, args, models_dir: Path, cache: Path, setup: Setup) -> Optional[Path]:
@@ -422,6 +461,270 @@ def sd15_engines(c: Check, args, models_dir: Path, cache: Path, setup: Setup) ->
         build_engine_dir(models_dir, out, setup.size, with_plans=True)
         return out
     return None
+
+
+# --------------------------------------------------------------------------- (c) issue 17
+#: the compile mode of the compiled rows on a GPU ("max-autotune" would spend minutes of the
+#: budget autotuning: "reduce-overhead" is inductor's kernels plus CUDA graphs)
+GPU_COMPILE_MODE = "reduce-overhead"
+#: --gpu-memory-gb caps of the memory rows, and their frame counts (256 frames at fewer
+#: steps: the loop's memory does not grow with the steps, and the budget would not fit 25)
+MEMORY_CAPS_GIB = (8.0, 12.0)
+LONG_FRAMES, LONG_STEPS = 256, 5
+
+
+def compile_options(setup: Setup, cache: Path):
+    """TorchOptions of the compiled rows: inductor on the GPU; on the CPU dry run the
+    "aot_eager" backend (the same tracing and cache path, no C++ compile of the tiny set's
+    kernels on a 2-core CI machine)."""
+    from magicanimate_rt.runtime.backends.torch_backend import TorchOptions
+
+    if setup.device == "cuda":
+        return TorchOptions(compile_mode=GPU_COMPILE_MODE, compile_cache_dir=str(cache / "compile"))
+    return TorchOptions(compile_mode="default", compile_backend="aot_eager", compile_cache_dir=str(cache / "compile"))
+
+
+START_PROBE = r"""
+import json, os, sys, time
+t0 = float(os.environ["GPU_CHECK_T0"])
+import torch
+from magicanimate_rt import AnimationPipeline, demo
+from magicanimate_rt.runtime.backends.torch_backend import TorchOptions
+from magicanimate_rt.runtime.pipeline import PipelineOptions
+spec = json.loads(sys.argv[1])
+pipe = AnimationPipeline.from_pretrained(spec["models"], device=spec["device"], dtype=spec["dtype"],
+                                         backend_options=TorchOptions(**spec["options"]),
+                                         options=PipelineOptions(reference_cache_entries=0))
+loaded = time.time() - t0
+first = []
+def on_step(i, n):
+    if not first:
+        if spec["device"] == "cuda":
+            torch.cuda.synchronize()
+        first.append(time.time() - t0)
+size = spec["size"]
+pipe.animate(demo.source_image(size), demo.driving_clip(16, size), size=size, steps=2, progress=on_step)
+print(json.dumps({"loaded_s": round(loaded, 2), "first_step_s": round(first[0], 2)}))
+"""
+
+
+def start_times(c: Check, setup: Setup, models_dir: Path, cache: Path, budget: Budget) -> None:
+    """Process start to the first denoising step of a compiled pipeline, in a fresh process
+    with an empty compile cache (cold) and then in another with the cache the first left
+    (warm); each process gets its own empty inductor cache directory, so only the project's
+    on-disk artifacts can make the second warm."""
+    import os
+    import subprocess
+    import tempfile
+
+    opts = compile_options(setup, cache)
+    store = Path(tempfile.mkdtemp(prefix="compile-", dir=cache))
+    spec = {"models": str(models_dir), "device": setup.device, "dtype": setup.dtype, "size": setup.size,
+            "options": {"compile_mode": opts.compile_mode, "compile_backend": opts.compile_backend,
+                        "compile_cache_dir": str(store)}}
+    for label in ("cold", "warm"):
+        what = f"start {label}: process start to first step, compiled"
+        if budget.left() < 30:
+            c.skip(what, f"{max(budget.left(), 0):.0f} s left of the budget")
+            return
+        env = dict(os.environ, GPU_CHECK_T0=repr(time.time()),
+                   TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=cache),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env["GPU_CHECK_T0"] = repr(time.time())
+        with c.part(what):
+            proc = subprocess.run([sys.executable, "-c", START_PROBE, json.dumps(spec)], capture_output=True,
+                                  text=True, env=env, timeout=max(budget.left(), 30))
+            if proc.returncode != 0:
+                raise RuntimeError(f"the probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row.update(start=label, compile_mode=opts.compile_mode, compile_backend=opts.compile_backend,
+                       cache_files=sorted(p.name for p in store.iterdir()))
+            c.starts.append(row)
+            log(f"   {label}: loaded after {row['loaded_s']:.1f} s, first step after {row['first_step_s']:.1f} s")
+
+
+def find(c: Check, config: str, frames: int) -> Optional[dict]:
+    """The timing row of ``config`` at ``frames`` (uncapped), or None."""
+    return next((r for r in c.timings if r["config"] == config and r["frames"] == frames
+                 and r.get("memory_cap_gib") is None), None)
+
+
+def compiled_rows(c: Check, setup: Setup, models, inputs, cache: Path, budget: Budget) -> None:
+    """Ours compiled at each frame count (warm-up at the same frames: the compiled shapes
+    follow the plan), beside the eager rows of the timing part."""
+    import torch
+
+    from magicanimate_rt import AnimationPipeline
+    from magicanimate_rt.runtime.backends.torch_backend import TorchStages
+    from magicanimate_rt.runtime.pipeline import PipelineOptions
+
+    label = "ours (torch, compiled)"
+    for frames in setup.frames:
+        what = f"timing {label}, {frames} frames"
+        eager = find(c, "ours (torch)", frames)
+        est = 3 * eager["timings"]["total"] if eager else 60.0
+        if est > budget.left():
+            c.skip(what, f"estimated {est:.0f} s with its warm-up, {max(budget.left(), 0):.0f} s left")
+            continue
+        with c.part(what):
+            stages = TorchStages(models, torch.device(setup.device), models.unet.conv_in.weight.dtype,
+                                 compile_options(setup, cache))
+            with AnimationPipeline(stages, options=PipelineOptions(reference_cache_entries=0)) as pipe:
+                row = time_one(c, label, pipe, frames, setup, inputs, warm=True, warm_frames=frames)
+            if eager:
+                row["vs_eager"] = round(eager["timings"]["total"] / row["timings"]["total"], 3)
+
+
+def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
+    """``--gpu-memory-gb`` caps (on CUDA emulated by ``set_per_process_memory_fraction``, so
+    an allocation beyond the cap fails as on a smaller card) at 16, 64 and 256 frames, with
+    the uncapped default and the original schedule at 256 frames beside them; on the CPU
+    dry run caps of a few tens of MiB on the tiny set (the plan's choices, no allocator)."""
+    import torch
+
+    from magicanimate_rt import AnimationPipeline
+    from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchStages
+    from magicanimate_rt.runtime.pipeline import PipelineOptions
+
+    cuda = setup.device == "cuda"
+    dtype = models.unet.conv_in.weight.dtype
+    caps = MEMORY_CAPS_GIB if cuda else (0.06, 0.1)
+    frames_list = (16, 64, LONG_FRAMES) if cuda else tuple(setup.frames)
+    long_steps = LONG_STEPS if cuda else setup.steps
+    total = torch.cuda.get_device_properties(0).total_memory if cuda else None
+
+    def run(label, frames, cap, options=PipelineOptions(reference_cache_entries=0), torch_options=TorchOptions()):
+        steps = long_steps if frames == LONG_FRAMES else setup.steps
+        what = f"memory {label}, {frames} frames"
+        ref = find(c, "ours (torch)", 16)
+        est = (estimate(ref, frames) * steps / setup.steps * 1.5) if ref else 60.0
+        if est > budget.left():
+            c.skip(what, f"estimated {est:.0f} s, {max(budget.left(), 0):.0f} s left of the budget")
+            return
+        with c.part(what):
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(cap * 2**30 / total, 1.0))
+            try:
+                stages = TorchStages(models, torch.device(setup.device), dtype, torch_options)
+                with AnimationPipeline(stages, options=options) as pipe:
+                    time_one(c, label, pipe, frames, setup, inputs, warm=False, steps=steps, memory_cap_gib=cap)
+            finally:
+                if cuda:
+                    stages.set_resident(("vae", "appearance_encoder", "controlnet", "unet"))  # weights back
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+
+    if LONG_FRAMES in frames_list:
+        run("ours (torch), uncapped", LONG_FRAMES, None)
+        run("original schedule, uncapped", LONG_FRAMES, None, PipelineOptions.original(),
+            TorchOptions.original(setup.device))
+    for cap in caps:
+        for frames in frames_list:
+            run(f"ours (torch), --gpu-memory-gb {cap:g}", frames, cap,
+                PipelineOptions(reference_cache_entries=0, gpu_memory_gb=cap))
+
+
+def memory_factors(c: Check, setup: Setup, models) -> None:
+    """Each call's measured peak working memory at the setup's size, and the factor of
+    ``torch_backend.MEMORY_FACTORS`` it implies (what the plan assumes for CUDA)."""
+    import torch
+
+    from magicanimate_rt.runtime.backends.torch_backend import MEMORY_FACTORS, TorchStages
+
+    if setup.device != "cuda":
+        c.skip("memory factors", "dry run: CUDA allocator statistics only")
+        return
+    dtype = models.unet.conv_in.weight.dtype
+    st = TorchStages(models, torch.device("cuda"), dtype)
+    size, f = setup.size, st.window
+    mm = st.memory_model(size)
+    h = size // 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lat = torch.randn((1, 4, f, h, h), device="cuda", dtype=dtype, generator=g)
+    t = torch.tensor([500.0], device="cuda")
+    cond = torch.rand((f, 3, size, size), device="cuda", dtype=dtype, generator=g)
+
+    def peak(fn) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        used = torch.cuda.max_memory_allocated() - base
+        del out
+        return used
+
+    with torch.inference_mode():
+        bank = st.bank(st.encode_reference(torch.rand((1, 3, size, size), device="cuda", dtype=dtype) * 255), t)
+        residuals = st.controlnet(lat[0].transpose(0, 1), t, cond)
+        cn = peak(lambda: st.controlnet(lat[0].transpose(0, 1), t, cond))
+        unet = peak(lambda: st.unet_guided(lat, t, residuals, bank))
+        st.set_unet_memory(True, None)
+        seq = peak(lambda: st.unet_guided(lat, t, residuals, bank))
+        st.set_unet_memory(True, 1024)
+        lean = peak(lambda: st.unet_guided(lat, t, residuals, bank))
+        st.set_unet_memory(False, None)
+        dec = peak(lambda: st.decode(lat[0, :, :4].transpose(0, 1).contiguous()))
+    cuda = MEMORY_FACTORS["cuda"]
+    row = {
+        "size": size, "dtype": str(dtype),
+        "unet_window_mib": round(unet / 2**20), "unet_sequential_mib": round(seq / 2**20),
+        "unet_lean_mib": round(lean / 2**20), "controlnet_16_frames_mib": round(cn / 2**20),
+        "decode_4_frames_mib": round(dec / 2**20),
+        "predicted_unet_window_mib": round(mm.unet_per_window / 2**20),
+        "predicted_controlnet_16_mib": round(16 * mm.controlnet_per_frame / 2**20),
+        "predicted_decode_4_mib": round(4 * mm.decode_per_frame / 2**20),
+        "implied_factors": {
+            "unet_window": round(unet / (f * mm.residuals_per_frame), 2),
+            "controlnet_frame": round(cn / (f * mm.residuals_per_frame), 2),
+            "decode_frame": round(dec / 4 / (mm.decode_per_frame / cuda["decode_frame"]), 2),
+            "unet_sequential_share": round(seq / unet, 3),
+        },
+        "committed_factors": dict(cuda),
+    }
+    c.memory.append(row)
+    log(f"   implied factors {row['implied_factors']} (committed {cuda})")
+
+
+def kernel_profile(c: Check, setup: Setup, models, inputs) -> None:
+    """Where a 1-step 16-frame request's device time goes, by kernel class
+    (``benchmarks/kernels.py``: GEMM/conv, attention, norm, elementwise, copies)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.kernels import profile_classes
+    from magicanimate_rt import AnimationPipeline
+    from magicanimate_rt.runtime.backends.torch_backend import TorchStages
+    from magicanimate_rt.runtime.pipeline import PipelineOptions
+
+    dtype = models.unet.conv_in.weight.dtype
+    source, driving = inputs
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device == "cuda" else [])
+    with AnimationPipeline(TorchStages(models, torch.device(setup.device), dtype),
+                           options=PipelineOptions(reference_cache_entries=0)) as pipe:
+        pipe.animate(source, driving[:16], size=setup.size, steps=1)  # warm-up
+        with profile(activities=activities) as prof:
+            pipe.animate(source, driving[:16], size=setup.size, steps=1)
+    classes = profile_classes(prof)
+    total = sum(classes.values()) or 1.0
+    c.profile.extend({"class": k, "ms": round(v, 2), "share": round(v / total, 4)} for k, v in classes.items())
+    log("   " + ", ".join(f"{k} {v / total:.0%}" for k, v in classes.items()))
+
+
+def sdpa_backends(c: Check, setup: Setup, models) -> None:
+    """Each SDPA backend on the UNet's three attention shapes at the setup's size (spatial
+    self-attention with the reference bank, cross-attention to the text, temporal), its
+    time and error against the math backend, and the fastest exact one."""
+    import torch
+
+    from benchmarks.kernels import attention_shapes, pick_fastest_exact, time_sdpa_backends
+
+    dtype = models.unet.conv_in.weight.dtype
+    for shape in attention_shapes(models.unet.config, setup.size, setup.size):
+        rows = time_sdpa_backends(shape, torch.device(setup.device), dtype)
+        best = pick_fastest_exact(rows, 2e-3 if dtype == torch.float16 else 1e-5)
+        c.sdpa.append({"shape": [str(x) for x in shape], "rows": rows, "fastest_exact": best})
+        log(f"   {shape}: fastest exact {best}")
 
 
 # --------------------------------------------------------------------------- the report
@@ -477,6 +780,7 @@ def markdown(c: Check, report: dict) -> str:
                 for x in report["speedups"]]
         lines += ["", "Peak GiB: torch.cuda.max_memory_allocated over the run (weights included); TensorRT's engine "
                   "weights are not torch allocations (see device_used_gib in the JSON)."]
+    lines += markdown_issue17(c)
     if c.skipped:
         lines += ["", "## Skipped", ""] + [f"- {s['what']}: {s['why']}" for s in c.skipped]
     if c.errors:
@@ -484,6 +788,54 @@ def markdown(c: Check, report: dict) -> str:
         for e in c.errors:
             lines += [f"- **{e['part']}**: {e['error']}", "", "```", *e["traceback"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def markdown_issue17(c: Check) -> list[str]:
+    """The report's sections of issue 17: starts, compiled rows, memory caps, factors,
+    kernel classes and SDPA backends."""
+    lines: list[str] = []
+    if c.starts:
+        lines += ["", "## Process start to first step, compiled (a fresh process each)", "",
+                  "| start | compile | loaded s | first step s | cache files |", "|---|---|---|---|---|"]
+        lines += [f"| {r['start']} | {r['compile_mode']} ({r['compile_backend']}) | {r['loaded_s']:.1f} | "
+                  f"{r['first_step_s']:.1f} | {len(r['cache_files'])} |" for r in c.starts]
+    compiled = [r for r in c.timings if "compiled" in r["config"]]
+    if compiled:
+        lines += ["", "## Compiled against eager (compile excluded: warmed at the same frames)", "",
+                  "| frames | eager s | compiled s | compiled vs eager | vs the original schedule |",
+                  "|---|---|---|---|---|"]
+        for r in compiled:
+            eager, orig = find(c, "ours (torch)", r["frames"]), find(c, "original schedule", r["frames"])
+            t = r["timings"]["total"]
+            lines.append(f"| {r['frames']} | {eager['timings']['total'] if eager else '-'} | {t:.2f} | "
+                         f"{r.get('vs_eager', '-')}x | "
+                         f"{round(orig['timings']['total'] / t, 2) if orig else '-'}x |")
+    capped = [r for r in c.timings if r["config"].startswith("memory") or "--gpu-memory-gb" in r["config"]
+              or "uncapped" in r["config"]]
+    if capped:
+        lines += ["", "## Memory caps (--gpu-memory-gb; on CUDA the cap is enforced on the allocator)", "",
+                  "| config | frames | steps | cap GiB | total s | peak allocated GiB | plan |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['frames']} | {r['steps']} | {r.get('memory_cap_gib') or '-'} | "
+                  f"{r['timings']['total']:.2f} | {r.get('peak_allocated_gib', '-')} | "
+                  f"{r.get('plan', '-')}{' (stepped down: ' + r['stepped_down'] + ')' if 'stepped_down' in r else ''} |"
+                  for r in capped]
+    if c.memory:
+        lines += ["", "## Measured call peaks and the memory factors they imply", "", "```",
+                  json.dumps(c.memory, indent=1), "```"]
+    if c.profile:
+        lines += ["", "## Device time by kernel class (1 step, 16 frames, eager)", "", "| class | ms | share |",
+                  "|---|---|---|"]
+        lines += [f"| {r['class']} | {r['ms']:.1f} | {r['share']:.1%} |" for r in c.profile]
+    if c.sdpa:
+        lines += ["", "## SDPA backends per attention shape", "", "| shape | backend | ms | max abs vs math | |",
+                  "|---|---|---|---|---|"]
+        for entry in c.sdpa:
+            for r in entry["rows"]:
+                mark = "fastest exact" if r.get("backend") == entry["fastest_exact"] else ""
+                lines.append(f"| {' '.join(entry['shape'])} | {r.get('backend')} | {r.get('median_ms', '-')} | "
+                             f"{r.get('max_abs_error', r.get('reason', '-'))} | {mark} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -507,11 +859,29 @@ def main(argv=None) -> int:
     log(f"gpu_check: {c.environment.get('gpu', 'CPU dry run')}, budget {budget.seconds:.0f} s")
     with c.part("correctness"):
         correctness(c, args, shared, cache)
+    ctx: dict = {}
     with c.part("timings"):
-        timings(c, args, shared, cache, budget)
+        ctx = timings(c, args, shared, cache, budget)
+    if ctx:  # issue 17's parts, most wanted first; each skips itself when the budget is spent
+        setup, models, inputs = ctx["setup"], ctx["models"], ctx["inputs"]
+        with c.part("start times"):
+            start_times(c, setup, ctx["models_dir"], cache, budget)
+        with c.part("compiled"):
+            compiled_rows(c, setup, models, inputs, cache, budget)
+        with c.part("memory caps"):
+            memory_rows(c, setup, models, inputs, budget)
+        for name, fn in (("memory factors", memory_factors), ("kernel profile", kernel_profile),
+                         ("SDPA backends", sdpa_backends)):
+            if budget.left() < 15:
+                c.skip(name, f"{max(budget.left(), 0):.0f} s left of the budget")
+                continue
+            with c.part(name):
+                fn(c, setup, models, *((inputs,) if fn is kernel_profile else ()))
+        del models, ctx
 
     report = {"environment": c.environment, "correctness": c.correctness, "tensorrt_validation": c.validation,
-              "timings": c.timings, "speedups": speedups(c.timings), "skipped": c.skipped, "errors": c.errors,
+              "timings": c.timings, "speedups": speedups(c.timings), "starts": c.starts, "memory": c.memory,
+              "profile": c.profile, "sdpa": c.sdpa, "skipped": c.skipped, "errors": c.errors,
               "seconds": round(budget.elapsed(), 1)}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(c, report)

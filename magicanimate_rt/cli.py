@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--devices", default=None, help="one worker per device, comma-separated (e.g. cuda:0,cuda:1 "
                                                     "or cpu,cpu); overrides --device")
     m.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    m.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
+                   help="device memory each worker's requests may use, weights included (default: what the device "
+                        "has)")
     n = v.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
                                                         "--api-key-file)")
@@ -351,7 +354,7 @@ def cmd_serve(args) -> int:
     devices = tuple(d.strip() for d in (args.devices or args.device or "cpu").split(",") if d.strip())
     settings = ServeSettings(
         models=args.models, engines=args.engines, backend=args.backend, devices=devices, dtype=args.dtype,
-        host=args.host, port=args.port, data_dir=args.data_dir, max_queue=args.max_queue,
+        gpu_memory_gb=args.gpu_memory_gb, host=args.host, port=args.port, data_dir=args.data_dir, max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_frames=args.max_frames, max_steps=args.max_steps,
         max_side=args.max_side, keep_hours=args.keep_hours,
         api_key=read_api_key(args.api_key_file) if args.api_key_file is not None else None,

@@ -298,9 +298,14 @@ def test_bank_and_weight_bytes_are_the_tensors(tiny_stages):
         assert tiny_stages.weight_bytes()[name] >= want  # state dict, plus any non-persistent buffers
 
 
-def test_gpu_memory_gb_checked():
+def test_gpu_memory_gb_checked(tiny_models):
+    from magicanimate_rt.serve.settings import ServeSettings
+
     with pytest.raises(InputError, match="--gpu-memory-gb must be a number of GiB > 0, got 0"):
         PipelineOptions(gpu_memory_gb=0)
+    with pytest.raises(InputError, match="--gpu-memory-gb must be a number of GiB > 0, got -2"):
+        ServeSettings(models=tiny_models, gpu_memory_gb=-2).check()
+    assert ServeSettings(models=tiny_models, gpu_memory_gb=8).check().gpu_memory_gb == 8
 
 
 def test_cli_gpu_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_dir):

@@ -107,12 +107,14 @@ class JobFiles:
 
 def load_pipeline(settings: ServeSettings, device: str):
     """One warm pipeline on ``device`` from ``settings``' models or engines."""
-    from ..runtime.pipeline import AnimationPipeline
+    from ..runtime.pipeline import AnimationPipeline, PipelineOptions
 
     s = settings
+    options = PipelineOptions(gpu_memory_gb=s.gpu_memory_gb)
     if s.models is not None:
-        return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype)
-    return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device)
+        return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype,
+                                                 options=options)
+    return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device, options=options)
 
 
 def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:

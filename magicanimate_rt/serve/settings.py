@@ -23,6 +23,8 @@ class ServeSettings:
         backend: the stage backend (default torch with ``models``, onnxruntime with ``engines``).
         devices: one worker per entry ("cpu", "cuda:0", ...), each with its own warm pipeline.
         dtype: the stages' dtype (``models`` only).
+        gpu_memory_gb: device memory each worker's requests may use, weights included
+            (``--gpu-memory-gb``, ``runtime/residency.py``; None: what the device has).
         data_dir: uploads, the SQLite job store and the results.
         max_queue: jobs that may wait (running ones not counted); more get 429.
         max_upload_bytes: the largest request body; more get 413.
@@ -41,6 +43,7 @@ class ServeSettings:
     backend: Optional[str] = None
     devices: tuple[str, ...] = ("cpu",)
     dtype: str = "float32"
+    gpu_memory_gb: Optional[float] = None
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path("magicanimate-data")
@@ -68,6 +71,8 @@ class ServeSettings:
             raise InputError(f"{flag} {where}: directory not found")
         if not self.devices:
             raise InputError("--devices: give at least one device")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise InputError(f"--gpu-memory-gb must be a number of GiB > 0, got {self.gpu_memory_gb!r}")
         for d in self.devices:
             if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
                 raise InputError(f"--devices: {d!r} is not cpu, cuda or cuda:N")
