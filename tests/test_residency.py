@@ -35,22 +35,9 @@ SIZE, FRAMES, STEPS = 64, 32, 2
 def sd15_cuda_stages():
     """SD 1.5's stages in fp16 "on CUDA": modules on the meta device (shapes, no storage), so
     weight_bytes and memory_model are the real ones; nothing can run."""
-    from magicanimate_rt.models import ModelSet
-    from magicanimate_rt.models.appearance import AppearanceEncoder
-    from magicanimate_rt.models.config import MotionModuleConfig, UNetConfig
-    from magicanimate_rt.models.controlnet import ControlNet
-    from magicanimate_rt.models.presets import preset_configs
-    from magicanimate_rt.models.unet import TemporalUNet
-    from magicanimate_rt.models.vae import VAE
+    from benchmarks.residency import meta_stages
 
-    c = preset_configs("sd15")
-    with torch.device("meta"):
-        models = ModelSet(paths=None, text_embedding=torch.empty(1, 77, 768),
-                          vae=VAE(c["vae"]), appearance_encoder=AppearanceEncoder(UNetConfig.from_dict(c["appearance_encoder"])),
-                          controlnet=ControlNet(c["controlnet"]),
-                          unet=TemporalUNet(UNetConfig.from_dict(c["unet"]), MotionModuleConfig()))
-    models.to(dtype=torch.float16)
-    return TorchStages(models, torch.device("cuda"), torch.float16)
+    return meta_stages("sd15", "cuda", "float16")
 
 
 def sd15_plan(stages, gib: float, frames: int):
@@ -98,6 +85,14 @@ def test_sd15_plans_under_device_budgets(sd15_cuda_stages, gib, frames, windows,
         assert "appearance_encoder" not in plan.resident("loop") + plan.resident("decode")
     if offload == ALL_STAGES:
         assert plan.resident("loop") == ("controlnet", "unet") and plan.resident("decode") == ("vae",)
+
+
+def test_residency_table_script(sd15_cuda_stages, tmp_path):
+    from benchmarks.residency import main
+
+    assert main(["--frames", "64", "--gib", "8,5", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "residency.md").read_text()
+    assert "| 8 | 64 |" in md and "banks up front" in md and "| 5 | 64 | - | does not fit" in md
 
 
 def test_sd15_plans_shrink_with_the_budget(sd15_cuda_stages):
