@@ -273,6 +273,32 @@ def test_channels_last_is_the_same_function(shared_dir, models, window_inputs):
     assert ci["nhwc"] >= 1.5 * pi["nhwc"] and ci["nchw"] <= 0.6 * pi["nchw"]
 
 
+@torch.no_grad()  # not inference_mode: under it the dispatcher shows SDPA undecomposed, whichever backend
+def test_kernel_choices_are_the_same_function(models, window_inputs, inputs):
+    """The fused GroupNorm, the math SDPA backend for every attention kind and the chunked
+    feed-forward (7 tokens: not dividing any level's 64, 16, 4 or 1 tokens) together,
+    against the defaults: the same eps and bank (float64, measured <= 3.6e-15), with the
+    work they change counted: every cross-frame GroupNorm one native_group_norm instead
+    of a var_mean, no flash attention call left, more GEGLU calls."""
+    ops, out = {}, {}
+    choices = dict(group_norm="fused", spatial_sdpa=("math",), cross_sdpa=("math",), temporal_sdpa=("math",),
+                   ff_chunk=7)
+    for name, opts in (("default", {}), ("choices", choices)):
+        ops[name] = AtenOps()
+        st = stages(models, **opts)
+        with ops[name]:
+            out[name] = st.unet_guided(*window_inputs)
+        out[name + " bank"] = st.bank(inputs[0], window_inputs[1])
+    assert_same(out["choices"], out["default"], F64_TOL, "eps (uncond, cond)")
+    assert_same(out["choices bank"], out["default bank"], F64_TOL, "bank")
+    d, c = ops["default"], ops["choices"]
+    assert d.count("var_mean") > 0 and c.count("var_mean") == 0
+    assert c.count("native_group_norm") == d.count("native_group_norm") + d.count("var_mean")
+    flash = "_scaled_dot_product_flash_attention_for_cpu"
+    assert d.count(flash) > 0 and c.count(flash) == 0 and c.count("_safe_softmax") == d.count(flash)
+    assert c.count("gelu") > d.count("gelu")
+
+
 def test_original_options_follow_the_device():
     assert TorchOptions.original().temporal_attention == "materialised"  # no xformers on a CPU
     assert TorchOptions.original("cuda").temporal_attention == "fused"  # xformers, as the original's demo

@@ -101,7 +101,7 @@ class TemporalUNet(nn.Module):
         self._check_bank(refs)
         h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual, ONE_HALF, arithmetic)
         h = self._up(h, skips, temb, text_embedding, f, refs[1:], ONE_HALF, arithmetic)
-        return self._out(h, f)
+        return self._out(h, f, arithmetic)
 
     def guided(
         self,
@@ -133,7 +133,7 @@ class TemporalUNet(nn.Module):
         # the mid self-attention forks the shared rows: from there both halves, 2 * B * F rows
         h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual, CFGRows.fork(b * f), arithmetic)
         h = self._up(h, skips, temb, text_embedding, f, refs[1:], CFGRows.halves(b * f), arithmetic)
-        eps = self._out(h, f)
+        eps = self._out(h, f, arithmetic)
         return eps[:b], eps[b:]
 
     def shallow_skips(self, depth: int) -> int:
@@ -188,7 +188,7 @@ class TemporalUNet(nn.Module):
                                   stop_after=self.shallow_skips(depth))
             h = deep if guided or deep.shape[0] == b * f else deep[b * f :]  # a guided deep's conditional rows
         h = self._up(h, skips, temb, text_embedding, f, refs[len(refs) - tail_refs :], cfg, arithmetic, tail)
-        eps = self._out(h, f)
+        eps = self._out(h, f, arithmetic)
         return (eps[:b], eps[b:], deep) if guided else (None, eps, deep)
 
     # ------------------------------------------------------------------ pieces
@@ -208,9 +208,9 @@ class TemporalUNet(nn.Module):
         """The mid block (``cfg``: ONE_HALF, or a fork into both CFG halves at its
         self-attention), then the ControlNet's mid residual."""
         mid = self.mid_block
-        h = mid.resnets[0](h, temb, f)
+        h = mid.resnets[0](h, temb, f, arithmetic)
         h = mid.attentions[0](h, context, ref=ref, cfg=cfg, arithmetic=arithmetic)
-        h = mid.resnets[1](h, temb, f)
+        h = mid.resnets[1](h, temb, f, arithmetic)
         return h if mid_residual is None else add_shared(h, mid_residual)
 
     def _up(self, h, skips, temb, context, f, refs, cfg: CFGRows, arithmetic, blocks=None):
@@ -218,7 +218,7 @@ class TemporalUNet(nn.Module):
         for blk in self.up_blocks if blocks is None else blocks:
             for j, resnet in enumerate(blk.resnets):
                 skip = shared_rows(skips.pop(), h.shape[0])  # computed once, fed to both halves
-                h = resnet(torch.cat([h, skip], dim=1), temb, f)
+                h = resnet(torch.cat([h, skip], dim=1), temb, f, arithmetic)
                 if len(blk.attentions):
                     h = blk.attentions[j](h, context, ref=next(refs), cfg=cfg, arithmetic=arithmetic)
                 if len(blk.motion_modules):
@@ -227,6 +227,6 @@ class TemporalUNet(nn.Module):
                 h = blk.upsamplers[0](h)
         return h
 
-    def _out(self, h, f):
-        h = self.conv_out(F.silu(self.conv_norm_out(h, f)))
+    def _out(self, h, f, arithmetic):
+        h = self.conv_out(F.silu(self.conv_norm_out(h, f, arithmetic.group_norm)))
         return from_frames(h, f)
