@@ -2,8 +2,8 @@
 (the fused GroupNorm, SDPA backends per attention kind, the chunked feed-forward), each
 against the default on small layers, in float64 where the claim is "the same function"
 (tests/equality.py), with the work it changes counted (aten ops); and the options'
-validation. The UNet-level equality (these options in a guided call) is in
-tests/test_savings.py."""
+validation. The UNet-level equalities (these options and cfg_sequential in a guided call)
+are in tests/test_savings.py."""
 
 from __future__ import annotations
 
@@ -183,6 +183,7 @@ def test_ff_chunk_is_the_same_function(blocks):
     ({"ff_chunk": 0}, "ff_chunk must be None or a positive"),
     ({"ff_chunk": True}, "ff_chunk must be None or a positive"),
     ({"ff_chunk": 2.5}, "ff_chunk must be None or a positive"),
+    ({"cfg_sequential": "yes"}, "cfg_sequential must be True or False"),
 ])
 def test_arithmetic_and_torch_options_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -194,8 +195,8 @@ def test_arithmetic_and_torch_options_validated(kwargs, match):
 
 def test_torch_options_forward_to_arithmetic():
     a = TorchOptions(group_norm="fused", spatial_sdpa=("cudnn", "flash"), cross_sdpa=("efficient",),
-                     temporal_sdpa=("math",), ff_chunk=1024).arithmetic
-    assert (a.group_norm, a.spatial_sdpa, a.cross_sdpa, a.temporal_sdpa, a.ff_chunk) == \
-        ("fused", ("cudnn", "flash"), ("efficient",), ("math",), 1024)
+                     temporal_sdpa=("math",), ff_chunk=1024, cfg_sequential=True).arithmetic
+    assert (a.group_norm, a.spatial_sdpa, a.cross_sdpa, a.temporal_sdpa, a.ff_chunk, a.cfg_sequential) == \
+        ("fused", ("cudnn", "flash"), ("efficient",), ("math",), 1024, True)
     assert a.sdpa("spatial") == ("cudnn", "flash")
     assert TorchOptions().arithmetic == FAST  # the defaults are today's arithmetic

@@ -81,6 +81,12 @@ class Arithmetic:
             run on ``ff_chunk`` tokens of every row at a time (the hidden layer, 8x the
             channels wide, exists for one chunk only). The FF is per token, so this is
             exact. None (the default): all tokens at once.
+        cfg_sequential: the guided call (and deep-feature reuse's guided calls) computes
+            the shared prefix (down path, skip features, the mid block's first ResNet)
+            once, as always, then the rest of the UNet for the unconditional half and
+            then for the conditional half, instead of both halves in one batch: half the
+            mid/up working memory; the mid transformer's norm, proj_in and q/k/v (at
+            1/8 size) are then computed for each half.
     """
 
     bank_kv_per_frame: bool = False
@@ -91,6 +97,7 @@ class Arithmetic:
     cross_sdpa: tuple[str, ...] = ()
     temporal_sdpa: tuple[str, ...] = ()
     ff_chunk: Optional[int] = None
+    cfg_sequential: bool = False
 
     def __post_init__(self):
         if self.temporal_attention not in ("fused", "materialised"):
@@ -110,6 +117,8 @@ class Arithmetic:
         chunk = self.ff_chunk
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"ff_chunk must be None or a positive number of tokens, got {chunk!r}")
+        if not isinstance(self.cfg_sequential, bool):
+            raise ValueError(f"cfg_sequential must be True or False, got {self.cfg_sequential!r}")
 
     def sdpa(self, kind: str) -> tuple[str, ...]:
         """The SDPA backends chosen for attention ``kind`` ("spatial", "cross", "temporal")."""
@@ -137,6 +146,9 @@ ORIGINAL = Arithmetic(bank_kv_per_frame=True, text_kv_per_frame=True, temporal_a
 #   - tensors computed once for the shared rows and consumed later (the down path's skip
 #     features, the ControlNet residuals) are repeated over the halves (shared_rows).
 # The result equals two full forwards up to float rounding (tests/test_savings.py).
+# Arithmetic.cfg_sequential keeps the shared prefix (and the mid block's first ResNet) but
+# runs the rest for one half, then the other (TemporalUNet._halves_in_turn), each as a
+# full forward's rest (ONE_HALF): half the mid/up working memory, the same function.
 @dataclass(frozen=True)
 class CFGRows:
     """Which rows of a batch of N rows are which CFG half.

@@ -53,6 +53,9 @@ class TorchOptions:
             text and the motion modules' attention; ``()``: PyTorch's choice.
         ff_chunk: None, or the transformer blocks' feed-forwards on that many tokens per
             row at a time (less memory for the 8x-wide hidden layer).
+        cfg_sequential: the guided UNet call (``share_cfg_prefix``) runs the two CFG
+            halves one after the other after their shared prefix (half the mid/up working
+            memory) instead of in one batch; deep-feature reuse's guided calls too.
         All of these compute the same function (``models/layers.py`` ``Arithmetic``).
     """
 
@@ -69,6 +72,7 @@ class TorchOptions:
     cross_sdpa: tuple[str, ...] = Arithmetic.cross_sdpa
     temporal_sdpa: tuple[str, ...] = Arithmetic.temporal_sdpa
     ff_chunk: Optional[int] = Arithmetic.ff_chunk
+    cfg_sequential: bool = Arithmetic.cfg_sequential
 
     @classmethod
     def original(cls, device: str = "cpu") -> "TorchOptions":
@@ -85,7 +89,8 @@ class TorchOptions:
         return Arithmetic(bank_kv_per_frame=not self.bank_kv_once, text_kv_per_frame=not self.text_kv_once,
                           temporal_attention=self.temporal_attention, group_norm=self.group_norm,
                           spatial_sdpa=self.spatial_sdpa, cross_sdpa=self.cross_sdpa,
-                          temporal_sdpa=self.temporal_sdpa, ff_chunk=self.ff_chunk)
+                          temporal_sdpa=self.temporal_sdpa, ff_chunk=self.ff_chunk,
+                          cfg_sequential=self.cfg_sequential)
 
     def __post_init__(self):
         if self.appearance_batch not in (1, 2):
