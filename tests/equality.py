@@ -106,18 +106,20 @@ def _layout(x: torch.Tensor) -> str:
 class AtenOps(TorchDispatchMode):
     """Counts the aten ops a computation runs (``ops``: name -> calls) and, for every 2D
     convolution, the memory layouts of its weight and input (``conv_layouts``: (weight,
-    input) -> calls)."""
+    input) -> calls) and its batch (``conv_rows``: rows -> calls)."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
         self.conv_layouts: Counter = Counter()
+        self.conv_rows: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
         if name in ("conv2d", "convolution") and args[0].dim() == 4:
             self.conv_layouts[_layout(args[1]), _layout(args[0])] += 1
+            self.conv_rows[args[0].shape[0]] += 1
         return func(*args, **(kwargs or {}))
 
     def count(self, *names: str) -> int:

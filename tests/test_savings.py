@@ -273,6 +273,71 @@ def test_channels_last_is_the_same_function(shared_dir, models, window_inputs):
     assert ci["nhwc"] >= 1.5 * pi["nhwc"] and ci["nchw"] <= 0.6 * pi["nchw"]
 
 
+@torch.inference_mode()
+def test_cfg_sequential_is_the_same_function(models, window_inputs):
+    """The halves in turn after the shared prefix: the same eps (float64, measured
+    <= 3.0e-15), each convolution after the prefix on one half's 16 rows instead of both
+    halves' 32, and the prefix still once: the rows all convolutions see add up to the
+    batched call's plus the mid transformer's proj_in (a 1x1 convolution, before the fork
+    in the batched call, once per half here: 16 rows)."""
+    ops, out = {}, {}
+    for seq in (False, True):
+        ops[seq] = AtenOps()
+        with ops[seq]:
+            out[seq] = stages(models, cfg_sequential=seq).unet_guided(*window_inputs)
+    assert_same(out[True], out[False], F64_TOL, "eps (uncond, cond)")
+    assert rel(out[True][1], out[True][0]) > 1e-3  # the halves differ: a mix-up would show
+    rows = {seq: ops[seq].conv_rows for seq in ops}
+    assert max(rows[False]) == 32 and max(rows[True]) == 16
+    total = {seq: sum(r * calls for r, calls in rows[seq].items()) for seq in rows}
+    assert total[True] == total[False] + 16
+
+
+@torch.inference_mode()
+def test_cfg_sequential_deep_feature_reuse_is_the_same_function(models, window_inputs):
+    """TemporalUNet.cached with cfg_sequential: the whole call (eps and the kept deep
+    feature, both halves' rows) and a shallow call on that feature equal the batched
+    ones (float64, measured <= 3.0e-15)."""
+    latents, t, res, bank = window_inputs
+    depth = 2
+    skips = models.unet.shallow_skips(depth)
+    got = {}
+    for seq in (False, True):
+        st = stages(models, cfg_sequential=seq)
+        whole = st.unet_cached(latents, t, res, bank, depth, None, True)
+        shallow = st.unet_cached(latents, t, res[:skips], bank, depth, whole[2], True)
+        got[seq] = whole, shallow
+    for part in (0, 1):
+        assert_same(got[True][part], got[False][part], F64_TOL, ("whole", "shallow")[part])
+    assert got[True][0][2].shape[0] == 2 * latents.shape[2]  # both halves' rows kept
+
+
+@torch.no_grad()  # not inference_mode: under it the dispatcher shows SDPA undecomposed, whichever backend
+def test_kernel_choices_are_the_same_function(models, window_inputs, inputs):
+    """The fused GroupNorm, the math SDPA backend for every attention kind and the chunked
+    feed-forward (7 tokens: not dividing any level's 64, 16, 4 or 1 tokens) together,
+    against the defaults: the same eps and bank (float64, measured <= 3.6e-15), with the
+    work they change counted: every cross-frame GroupNorm one native_group_norm instead
+    of a var_mean, no flash attention call left, more GEGLU calls."""
+    ops, out = {}, {}
+    choices = dict(group_norm="fused", spatial_sdpa=("math",), cross_sdpa=("math",), temporal_sdpa=("math",),
+                   ff_chunk=7)
+    for name, opts in (("default", {}), ("choices", choices)):
+        ops[name] = AtenOps()
+        st = stages(models, **opts)
+        with ops[name]:
+            out[name] = st.unet_guided(*window_inputs)
+        out[name + " bank"] = st.bank(inputs[0], window_inputs[1])
+    assert_same(out["choices"], out["default"], F64_TOL, "eps (uncond, cond)")
+    assert_same(out["choices bank"], out["default bank"], F64_TOL, "bank")
+    d, c = ops["default"], ops["choices"]
+    assert d.count("var_mean") > 0 and c.count("var_mean") == 0
+    assert c.count("native_group_norm") == d.count("native_group_norm") + d.count("var_mean")
+    flash = "_scaled_dot_product_flash_attention_for_cpu"
+    assert d.count(flash) > 0 and c.count(flash) == 0 and c.count("_safe_softmax") == d.count(flash)
+    assert c.count("gelu") > d.count("gelu")
+
+
 def test_original_options_follow_the_device():
     assert TorchOptions.original().temporal_attention == "materialised"  # no xformers on a CPU
     assert TorchOptions.original("cuda").temporal_attention == "fused"  # xformers, as the original's demo

@@ -65,18 +65,19 @@ class AppearanceEncoder(nn.Module):
                 arithmetic: Arithmetic = FAST) -> list[Tensor]:
         """latent (N, 4, h, w) -> the reference bank, ``num_bank`` tensors (N, L_j, C_j) (N is
         1 in the export contract; the original runs 2 identical copies). ``arithmetic``:
-        only its ``text_kv_per_frame`` applies (per copy, as the original)."""
+        its ``text_kv_per_frame`` (per copy, as the original), ``group_norm``, the spatial
+        and cross ``*_sdpa`` and ``ff_chunk`` apply."""
         temb = time_embedding(self, timestep, latent.dtype)
         ctx = text_embedding
         h, skips = run_down_blocks(self.down_blocks, self.conv_in(latent), temb, ctx, 1, arithmetic)
         bank: list[Tensor] = []
         mid = self.mid_block
-        h = mid.resnets[0](h, temb, 1)
+        h = mid.resnets[0](h, temb, 1, arithmetic)
         h = mid.attentions[0](h, ctx, bank_out=bank, arithmetic=arithmetic)
-        h = mid.resnets[1](h, temb, 1)
+        h = mid.resnets[1](h, temb, 1, arithmetic)
         for blk in self.up_blocks:
             for j, resnet in enumerate(blk.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb, 1)
+                h = resnet(torch.cat([h, skips.pop()], dim=1), temb, 1, arithmetic)
                 if len(blk.attentions):
                     att = blk.attentions[j]
                     if len(bank) == self.num_bank - 1:  # the last bank tensor: stop here

@@ -24,11 +24,23 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import UNetConfig
 
 
 # --------------------------------------------------------------------------- how the work is arranged
+#: the ``scaled_dot_product_attention`` backends by the names Arithmetic uses
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+#: the kinds of attention with their own SDPA backend choice (``Arithmetic.<kind>_sdpa``)
+ATTENTION_KINDS = ("spatial", "cross", "temporal")
+
+
 @dataclass(frozen=True)
 class Arithmetic:
     """How the UNet arranges work whose result is the same function (up to float rounding).
@@ -50,15 +62,67 @@ class Arithmetic:
             (``baddbmm`` scores, ``softmax``, ``bmm``), which it runs unless xformers is
             installed (xformers needs CUDA). Its spatial attention is diffusers'
             ``Attention`` (SDPA under PyTorch 2) in both.
+        group_norm: the cross-frame GroupNorms (:class:`FrameGroupNorm`): "explicit"
+            (``var_mean`` over a grouped view, then the affine map: several elementwise
+            passes) or "fused": one ``F.group_norm`` kernel over the frames transposed
+            into its spatial dims (a copy in and one out for NCHW memory; for NHWC memory
+            none on the CPU, whose kernel reads NHWC, and the same two on CUDA, whose
+            kernel reads NCHW). Both keep the statistics in float32 at least. On the CPU
+            the fused one measured 2.8-30x faster per norm (docs/ARCHITECTURE.md).
+        spatial_sdpa, cross_sdpa, temporal_sdpa: the ``scaled_dot_product_attention``
+            backends each kind of attention may use, in order of preference, from
+            :data:`SDPA_BACKENDS` ("cudnn", "flash", "efficient", "math"): spatial
+            self-attention (with the reference bank: 4096 queries, 8192 keys at 512 px),
+            cross-attention (77 text keys) and the motion modules' attention (16 frames,
+            a batch of h*w pixels). ``()`` (the default): PyTorch's own choice. Every
+            backend computes the same function; one that cannot run the shapes raises
+            PyTorch's RuntimeError.
+        ff_chunk: the GEGLU feed-forwards of the spatial and temporal transformer blocks
+            run on ``ff_chunk`` tokens of every row at a time (the hidden layer, 8x the
+            channels wide, exists for one chunk only). The FF is per token, so this is
+            exact. None (the default): all tokens at once.
+        cfg_sequential: the guided call (and deep-feature reuse's guided calls) computes
+            the shared prefix (down path, skip features, the mid block's first ResNet)
+            once, as always, then the rest of the UNet for the unconditional half and
+            then for the conditional half, instead of both halves in one batch: half the
+            mid/up working memory; the mid transformer's norm, proj_in and q/k/v (at
+            1/8 size) are then computed for each half.
     """
 
     bank_kv_per_frame: bool = False
     text_kv_per_frame: bool = False
     temporal_attention: str = "fused"
+    group_norm: str = "explicit"
+    spatial_sdpa: tuple[str, ...] = ()
+    cross_sdpa: tuple[str, ...] = ()
+    temporal_sdpa: tuple[str, ...] = ()
+    ff_chunk: Optional[int] = None
+    cfg_sequential: bool = False
 
     def __post_init__(self):
         if self.temporal_attention not in ("fused", "materialised"):
             raise ValueError(f"temporal_attention must be 'fused' or 'materialised', got {self.temporal_attention!r}")
+        if self.group_norm not in ("explicit", "fused"):
+            raise ValueError(f"group_norm must be 'explicit' or 'fused', got {self.group_norm!r}")
+        for kind in ATTENTION_KINDS:
+            names = getattr(self, f"{kind}_sdpa")
+            if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{kind}_sdpa must be a tuple of SDPA backend names, e.g. ('flash',), got {names!r}")
+            unknown = [n for n in names if n not in SDPA_BACKENDS]
+            if unknown:
+                raise ValueError(f"{kind}_sdpa: unknown SDPA backend {unknown[0]!r}; "
+                                 f"choose from {', '.join(SDPA_BACKENDS)}")
+        if self.temporal_sdpa and self.temporal_attention != "fused":
+            raise ValueError("temporal_sdpa chooses SDPA backends: it needs temporal_attention='fused'")
+        chunk = self.ff_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"ff_chunk must be None or a positive number of tokens, got {chunk!r}")
+        if not isinstance(self.cfg_sequential, bool):
+            raise ValueError(f"cfg_sequential must be True or False, got {self.cfg_sequential!r}")
+
+    def sdpa(self, kind: str) -> tuple[str, ...]:
+        """The SDPA backends chosen for attention ``kind`` ("spatial", "cross", "temporal")."""
+        return getattr(self, f"{kind}_sdpa")
 
 
 #: ours: shared projections and fused attention
@@ -82,6 +146,9 @@ ORIGINAL = Arithmetic(bank_kv_per_frame=True, text_kv_per_frame=True, temporal_a
 #   - tensors computed once for the shared rows and consumed later (the down path's skip
 #     features, the ControlNet residuals) are repeated over the halves (shared_rows).
 # The result equals two full forwards up to float rounding (tests/test_savings.py).
+# Arithmetic.cfg_sequential keeps the shared prefix (and the mid block's first ResNet) but
+# runs the rest for one half, then the other (TemporalUNet._halves_in_turn), each as a
+# full forward's rest (ONE_HALF): half the mid/up working memory, the same function.
 @dataclass(frozen=True)
 class CFGRows:
     """Which rows of a batch of N rows are which CFG half.
@@ -130,11 +197,15 @@ def add_shared(x: Tensor, r: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- attention
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, fused: bool = True) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, fused: bool = True,
+              backends: Sequence[str] = ()) -> Tensor:
     """Multi-head softmax attention with scale ``1/sqrt(head_dim)``.
 
     q: (N, Lq, C); k, v: (N, Lk, C) -> (N, Lq, C). Any float dtype; PyTorch's fused
     ``scaled_dot_product_attention`` keeps the softmax in float32 internally.
+    ``backends``: names from :data:`SDPA_BACKENDS` SDPA may use, in order of preference
+    (``()``: PyTorch's own choice); the choice is made while tracing, so it holds under
+    ``torch.compile`` too (tests/test_arithmetic.py).
     ``fused=False`` computes it as the original's ``CrossAttention._attention`` does:
     heads folded into the batch, scores materialised by ``baddbmm``, softmax in the input
     dtype, ``bmm`` with the values (same function, more memory traffic).
@@ -153,13 +224,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, fused: bool = True) -
     q = q.reshape(n, lq, heads, d).transpose(1, 2)
     k = k.reshape(n, -1, heads, d).transpose(1, 2)
     v = v.reshape(n, -1, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
+    if backends:
+        with sdpa_kernel([SDPA_BACKENDS[b] for b in backends], set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(n, lq, c)
 
 
 def self_attention(
     attn: Attention, h: Tensor, ref: Optional[Tensor] = None, cfg: CFGRows = ONE_HALF,
-    ref_kv_per_frame: bool = False,
+    ref_kv_per_frame: bool = False, backends: Sequence[str] = (),
 ) -> Tensor:
     """Self-attention of ``h`` (N, L, C) with optional MagicAnimate reference attention.
 
@@ -176,17 +251,20 @@ def self_attention(
     - ``ref_kv_per_frame=True``: the original's way (full forwards only, ``ONE_HALF``):
       every row projects ``concat([row, ref])`` itself. Same function, more FLOPs; kept
       for the reference-schedule baseline.
+    ``backends``: the SDPA backends it may use (``Arithmetic.spatial_sdpa``).
     Returns the attention output after ``to_out`` (before the residual add).
     """
-    heads = attn.heads
+    def sdpa(q_: Tensor, k_: Tensor, v_: Tensor) -> Tensor:
+        return attention(q_, k_, v_, attn.heads, backends=backends)
+
     if ref is not None and ref_kv_per_frame:
         if cfg != ONE_HALF:
             raise ValueError("ref_kv_per_frame is the original's one-half-per-call schedule")
         kv = torch.cat([h, ref.expand(h.shape[0], -1, -1)], dim=1)
-        return attn.to_out[0](attention(attn.to_q(h), attn.to_k(kv), attn.to_v(kv), heads))
+        return attn.to_out[0](sdpa(attn.to_q(h), attn.to_k(kv), attn.to_v(kv)))
     q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
     if ref is None:
-        out = attention(q, k, v, heads)
+        out = sdpa(q, k, v)
     else:
         kr, vr = attn.to_k(ref), attn.to_v(ref)  # (1, Lr, C), shared by every frame
 
@@ -194,24 +272,24 @@ def self_attention(
             n = q_.shape[0]
             k_ = torch.cat([k_, kr.expand(n, -1, -1)], dim=1)
             v_ = torch.cat([v_, vr.expand(n, -1, -1)], dim=1)
-            return attention(q_, k_, v_, heads)
+            return sdpa(q_, k_, v_)
 
         if cfg.forks:
-            out = torch.cat([attention(q, k, v, heads), with_ref(q, k, v)], dim=0)
+            out = torch.cat([sdpa(q, k, v), with_ref(q, k, v)], dim=0)
         elif cfg.uncond > 0:
             p = cfg.uncond
-            out = torch.cat(
-                [attention(q[:p], k[:p], v[:p], heads), with_ref(q[p:], k[p:], v[p:])], dim=0
-            )
+            out = torch.cat([sdpa(q[:p], k[:p], v[:p]), with_ref(q[p:], k[p:], v[p:])], dim=0)
         else:
             out = with_ref(q, k, v)
     return attn.to_out[0](out)
 
 
-def cross_attention(attn: Attention, h: Tensor, context: Tensor, kv_per_frame: bool = False) -> Tensor:
+def cross_attention(attn: Attention, h: Tensor, context: Tensor, kv_per_frame: bool = False,
+                    backends: Sequence[str] = ()) -> Tensor:
     """Cross-attention of ``h`` (N, L, C) to ``context`` (1, Lc, Cx), shared by all rows:
     its keys and values are projected once (``kv_per_frame``: once per row, as the
-    original, which repeats the context per frame). Returns the output after ``to_out``."""
+    original, which repeats the context per frame); ``backends``: the SDPA backends it may
+    use (``Arithmetic.cross_sdpa``). Returns the output after ``to_out``."""
     n = h.shape[0]
     if kv_per_frame:
         ctx = context.expand(n, -1, -1)
@@ -219,7 +297,7 @@ def cross_attention(attn: Attention, h: Tensor, context: Tensor, kv_per_frame: b
     else:
         k = attn.to_k(context).expand(n, -1, -1)
         v = attn.to_v(context).expand(n, -1, -1)
-    return attn.to_out[0](attention(attn.to_q(h), k, v, attn.heads))
+    return attn.to_out[0](attention(attn.to_q(h), k, v, attn.heads, backends=backends))
 
 
 # --------------------------------------------------------------------------- resnets
@@ -233,9 +311,19 @@ class FrameGroupNorm(nn.GroupNorm):
     whatever the input dtype (fp16 variance over ~1M elements loses precision; float64
     inputs keep float64).
     With ``num_frames == 1`` it is an ordinary GroupNorm (the 2D appearance encoder).
+
+    ``mode`` (``Arithmetic.group_norm``): "explicit" computes the statistics with
+    ``var_mean`` on a grouped view and applies them and the affine map elementwise;
+    "fused" runs PyTorch's one GroupNorm kernel on the frames moved next to the pixels,
+    (B, C, F*H, W), whose groups are then exactly (channel group, F, H, W). That kernel
+    accumulates in float32 for float16/bfloat16 inputs (CUDA: Welford in
+    ``acc_type<T>``; CPU: the same error as an upcast input, measured), so neither mode
+    loses the statistics' precision.
     """
 
-    def forward(self, x: Tensor, num_frames: int = 1) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, num_frames: int = 1, mode: str = "explicit") -> Tensor:  # type: ignore[override]
+        if mode == "fused":
+            return self._fused(x, num_frames)
         n, c, h, w = x.shape
         g, b = self.num_groups, n // num_frames
         # NHWC memory (TorchOptions.channels_last): group each pixel's channels on a free
@@ -250,12 +338,29 @@ class FrameGroupNorm(nn.GroupNorm):
             return (y.reshape(n, h, w, c) * self.weight + self.bias).permute(0, 3, 1, 2)
         return y.reshape(n, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
 
+    def _fused(self, x: Tensor, num_frames: int) -> Tensor:
+        n, c, h, w = x.shape
+        b = n // num_frames
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # NHWC memory is (B, F*H, W, C) already: a channels_last (B, C, F*H, W) view. The
+            # CPU kernel reads and writes NHWC (no copy); CUDA's copies to NCHW and returns
+            # NCHW (one copy each way, the second back to NHWC for the next convolution)
+            xg = x.permute(0, 2, 3, 1).reshape(b, num_frames * h, w, c).permute(0, 3, 1, 2)
+            y = F.group_norm(xg, self.num_groups, self.weight, self.bias, self.eps)
+            return y.permute(0, 2, 3, 1).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        # NCHW: (B, F, C, H, W) -> (B, C, F*H, W) and back, a copy each way (free views
+        # when num_frames == 1)
+        xg = x.reshape(b, num_frames, c, h, w).transpose(1, 2).reshape(b, c, num_frames * h, w)
+        y = F.group_norm(xg, self.num_groups, self.weight, self.bias, self.eps)
+        return y.reshape(b, c, num_frames, h, w).transpose(1, 2).reshape(n, c, h, w)
+
 
 class ResnetBlock(nn.Module):
     """SD's ResnetBlock2D (``time_embedding_norm="default"``) with cross-frame GroupNorms.
 
     x: (B*F, Cin, H, W); temb: (1, T) time embedding shared by every frame (one timestep per
-    call) -> (B*F, Cout, H, W). Parameter names match diffusers' ``ResnetBlock2D``.
+    call) -> (B*F, Cout, H, W); ``arithmetic.group_norm`` chooses how the GroupNorms
+    compute. Parameter names match diffusers' ``ResnetBlock2D``.
     """
 
     def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, eps: float, out_scale: float = 1.0):
@@ -268,10 +373,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
         self.out_scale = out_scale
 
-    def forward(self, x: Tensor, temb: Tensor, num_frames: int) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x, num_frames)))
+    def forward(self, x: Tensor, temb: Tensor, num_frames: int, arithmetic: Arithmetic = FAST) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x, num_frames, arithmetic.group_norm)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h, num_frames)))
+        h = self.conv2(F.silu(self.norm2(h, num_frames, arithmetic.group_norm)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -279,6 +384,15 @@ class ResnetBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------- spatial transformer
+def feed_forward(ff: FeedForward, x: Tensor, chunk: Optional[int] = None) -> Tensor:
+    """``ff(x)`` for tokens x (N, L, C); ``chunk`` (``Arithmetic.ff_chunk``): on ``chunk``
+    tokens of every row at a time (the FF is per token: the same values, and the hidden
+    layer exists for one chunk only)."""
+    if chunk is None or x.shape[1] <= chunk:
+        return ff(x)
+    return torch.cat([ff(part) for part in x.split(chunk, dim=1)], dim=1)
+
+
 class TransformerBlock(nn.Module):
     """SD's BasicTransformerBlock (self-attn, cross-attn to the text, GEGLU FF) with
     reference attention in its self-attention (see :func:`self_attention`).
@@ -305,10 +419,11 @@ class TransformerBlock(nn.Module):
         if bank_out is not None:
             bank_out.append(h)
         per_frame = arithmetic.bank_kv_per_frame and cfg == ONE_HALF  # full forwards only
-        a = self_attention(self.attn1, h, ref, cfg, per_frame)
+        a = self_attention(self.attn1, h, ref, cfg, per_frame, arithmetic.spatial_sdpa)
         x = cfg.residual(x) + a
-        x = x + cross_attention(self.attn2, self.norm2(x), context, arithmetic.text_kv_per_frame)
-        return x + self.ff(self.norm3(x))
+        x = x + cross_attention(self.attn2, self.norm2(x), context, arithmetic.text_kv_per_frame,
+                                arithmetic.cross_sdpa)
+        return x + feed_forward(self.ff, self.norm3(x), arithmetic.ff_chunk)
 
 
 class SpatialTransformer(nn.Module):
@@ -369,15 +484,16 @@ class TemporalAttention(Attention):
         super().__init__(dim, heads=heads, dim_head=dim // heads, bias=False)
         self.pos_encoder = PositionalEncoding(dim, max_len)
 
-    def forward(self, h: Tensor, num_frames: int, fused: bool = True) -> Tensor:  # type: ignore[override]
-        """h: (B*F, L, C) normalised tokens -> (B*F, L, C) attention output (``fused``: see
-        :func:`attention`)."""
+    def forward(self, h: Tensor, num_frames: int, arithmetic: Arithmetic = FAST) -> Tensor:  # type: ignore[override]
+        """h: (B*F, L, C) normalised tokens -> (B*F, L, C) attention output
+        (``arithmetic.temporal_attention``, ``.temporal_sdpa``: see :func:`attention`)."""
         n, l, c = h.shape
         b = n // num_frames
         # (b f) l c -> (b l) f c: each spatial position attends over its frames
         s = h.reshape(b, num_frames, l, c).transpose(1, 2).reshape(b * l, num_frames, c)
         s = s + self.pos_encoder.pe[:, :num_frames].to(s.dtype)
-        out = attention(self.to_q(s), self.to_k(s), self.to_v(s), self.heads, fused)
+        out = attention(self.to_q(s), self.to_k(s), self.to_v(s), self.heads,
+                        arithmetic.temporal_attention == "fused", arithmetic.temporal_sdpa)
         out = self.to_out[0](out)
         return out.reshape(b, l, num_frames, c).transpose(1, 2).reshape(n, l, c)
 
@@ -390,10 +506,10 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, num_frames: int, fused: bool = True) -> Tensor:
+    def forward(self, x: Tensor, num_frames: int, arithmetic: Arithmetic = FAST) -> Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = x + attn(norm(x), num_frames, fused)
-        return x + self.ff(self.ff_norm(x))
+            x = x + attn(norm(x), num_frames, arithmetic)
+        return x + feed_forward(self.ff, self.ff_norm(x), arithmetic.ff_chunk)
 
 
 class TemporalTransformer(nn.Module):
@@ -404,10 +520,10 @@ class TemporalTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, max_len, n_attn)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, num_frames: int, fused: bool = True) -> Tensor:
+    def forward(self, x: Tensor, num_frames: int, arithmetic: Arithmetic = FAST) -> Tensor:
         n, c, hh, ww = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c))
-        h = self.transformer_blocks[0](h, num_frames, fused)
+        h = self.transformer_blocks[0](h, num_frames, arithmetic)
         h = self.proj_out(h).reshape(n, hh, ww, c).permute(0, 3, 1, 2)
         return h + x
 
@@ -420,7 +536,7 @@ class MotionModule(nn.Module):
         self.temporal_transformer = TemporalTransformer(channels, heads, max_len, n_attn, groups)
 
     def forward(self, x: Tensor, num_frames: int, arithmetic: Arithmetic = FAST) -> Tensor:
-        return self.temporal_transformer(x, num_frames, arithmetic.temporal_attention == "fused")
+        return self.temporal_transformer(x, num_frames, arithmetic)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -514,7 +630,7 @@ def run_down_blocks(
         for j, resnet in enumerate(blk.resnets):
             if stop_after is not None and len(skips) >= stop_after:
                 return h, skips
-            h = resnet(h, temb, num_frames)
+            h = resnet(h, temb, num_frames, arithmetic)
             if len(blk.attentions):
                 h = blk.attentions[j](h, context, arithmetic=arithmetic)
             if len(blk.motion_modules):

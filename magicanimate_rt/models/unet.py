@@ -21,7 +21,8 @@ down in one place: ``models/layers.py``, "CFG prefix sharing".
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,7 @@ class TemporalUNet(nn.Module):
         self._check_bank(refs)
         h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual, ONE_HALF, arithmetic)
         h = self._up(h, skips, temb, text_embedding, f, refs[1:], ONE_HALF, arithmetic)
-        return self._out(h, f)
+        return self._out(h, f, arithmetic)
 
     def guided(
         self,
@@ -122,7 +123,8 @@ class TemporalUNet(nn.Module):
         first, then conditional); the up path consumes the shared skip features for both
         (``models/layers.py``, "CFG prefix sharing"). Equal to ``forward(bank=None)`` and
         ``forward(bank=bank)`` up to float rounding. ``arithmetic`` as in :meth:`forward`
-        (the bank is always projected once).
+        (the bank is always projected once); with ``arithmetic.cfg_sequential`` the halves
+        run one after the other after the shared prefix (:meth:`_halves_in_turn`).
         """
         b, f = latents.shape[0], latents.shape[2]
         refs = list(bank)
@@ -130,10 +132,16 @@ class TemporalUNet(nn.Module):
         x = to_frames(latents)
         temb = time_embedding(self, timestep, x.dtype)
         h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)  # shared rows
+        if arithmetic.cfg_sequential:
+            h = self.mid_block.resnets[0](h, temb, f, arithmetic)  # still shared
+            eps_u, eps_c = self._halves_in_turn((h, h), skips, temb, text_embedding, f, refs, arithmetic,
+                                                mid=True, mid_residual=mid_residual,
+                                                finish=lambda y: self._out(y, f, arithmetic))
+            return eps_u, eps_c
         # the mid self-attention forks the shared rows: from there both halves, 2 * B * F rows
         h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual, CFGRows.fork(b * f), arithmetic)
         h = self._up(h, skips, temb, text_embedding, f, refs[1:], CFGRows.halves(b * f), arithmetic)
-        eps = self._out(h, f)
+        eps = self._out(h, f, arithmetic)
         return eps[:b], eps[b:]
 
     def shallow_skips(self, depth: int) -> int:
@@ -166,29 +174,43 @@ class TemporalUNet(nn.Module):
         residuals given are those first ones), then the last ``depth`` up blocks on
         ``deep`` and the output head; the mid block and the deeper blocks do not run.
         A guided ``deep`` serves a conditional-only call through its conditional rows.
+        ``arithmetic.cfg_sequential`` (guided): the halves in turn after the shared prefix,
+        in the whole call's deep part and in the tail alike; ``deep`` is the same rows.
         """
         b, f = latents.shape[0], latents.shape[2]
         refs = list(bank)
         self._check_bank(refs)
         n = len(self.up_blocks)
         tail = self.up_blocks[n - depth:]
-        tail_refs = sum(len(blk.attentions) for blk in tail)
+        n_tail = sum(len(blk.attentions) for blk in tail)  # the tail's bank tensors: the last ones
+        deep_refs, tail_refs = refs[: len(refs) - n_tail], refs[len(refs) - n_tail :]
+        sequential = guided and arithmetic.cfg_sequential
         cfg = CFGRows.halves(b * f) if guided else ONE_HALF
         x = to_frames(latents)
         temb = time_embedding(self, timestep, x.dtype)
         if deep is None:
             h, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic)
-            h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual,
-                          CFGRows.fork(b * f) if guided else ONE_HALF, arithmetic)
-            h = self._up(h, skips, temb, text_embedding, f, refs[1 : len(refs) - tail_refs], cfg, arithmetic,
-                         self.up_blocks[: n - depth])
-            deep = h
+            if sequential:
+                h = self.mid_block.resnets[0](h, temb, f, arithmetic)  # still shared
+                deep = torch.cat(self._halves_in_turn((h, h), skips, temb, text_embedding, f, deep_refs, arithmetic,
+                                                      self.up_blocks[: n - depth], True, mid_residual))
+                del skips[self.shallow_skips(depth):]  # what the deep part consumed (each half read a copy)
+            else:
+                h = self._mid(h, temb, text_embedding, f, refs[0], mid_residual,
+                              CFGRows.fork(b * f) if guided else ONE_HALF, arithmetic)
+                deep = self._up(h, skips, temb, text_embedding, f, deep_refs[1:], cfg, arithmetic,
+                                self.up_blocks[: n - depth])
+            h = deep
         else:
             _, skips = self._down(x, temb, text_embedding, f, down_residuals, arithmetic,
                                   stop_after=self.shallow_skips(depth))
             h = deep if guided or deep.shape[0] == b * f else deep[b * f :]  # a guided deep's conditional rows
-        h = self._up(h, skips, temb, text_embedding, f, refs[len(refs) - tail_refs :], cfg, arithmetic, tail)
-        eps = self._out(h, f)
+        if sequential:
+            eps_u, eps_c = self._halves_in_turn((h[: b * f], h[b * f :]), skips, temb, text_embedding, f, tail_refs,
+                                                arithmetic, tail, finish=lambda y: self._out(y, f, arithmetic))
+            return eps_u, eps_c, deep
+        h = self._up(h, skips, temb, text_embedding, f, tail_refs, cfg, arithmetic, tail)
+        eps = self._out(h, f, arithmetic)
         return (eps[:b], eps[b:], deep) if guided else (None, eps, deep)
 
     # ------------------------------------------------------------------ pieces
@@ -207,18 +229,42 @@ class TemporalUNet(nn.Module):
     def _mid(self, h, temb, context, f, ref, mid_residual, cfg: CFGRows, arithmetic):
         """The mid block (``cfg``: ONE_HALF, or a fork into both CFG halves at its
         self-attention), then the ControlNet's mid residual."""
+        h = self.mid_block.resnets[0](h, temb, f, arithmetic)
+        return self._mid_rest(h, temb, context, f, ref, mid_residual, cfg, arithmetic)
+
+    def _mid_rest(self, h, temb, context, f, ref, mid_residual, cfg: CFGRows, arithmetic):
+        """The mid block after its first ResNet (whose output ``h`` is), then the mid residual."""
         mid = self.mid_block
-        h = mid.resnets[0](h, temb, f)
         h = mid.attentions[0](h, context, ref=ref, cfg=cfg, arithmetic=arithmetic)
-        h = mid.resnets[1](h, temb, f)
+        h = mid.resnets[1](h, temb, f, arithmetic)
         return h if mid_residual is None else add_shared(h, mid_residual)
+
+    def _halves_in_turn(self, hs, skips, temb, context, f, refs, arithmetic, blocks=None, mid: bool = False,
+                        mid_residual=None, finish: Optional[Callable[[Tensor], Tensor]] = None) -> list[Tensor]:
+        """``Arithmetic.cfg_sequential``: the unconditional half, then the conditional half,
+        each a full forward's rest (``ONE_HALF``; plain self-attention, then reference
+        attention with ``refs``) from its input in ``hs`` (B*F rows each): with ``mid``,
+        ``hs`` are the mid block's first ResNet output (shared by both) and the rest
+        starts with :meth:`_mid_rest` (``refs[0]``, ``mid_residual``); then the up blocks
+        ``blocks`` (all: None). Each half reads its own copy of ``skips``. ``finish``
+        (e.g. the output head) runs on a half before the next starts. The bank is
+        projected once per block, as in every guided call."""
+        once = replace(arithmetic, bank_kv_per_frame=False)
+        out = []
+        for h, half_refs in zip(hs, ([None] * len(refs), refs)):
+            if mid:
+                h = self._mid_rest(h, temb, context, f, half_refs[0], mid_residual, ONE_HALF, once)
+                half_refs = half_refs[1:]
+            h = self._up(h, list(skips), temb, context, f, half_refs, ONE_HALF, once, blocks)
+            out.append(h if finish is None else finish(h))
+        return out
 
     def _up(self, h, skips, temb, context, f, refs, cfg: CFGRows, arithmetic, blocks=None):
         refs = iter(refs)
         for blk in self.up_blocks if blocks is None else blocks:
             for j, resnet in enumerate(blk.resnets):
                 skip = shared_rows(skips.pop(), h.shape[0])  # computed once, fed to both halves
-                h = resnet(torch.cat([h, skip], dim=1), temb, f)
+                h = resnet(torch.cat([h, skip], dim=1), temb, f, arithmetic)
                 if len(blk.attentions):
                     h = blk.attentions[j](h, context, ref=next(refs), cfg=cfg, arithmetic=arithmetic)
                 if len(blk.motion_modules):
@@ -227,6 +273,6 @@ class TemporalUNet(nn.Module):
                 h = blk.upsamplers[0](h)
         return h
 
-    def _out(self, h, f):
-        h = self.conv_out(F.silu(self.conv_norm_out(h, f)))
+    def _out(self, h, f, arithmetic):
+        h = self.conv_out(F.silu(self.conv_norm_out(h, f, arithmetic.group_norm)))
         return from_frames(h, f)

@@ -44,6 +44,19 @@ class TorchOptions:
             within the noise on an H200 in fp16 (docs/PERFORMANCE.md), so off by default.
         compile_mode: None, or a ``torch.compile`` mode for the UNet call ("default",
             "reduce-overhead" (CUDA graphs), "max-autotune").
+        group_norm: the cross-frame GroupNorms: "explicit" (``var_mean`` and elementwise
+            passes) or "fused" (one ``F.group_norm`` kernel over the frames transposed next
+            to the pixels).
+        spatial_sdpa, cross_sdpa, temporal_sdpa: the ``scaled_dot_product_attention``
+            backends ("cudnn", "flash", "efficient", "math", in order of preference) of the
+            spatial self-attention (with the reference bank), the cross-attention to the
+            text and the motion modules' attention; ``()``: PyTorch's choice.
+        ff_chunk: None, or the transformer blocks' feed-forwards on that many tokens per
+            row at a time (less memory for the 8x-wide hidden layer).
+        cfg_sequential: the guided UNet call (``share_cfg_prefix``) runs the two CFG
+            halves one after the other after their shared prefix (half the mid/up working
+            memory) instead of in one batch; deep-feature reuse's guided calls too.
+        All of these compute the same function (``models/layers.py`` ``Arithmetic``).
     """
 
     appearance_batch: int = 1
@@ -53,6 +66,13 @@ class TorchOptions:
     temporal_attention: str = "fused"
     channels_last: bool = False
     compile_mode: Optional[str] = None
+    # the model-level defaults, in one place (models/layers.py Arithmetic)
+    group_norm: str = Arithmetic.group_norm
+    spatial_sdpa: tuple[str, ...] = Arithmetic.spatial_sdpa
+    cross_sdpa: tuple[str, ...] = Arithmetic.cross_sdpa
+    temporal_sdpa: tuple[str, ...] = Arithmetic.temporal_sdpa
+    ff_chunk: Optional[int] = Arithmetic.ff_chunk
+    cfg_sequential: bool = Arithmetic.cfg_sequential
 
     @classmethod
     def original(cls, device: str = "cpu") -> "TorchOptions":
@@ -67,7 +87,10 @@ class TorchOptions:
     def arithmetic(self) -> Arithmetic:
         """The model-level arrangement these options ask for (models/layers.py)."""
         return Arithmetic(bank_kv_per_frame=not self.bank_kv_once, text_kv_per_frame=not self.text_kv_once,
-                          temporal_attention=self.temporal_attention)
+                          temporal_attention=self.temporal_attention, group_norm=self.group_norm,
+                          spatial_sdpa=self.spatial_sdpa, cross_sdpa=self.cross_sdpa,
+                          temporal_sdpa=self.temporal_sdpa, ff_chunk=self.ff_chunk,
+                          cfg_sequential=self.cfg_sequential)
 
     def __post_init__(self):
         if self.appearance_batch not in (1, 2):
