@@ -162,6 +162,9 @@ class Recording(Stages):
     def set_resident(self, stages):
         self.placements.append(tuple(stages))
 
+    def set_unet_memory(self, cfg_sequential, ff_chunk):
+        self.inner.set_unet_memory(cfg_sequential, ff_chunk)
+
     def encode_reference(self, image):
         return self.inner.encode_reference(image)
 
@@ -264,6 +267,24 @@ def test_out_of_memory_steps_the_loop_down_once_and_retries(tiny_stages64, input
     # parts), the lean plan in one part: float32 differs by 4.8e-6 rel L2 here, so compare
     # in float64, where only rounding of ~1e-16 is left
     assert rel(got.latents, want.latents) < F64_TOL
+
+
+def test_out_of_memory_with_a_lean_unet_runs_the_halves_in_turn(tiny_stages64, inputs):
+    from magicanimate_rt.runtime.backends.torch_backend import TorchOptions
+
+    rec = Recording(tiny_stages64, oom=lambda kind, batch: kind == "unet" and batch > 1, lean_unet=True)
+    try:
+        got = run(rec, inputs, windows_per_call=2)
+        new = got.stepped_down[1]
+        assert new.cfg_sequential and new.ff_chunk == 1024
+        assert tiny_stages64._arithmetic.cfg_sequential  # the stages were told
+        lean = TorchStages(tiny_stages64.models, torch.device("cpu"), torch.float64,
+                           TorchOptions(cfg_sequential=True, ff_chunk=1024))
+        want = run(lean, inputs, windows_per_call=1, controlnet_residuals="per_window",
+                   controlnet_chunk=new.controlnet_chunk, decode_chunk=new.decode_chunk)
+        assert rel(got.latents, want.latents) < F64_TOL
+    finally:
+        tiny_stages64.set_unet_memory(False, None)
 
 
 def test_a_second_out_of_memory_is_raised(tiny_stages, inputs):

@@ -350,11 +350,11 @@ class TorchStages(Stages):
     def set_unet_memory(self, cfg_sequential: bool, ff_chunk: Optional[int]) -> None:
         """The UNet calls that follow run the guided call's CFG halves one after the other
         and/or the feed-forwards ``ff_chunk`` tokens at a time (``models/layers.py``
-        ``Arithmetic``; the same function)."""
-        a = self._arithmetic
-        if (getattr(a, "cfg_sequential", False), getattr(a, "ff_chunk", None)) == (cfg_sequential, ff_chunk):
-            return  # TEMP until the Arithmetic fields land
-        self._arithmetic = replace(self._arithmetic, cfg_sequential=cfg_sequential, ff_chunk=ff_chunk)
+        ``Arithmetic``; the same function), on top of what the options ask for: a plan
+        can make the calls leaner than the options, never less lean."""
+        o = self.options
+        self._arithmetic = replace(o.arithmetic, cfg_sequential=o.cfg_sequential or cfg_sequential,
+                                   ff_chunk=ff_chunk if o.ff_chunk is None else min(o.ff_chunk, ff_chunk or o.ff_chunk))
 
     def close(self) -> None:
         self.models = None  # type: ignore[assignment]
