@@ -327,6 +327,7 @@ class AnimationPipeline:
                 control = control.to(st.dtype) / 255.0
             latents = initial_noise(seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device, st.dtype)
             plan = self.plan(shape, n, m)
+            st.begin_request(shape[0], shape[1], plan)
         with timer.stage("vae_encode"):
             key = ReferenceCache.key(src, st.device, st.dtype)
             entry = self.reference_cache.lookup(key)
@@ -366,6 +367,7 @@ class AnimationPipeline:
             frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
             if frames is not None and crop:
                 frames = np.ascontiguousarray(crop_frames(frames, box))
+        st.end_request()
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
