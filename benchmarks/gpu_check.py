@@ -573,6 +573,20 @@ def compiled_rows(c: Check, setup: Setup, models, inputs, cache: Path, budget: B
                 row = time_one(c, label, pipe, frames, setup, inputs, warm=True, warm_frames=frames)
             if eager:
                 row["vs_eager"] = round(eager["timings"]["total"] / row["timings"]["total"], 3)
+    # the cross-frame GroupNorm as one F.group_norm kernel (eager, 16 frames): whether it
+    # should be the CUDA default (it is 3-7x faster than the explicit one on the CPU)
+    from magicanimate_rt.runtime.backends.torch_backend import TorchOptions
+
+    label, eager = "ours (torch), fused GroupNorm", find(c, "ours (torch)", 16)
+    if eager is None or 2 * eager["timings"]["total"] > budget.left():
+        c.skip(f"timing {label}, 16 frames", "no eager 16-frame row, or no budget left")
+        return
+    with c.part(f"timing {label}, 16 frames"):
+        stages = TorchStages(models, torch.device(setup.device), models.unet.conv_in.weight.dtype,
+                             TorchOptions(group_norm="fused"))
+        with AnimationPipeline(stages, options=PipelineOptions(reference_cache_entries=0)) as pipe:
+            row = time_one(c, label, pipe, 16, setup, inputs, warm=setup.device == "cuda")
+        row["vs_eager"] = round(eager["timings"]["total"] / row["timings"]["total"], 3)
 
 
 def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:

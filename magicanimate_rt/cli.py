@@ -2,6 +2,7 @@
 
     magicanimate-rt animate --models DIR --source IMAGE --driving VIDEO --output OUT.mp4
     magicanimate-rt demo [--output OUT.mp4]
+    magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
 
 Bad input ends with one line on stderr naming the file or argument, exit code 2, and no
 output file (outputs are written to a temporary file and renamed when complete); Ctrl-C
@@ -20,6 +21,9 @@ from .command_line import OneLineParser, run_command
 from .errors import InputError
 
 PROG = "magicanimate-rt"
+#: ``torch.compile`` modes the command line offers (runtime/compiled.py COMPILE_MODES; not
+#: imported from there: usage errors and --help stay free of torch)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +57,51 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
                    help="device memory the request may use, weights included: stages leave the GPU when idle and "
                         "the loop runs leaner until the plan fits (default: what the device has)")
+    r.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch backend: torch.compile the stages with this mode (default, reduce-overhead: CUDA "
+                        "graphs, or max-autotune; off by default). The first request at a shape compiles (minutes) "
+                        "and caches the result on disk; `magicanimate-rt warmup` fills that cache ahead of time")
+    _add_compile_cache(r, "--compile-cache-dir")
+
+
+def _add_compile_cache(group, cache_flag: str) -> None:
+    """Where compiled artifacts live and which stages compile, as ``animate``, ``compare``
+    and ``warmup`` take them (read by :func:`_compile_options`)."""
+    group.add_argument(cache_flag, dest="compile_cache_dir", type=Path, default=None, metavar="DIR",
+                       help="compile cache directory (default: compile/ under $MAGICANIMATE_RT_CACHE or "
+                            "~/.cache/magicanimate-rt)")
+    group.add_argument("--compile-stages", default=None, metavar="LIST",
+                       help="comma-separated stages to compile, of vae_encode, appearance_encoder, controlnet_embed, "
+                            "controlnet, unet, vae_decode (default: all)")
+
+
+def _compile_options(mode, args):
+    """The TorchOptions that compile with ``mode`` (None: eager, no options) and the
+    ``--compile-stages`` / cache directory of ``args``."""
+    if mode is None:
+        if args.compile_stages is not None or args.compile_cache_dir is not None:
+            raise InputError("--compile-stages and --compile-cache-dir need --compile MODE")
+        return None
+    from .runtime.backends.torch_backend import TorchOptions
+    from .runtime.compiled import STAGES
+
+    stages = STAGES
+    if args.compile_stages is not None:
+        stages = tuple(s.strip() for s in args.compile_stages.split(",") if s.strip())
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown or not stages:
+            raise InputError(f"--compile-stages: {'unknown stage ' + repr(unknown[0]) if unknown else 'no stage'}; "
+                             f"choose from {', '.join(STAGES)}")
+    cache = None if args.compile_cache_dir is None else str(args.compile_cache_dir)
+    return TorchOptions(compile_mode=mode, compile_stages=stages, compile_cache_dir=cache)
+
+
+def _backend_options(args):
+    """``--compile``'s TorchOptions (None without it); an error line when it is given for an
+    engine backend, which runs prebuilt engines."""
+    if args.compile is not None and (args.engines is not None or (args.backend or "torch") != "torch"):
+        raise InputError("--compile is for the torch backend (--models); engine backends run prebuilt engines")
+    return _compile_options(args.compile, args)
 
 
 def _add_sampling_mode(parser: argparse.ArgumentParser, title: str, preset_help: str) -> None:
@@ -166,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs each replica reserves (default 1)")
     v.set_defaults(func=cmd_serve)
 
+    w = sub.add_parser("warmup", help="compile the torch stages for one request shape and save them in the compile "
+                                      "cache, so later processes at that shape start warm")
+    w.add_argument("--models", type=Path, required=True, help="model directory in the real layout (README 'Weights')")
+    w.add_argument("--size", type=int, default=512, help="output side of a square video (default 512)")
+    w.add_argument("--width", type=int, default=None, help="output width in pixels, with --height, instead of --size")
+    w.add_argument("--height", type=int, default=None, help="output height in pixels, with --width")
+    w.add_argument("--frames", type=int, default=16,
+                   help="driving frames of the requests to warm up for (default 16): with the shape they set the "
+                        "plan, whose batches are the compiled shapes")
+    w.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    w.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
+    w.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile mode: default (default), reduce-overhead (CUDA graphs) or max-autotune; the "
+                        "same as the requests' --compile")
+    _add_compile_cache(w, "--cache-dir")
+    w.set_defaults(func=cmd_warmup)
+
     c = sub.add_parser("check-models", help="check a downloaded models directory from its headers, loading no "
                                             "weights (README 'Weights')")
     c.add_argument("models", type=Path, help="model directory in the real layout (README 'Weights')")
@@ -245,15 +311,16 @@ def _check_model_dirs(args) -> None:
         raise InputError(f"--engines {args.engines}: directory not found")
 
 
-def _load_pipeline(args):
-    """The pipeline of --models or --engines (checked by :func:`_check_model_dirs`)."""
+def _load_pipeline(args, backend_options=None):
+    """The pipeline of --models or --engines (checked by :func:`_check_model_dirs`);
+    ``backend_options``: the torch backend's (:func:`_backend_options`)."""
     from .runtime.pipeline import AnimationPipeline, PipelineOptions
 
     options = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)  # checked before anything loads
     if args.models is not None:
         _log(f"loading models from {args.models} ...")
         return AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch", device=args.device,
-                                                 dtype=args.dtype, options=options)
+                                                 dtype=args.dtype, options=options, backend_options=backend_options)
     _log(f"loading engines from {args.engines} ...")
     return AnimationPipeline.from_engines(args.engines, backend=args.backend or "onnxruntime", device=args.device,
                                           options=options)
@@ -268,6 +335,7 @@ def cmd_animate(args) -> int:
     shape = validate_settings(args.size, steps, args.guidance, args.width, args.height, args.fit,
                               args.crop_output, names=("--size", "--width", "--height"))
     _check_model_dirs(args)
+    backend_options = _backend_options(args)
     _check_output(args.output, "--output")
     if args.grid is not None:
         _check_output(args.grid, "--grid")
@@ -279,7 +347,7 @@ def cmd_animate(args) -> int:
     box = box if args.crop_output and box != (0, 0, *shape) else None
 
     t0 = time.perf_counter()
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(args, backend_options)
     with pipe:
         writer = pipe.writes_outputs  # rank 0 of a torchrun job (or the only process)
         if writer:
@@ -313,6 +381,51 @@ def cmd_demo(args) -> int:
     print(f"({time.perf_counter() - t0:.0f} s.) The demo's weights are random, so the video shows the pipeline "
           "running, not a person: put real weights in with `magicanimate-rt animate --models DIR ...` "
           "(README 'Weights').")
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    """Load the models compiled, run one short request on generated inputs at the given
+    shape and frame count (1 step with guidance: every compiled call, at the shapes of the
+    plan real requests of that shape and length get) and save the compile cache. Prints a
+    line per phase."""
+    from . import demo
+    from .runtime.compiled import graph_cache_counts
+    from .runtime.pipeline import AnimationPipeline, validate_settings
+
+    width, height = validate_settings(args.size, 1, 7.5, args.width, args.height,
+                                      names=("--size", "--width", "--height"))
+    if args.frames < 1:
+        raise InputError(f"--frames must be >= 1, got {args.frames}")
+    if not args.models.is_dir():
+        raise InputError(f"--models {args.models}: directory not found")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("warmup runs in one process, not under torchrun")
+    options = _compile_options(args.compile_mode, args)
+    t0 = time.perf_counter()
+    pipe = AnimationPipeline.from_pretrained(args.models, device=args.device, dtype=args.dtype,
+                                             backend_options=options)
+    with pipe:
+        cache = pipe.stages.compile_cache
+        _log(f"loaded {args.models} in {time.perf_counter() - t0:.1f} s (compile mode {args.compile_mode}, "
+             f"cache {cache.directory})")
+        source, driving = demo.source_image(width, height), demo.driving_clip(args.frames, width, height)
+        t1 = time.perf_counter()
+        result = pipe.animate(source, driving, width=width, height=height, steps=1, guidance_scale=7.5, seed=0)
+        for path, count in cache.loaded.items():
+            _log(f"loaded {count} compile artifacts from {path}")
+        p, graphs = result.plan, graph_cache_counts()
+        _log(f"compiled and ran one {width}x{height} request of {args.frames} frames in "
+             f"{time.perf_counter() - t1:.1f} s ({graphs.get('miss', '?')} graph(s) compiled, "
+             f"{graphs.get('hit', '?')} from the cache; plan: {p.windows_per_call} window(s) per UNet call, "
+             f"ControlNet {p.controlnet_chunk} frames per call, residuals {p.controlnet_residuals}, decode "
+             f"{p.decode_chunk} frames per call)")
+        for stage, why in pipe.stages.compile_failures().items():
+            _log(f"{PROG}: warning: the {stage} stage did not compile and runs eager ({why[:200]})")
+        for path, size in cache.saved.items():
+            _log(f"wrote compile cache {path} ({size} bytes)")
+        if not cache.saved:
+            _log(f"compile cache up to date in {cache.directory} (nothing new to write)")
     return 0
 
 
@@ -430,6 +543,7 @@ def cmd_compare(args) -> int:
     if args.other_steps is not None and args.other_steps < 1:
         raise InputError(f"--other-steps must be >= 1, got {args.other_steps}")
     _check_model_dirs(args)
+    backend_options = _backend_options(args)
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"--output-dir {args.output_dir}: is not a directory")
     if not args.output_dir.parent.is_dir():
@@ -438,7 +552,7 @@ def cmd_compare(args) -> int:
     driving, _ = driving_frames(args.driving, shape, args.start_frame, args.max_frames)
 
     t0 = time.perf_counter()
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(args, backend_options)
     inputs = {"source": str(args.source), "driving": str(args.driving), "start_frame": args.start_frame}
     with pipe:
         _log(f"loaded in {time.perf_counter() - t0:.1f} s; {driving.shape[0]} frames at {shape[0]}x{shape[1]}")

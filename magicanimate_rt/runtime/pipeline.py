@@ -348,6 +348,7 @@ class AnimationPipeline:
         place = st.set_resident if caps.residency else (lambda stages: None)
         if caps.lean_unet:  # this request's settings (a step-down of an earlier one does not persist)
             st.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
+        st.begin_request(shape[0], shape[1], plan)  # compiled stages: this shape's compile cache
         key = ReferenceCache.key(src, st.device, st.dtype)
         entry = self.reference_cache.lookup(key)
         cached = entry is not None
@@ -403,6 +404,7 @@ class AnimationPipeline:
             frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
             if frames is not None and crop:
                 frames = np.ascontiguousarray(crop_frames(frames, box))
+        st.end_request()
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,

@@ -149,6 +149,15 @@ class Stages(ABC):
         """Raise (with how to fix it) when these stages cannot produce ``width`` x ``height``
         output; the pipeline asks before any work. Default: any shape."""
 
+    def begin_request(self, width: int, height: int, plan) -> None:
+        """The pipeline calls this once a request's output shape and its
+        :class:`~.sampling.LoopPlan` are known, before the request's first stage call (the
+        torch backend loads its compile cache for those shapes). Default: nothing."""
+
+    def end_request(self) -> None:
+        """The pipeline calls this after a request's last stage call (the torch backend saves
+        what the request compiled). Default: nothing."""
+
     @abstractmethod
     def encode_reference(self, image: Tensor) -> Tensor:
         """image (B, 3, H, W), pixel values 0..255 -> reference latents (B, 4, h, w); the

@@ -8,8 +8,10 @@ MagicAnimate does (the reference-schedule baseline of the benchmarks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+import hashlib
+import itertools
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -17,8 +19,13 @@ from torch import Tensor
 from ...errors import InputError
 from ...models import ModelSet, load_model_set
 from ...models.layers import ORIGINAL, Arithmetic
+from ..compiled import (COMPILE_MODES, STAGES, CompileCache, CompiledCall, CompileKey, backend_name,
+                        default_cache_dir, detached_from_graph, environment)
 from ..dtypes import float_torch_dtype
 from ..stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
+
+if TYPE_CHECKING:
+    from ..sampling import LoopPlan
 
 @dataclass(frozen=True)
 class TorchOptions:
@@ -42,8 +49,15 @@ class TorchOptions:
         channels_last: convolution weights and activations in NHWC. Converts the model
             set's weights in place (values unchanged). Measured: ~3% on the CPU (mid),
             within the noise on an H200 in fp16 (docs/PERFORMANCE.md), so off by default.
-        compile_mode: None, or a ``torch.compile`` mode for the UNet call ("default",
-            "reduce-overhead" (CUDA graphs), "max-autotune").
+        compile_mode: None (eager), or the ``torch.compile`` mode of the compiled stages
+            ("default", "reduce-overhead" (CUDA graphs), "max-autotune"); see "Compiled
+            stages" below.
+        compile_stages: which stages compile (``runtime/compiled.py`` ``STAGES``: all by
+            default). On the CPU compiling the tiny set's UNet alone takes minutes, so a
+            subset is how a quick check compiles at all.
+        compile_backend: the ``torch.compile`` backend (a name or a callable; "inductor").
+        compile_cache_dir: where compiled artifacts are kept between processes (None:
+            ``compile/`` under ``$MAGICANIMATE_RT_CACHE`` or ``~/.cache/magicanimate-rt``).
         group_norm: the cross-frame GroupNorms: "explicit" (``var_mean`` and elementwise
             passes) or "fused" (one ``F.group_norm`` kernel over the frames transposed next
             to the pixels).
@@ -57,6 +71,13 @@ class TorchOptions:
             halves one after the other after their shared prefix (half the mid/up working
             memory) instead of in one batch; deep-feature reuse's guided calls too.
         All of these compute the same function (``models/layers.py`` ``Arithmetic``).
+
+    Compiled stages: each call compiles at its first shape (``dynamic=False``), so a plan's
+    fixed batches compile once each. A failed compile warns once and that stage runs eager.
+    Under "reduce-overhead" every compiled call starts a new CUDA-graph step and returns
+    copies of its outputs (the loop keeps residuals, the bank and the reference latent
+    across calls, and the next graph step may overwrite the graph pool). The deep-feature
+    reuse calls (``unet_cached``, ``controlnet_shallow``) run eager.
     """
 
     appearance_batch: int = 1
@@ -66,6 +87,9 @@ class TorchOptions:
     temporal_attention: str = "fused"
     channels_last: bool = False
     compile_mode: Optional[str] = None
+    compile_stages: tuple[str, ...] = STAGES
+    compile_backend: Union[str, Callable] = "inductor"
+    compile_cache_dir: Optional[str] = None
     # the model-level defaults, in one place (models/layers.py Arithmetic)
     group_norm: str = Arithmetic.group_norm
     spatial_sdpa: tuple[str, ...] = Arithmetic.spatial_sdpa
@@ -99,8 +123,18 @@ class TorchOptions:
             self.arithmetic  # noqa: B018 (Arithmetic checks its own fields)
         except ValueError as e:
             raise InputError(str(e)) from None
-        if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
-            raise InputError(f"compile_mode {self.compile_mode!r} is not a torch.compile mode")
+        if self.compile_mode not in COMPILE_MODES:
+            raise InputError(f"compile_mode {self.compile_mode!r} is not a torch.compile mode; choose one of "
+                             f"{', '.join(m for m in COMPILE_MODES if m)}")
+        unknown = [s for s in self.compile_stages if s not in STAGES]
+        if isinstance(self.compile_stages, str) or unknown:
+            raise InputError(f"compile_stages must be a tuple of {', '.join(STAGES)}; got {self.compile_stages!r}")
+
+    def graph_options(self) -> str:
+        """The options that change the traced graphs, as the compile cache key holds them
+        (all but the compile fields the key names on its own)."""
+        skip = ("compile_mode", "compile_backend", "compile_cache_dir")
+        return repr({f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip})
 
 
 #: measured peak working memory of this backend's calls, as multiples of a size that
@@ -160,11 +194,19 @@ class TorchStages(Stages):
         if options.channels_last:
             for m in (models.vae, models.appearance_encoder, models.controlnet, models.unet):
                 m.to(memory_format=torch.channels_last)
+        self._encode = models.vae.encode
+        self._appearance = models.appearance_encoder
+        self._controlnet = models.controlnet
+        self._embed = models.controlnet.embed
+        self._embedded = models.controlnet.forward_embedded
         self._guided = models.unet.guided
         self._forward = models.unet.forward
+        self._decode = models.vae.decode
+        self.compile_cache: Optional[CompileCache] = None
+        self._compile_key: Optional[CompileKey] = None
+        self._fingerprint: Optional[str] = None
         if options.compile_mode is not None:
-            self._guided = torch.compile(self._guided, mode=options.compile_mode, dynamic=False)
-            self._forward = torch.compile(self._forward, mode=options.compile_mode, dynamic=False)
+            self._compile()
 
     @classmethod
     def from_pretrained(cls, models_dir, device="cpu", dtype="float32",
@@ -238,44 +280,41 @@ class TorchStages(Stages):
         return 2 * self.window * max(tokens - FF_CHUNK_TOKENS, 0) * 12 * c * item
 
     def encode_reference(self, image: Tensor) -> Tensor:
-        return self.models.vae.encode(image)
+        return self._call("vae_encode", self._encode, image)
 
     def bank(self, ref_latent: Tensor, t: Tensor) -> list[Tensor]:
         n = self.options.appearance_batch
-        bank = self.models.appearance_encoder(ref_latent.expand(n, -1, -1, -1), t, self.text_embedding,
-                                              self._arithmetic)
+        bank = self._call("appearance_encoder", self._appearance, ref_latent.expand(n, -1, -1, -1), t,
+                          self.text_embedding, self._arithmetic)
         return bank if n == 1 else [b[:1] for b in bank]  # the copies are identical
 
     def controlnet(self, latents: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
-        return list(self.models.controlnet(latents, t, self.text_embedding, cond))
+        return list(self._call("controlnet", self._controlnet, latents, t, self.text_embedding, cond))
 
     def controlnet_embed(self, cond: Tensor) -> Tensor:
-        return self.models.controlnet.embed(cond)
+        return self._call("controlnet_embed", self._embed, cond)
 
     def controlnet_embedded(self, latents: Tensor, t: Tensor, embedding: Tensor) -> list[Tensor]:
-        return list(self.models.controlnet.forward_embedded(latents, t, self.text_embedding, embedding))
+        return list(self._call("controlnet", self._embedded, latents, t, self.text_embedding, embedding))
 
     def _new_graph_step(self) -> None:
         """With CUDA graphs ("reduce-overhead") a compiled call's outputs live in the graph's
-        memory pool; marking each UNet call as a new step tells torch.compile that the
-        previous outputs (already added to the running sums) may be overwritten."""
+        memory pool; marking each compiled call as a new step tells torch.compile that the
+        previous outputs (all copied out by :meth:`_call`) may be overwritten."""
         if self.options.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
 
     def unet_guided(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]):
         down, mid = residuals[:-1], residuals[-1]
-        self._new_graph_step()
         if self.options.share_cfg_prefix:
-            return self._guided(latents, t, self.text_embedding, down, mid, bank, self._arithmetic)
-        eps_u = self._forward(latents, t, self.text_embedding, down, mid, None, self._arithmetic)
-        if self.options.compile_mode == "reduce-overhead":
-            eps_u = eps_u.clone()  # the next call of the same graph reuses its output memory
+            return self._call("unet", self._guided, latents, t, self.text_embedding, down, mid, bank,
+                              self._arithmetic)
+        eps_u = self._call("unet", self._forward, latents, t, self.text_embedding, down, mid, None, self._arithmetic)
         return eps_u, self.unet_cond(latents, t, residuals, bank)
 
     def unet_cond(self, latents: Tensor, t: Tensor, residuals: Sequence[Tensor], bank: Sequence[Tensor]) -> Tensor:
-        self._new_graph_step()
-        return self._forward(latents, t, self.text_embedding, residuals[:-1], residuals[-1], bank,
-                             self._arithmetic)
+        return self._call("unet", self._forward, latents, t, self.text_embedding, residuals[:-1], residuals[-1],
+                          bank, self._arithmetic)
 
     def unet_cached(self, latents, t, residuals, bank, depth, deep, guided):
         down, mid = (residuals[:-1], residuals[-1]) if deep is None else (residuals, None)
@@ -304,7 +343,7 @@ class TorchStages(Stages):
         return list(cn.forward_embedded(latents, t, self.text_embedding, embedding, skips_only=skips))
 
     def decode(self, latents: Tensor) -> Tensor:
-        return self.models.vae.decode(latents)
+        return self._call("vae_decode", self._decode, latents)
 
     # ------------------------------------------------------------------ memory
     def _stage_modules(self) -> dict[str, torch.nn.Module]:
@@ -359,4 +398,84 @@ class TorchStages(Stages):
     def close(self) -> None:
         self.models = None  # type: ignore[assignment]
         self._host_copies.clear()
-        self._guided = self._forward = None
+        for name in itertools.chain.from_iterable(COMPILED_CALLS.values()):
+            setattr(self, name, None)
+
+    # ------------------------------------------------------------------ compiled stages
+    def _compile(self) -> None:
+        """Put every call of ``options.compile_stages`` through torch.compile (compiled
+        lazily, at each call's first shape) and open the compile cache."""
+        o, warned = self.options, set()
+        for stage in o.compile_stages:
+            for name in COMPILED_CALLS[stage]:
+                setattr(self, name, CompiledCall(stage, getattr(self, name), o.compile_mode, o.compile_backend, warned))
+        self.compile_cache = CompileCache(o.compile_cache_dir or default_cache_dir())
+
+    def compile_failures(self) -> dict[str, str]:
+        """Compiled stages that fell back to eager: stage -> why."""
+        calls = (getattr(self, name) for name in itertools.chain.from_iterable(COMPILED_CALLS.values()))
+        return {c.stage: c.failed for c in calls if isinstance(c, CompiledCall) and c.failed is not None}
+
+    def _call(self, stage: str, fn: Callable, *args):
+        """``fn(*args)``. Under CUDA graphs ("reduce-overhead"), for a compiled stage: a new
+        graph step first (the previous calls' outputs, all copied out, may be overwritten)
+        and copies of the outputs, which the loop keeps across calls (residual stores, the
+        bank cache, the reference latent; eps until it is added to the sums)."""
+        if self.options.compile_mode != "reduce-overhead" or stage not in self.options.compile_stages:
+            return fn(*args)
+        self._new_graph_step()
+        return detached_from_graph(fn(*args))
+
+    def compile_key(self, width: int, height: int, plan: "LoopPlan") -> CompileKey:
+        """The compile cache key of a request at output ``width`` x ``height`` batched as
+        ``plan``."""
+        if self._fingerprint is None:
+            self._fingerprint = architecture_fingerprint(self.models)
+        o = self.options
+        return CompileKey(**environment(self.device), dtype=str(self.dtype), mode=str(o.compile_mode),
+                          backend=backend_name(o.compile_backend), options=o.graph_options(),
+                          model_set=self._fingerprint, width=width, height=height,
+                          windows_per_call=plan.windows_per_call, controlnet_chunk=plan.controlnet_chunk,
+                          decode_chunk=plan.decode_chunk, controlnet_residuals=plan.controlnet_residuals,
+                          embed_control_once=plan.embed_control_once)
+
+    def begin_request(self, width: int, height: int, plan: "LoopPlan") -> None:
+        """Compiling: load the compile cache file of these shapes (once per process)."""
+        if self.compile_cache is not None:
+            self._compile_key = self.compile_key(width, height, plan)
+            self.compile_cache.load(self._compile_key)
+
+    def end_request(self) -> None:
+        """Compiling: save what the request compiled that its cache file lacks."""
+        if self.compile_cache is not None and self._compile_key is not None:
+            self.compile_cache.save(self._compile_key)
+            self._compile_key = None
+
+
+#: the attributes of :class:`TorchStages` each compile stage puts through torch.compile
+COMPILED_CALLS = {
+    "vae_encode": ("_encode",),
+    "appearance_encoder": ("_appearance",),
+    "controlnet_embed": ("_embed",),  # the conditioning embedding, once per request
+    "controlnet": ("_controlnet", "_embedded"),
+    "unet": ("_guided", "_forward"),
+    "vae_decode": ("_decode",),
+}
+
+
+def architecture_fingerprint(models: ModelSet) -> str:
+    """sha256 of a model set's architecture: every parameter's and buffer's name, shape,
+    dtype and strides (channels_last changes them) and each model's config. Cheap (no
+    weight is read) and what compiled graphs depend on: they take the weights as inputs."""
+    h = hashlib.sha256()
+    for name in ("vae", "appearance_encoder", "controlnet", "unet"):
+        m = getattr(models, name)
+        for key, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            h.update(f"{name}.{key} {tuple(t.shape)} {t.dtype} {t.stride()}\n".encode())
+    # diffusers' configs (dicts) without their bookkeeping keys ("_use_default_values" is a
+    # set's order, different in every process)
+    diffusers = [sorted((k, repr(v)) for k, v in c.items() if not k.startswith("_"))
+                 for c in (models.vae.vae.config, models.controlnet.net.config)]
+    ours = (models.appearance_encoder.config, models.unet.config, models.unet.motion_config)
+    h.update(repr((diffusers, ours, tuple(models.text_embedding.shape))).encode())
+    return h.hexdigest()
