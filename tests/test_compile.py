@@ -71,7 +71,8 @@ def test_compiled_stage_is_the_same_function_and_a_corrupt_cache_is_one_warning(
     equal eager's (measured: rel L2 0.0 in float32, the convolutions are the same oneDNN
     calls and inductor's fused SiLU rounds as eager's; bound 1e-4). The cache file the key
     names is corrupt beforehand: one warning, a cold compile, and the request replaces it
-    with a file that loads. ~30 s cold here, most of it inductor and gcc."""
+    with a file that loads; an unwritable directory is one warning. ~20-45 s cold here, most
+    of it inductor and gcc."""
     options = TorchOptions(compile_mode="default", compile_stages=("controlnet_embed",),
                            compile_cache_dir=str(tmp_path))
     stages = TorchStages(models, CPU, torch.float32, options)
@@ -87,7 +88,16 @@ def test_compiled_stage_is_the_same_function_and_a_corrupt_cache_is_one_warning(
     assert stages.compile_failures() == {}
     assert rel_l2(latents, eager) < 1e-4
     assert stages.compile_cache.saved == {path: path.stat().st_size}
-    assert CompileCache(tmp_path).load(stages.compile_key(SIZE, SIZE, pipe.plan(SIZE, FRAMES))) >= 1
+    key = stages.compile_key(SIZE, SIZE, pipe.plan(SIZE, FRAMES))
+    assert CompileCache(tmp_path).load(key) >= 1
+    # a cache directory that cannot be written: one warning, no error
+    (tmp_path / "a-file").write_text("")
+    unwritable = CompileCache(tmp_path / "a-file")
+    with pytest.warns(CompileFallbackWarning, match="could not write"):
+        assert unwritable.save(key) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        assert unwritable.save(key) is None
 
 
 @pytest.mark.slow

@@ -50,7 +50,8 @@ MAGIC = b"magicanimate-rt compile cache v1\n"
 
 
 class CompileFallbackWarning(RuntimeWarning):
-    """A stage's ``torch.compile`` failed; it runs eager."""
+    """Compiling fell back: a stage's ``torch.compile`` failed and it runs eager, or a cache
+    file could not be read (a cold compile) or written (the next process compiles cold)."""
 
 
 def _out_of_memory(e: Optional[BaseException]) -> Optional[BaseException]:
@@ -231,6 +232,21 @@ def _artifact_keys(info) -> frozenset:
     return frozenset((kind, key) for kind, keys in info.artifacts.items() for key in keys)
 
 
+def _write_atomically(path: Path, blob: bytes) -> None:
+    """``path`` holds ``blob`` or is as it was: written to a temporary file beside it, then
+    renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # as a plain file would be (mkstemp makes it private)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _payload(blob: bytes) -> bytes:
     """The artifacts of a cache file's bytes; ValueError when the file is not one or is
     damaged."""
@@ -250,8 +266,9 @@ class CompileCache:
     load_cache_artifacts``); :meth:`save` writes the process's artifacts into the key's file
     when they hold any the file lacks (a temporary file renamed over it: never half a file).
     An unreadable or corrupt file gives one warning and a cold compile; its key's next save
-    replaces it. ``loaded`` and ``saved`` record what happened (path -> artifact count /
-    bytes) for reports.
+    replaces it. A file that cannot be written is one warning too: the request goes on.
+    ``loaded`` and ``saved`` record what happened (path -> artifact count / bytes) for
+    reports.
     """
 
     def __init__(self, directory: Union[str, Path]):
@@ -296,16 +313,13 @@ class CompileCache:
         keys = _artifact_keys(info)
         if keys <= self._known.get(path, frozenset()):
             return None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
         try:
-            os.chmod(tmp, 0o644)  # as a plain file would be (mkstemp makes it private)
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + hashlib.sha256(data).digest() + data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _write_atomically(path, MAGIC + hashlib.sha256(data).digest() + data)
+        except OSError as e:  # a read-only or full disk costs the next process a cold start, not this request
+            warnings.warn(CompileFallbackWarning(f"could not write compile cache {path} ({e}); later processes "
+                                                 "compile cold"), stacklevel=2)
+            self._known[path] = keys  # one warning, not one per request
+            return None
         self._known[path] = keys
         self.saved[path] = path.stat().st_size
         log.info("wrote %d compile artifacts (%d bytes) to %s", len(keys), len(data), path)
