@@ -124,7 +124,8 @@ def test_the_key_changes_with_every_field_and_only_then():
     digests = {BASE.digest()}
     for f in fields(CompileKey):
         value = getattr(BASE, f.name)
-        other = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else value + "x"
+        other = ((not value) if isinstance(value, bool) else 1024 if value is None else
+                 value + 1 if isinstance(value, int) else value + "x")
         digests.add(replace(BASE, **{f.name: other}).digest())
     assert len(digests) == len(fields(CompileKey)) + 1
     assert BASE.file_name == f"512x512-{BASE.digest()}.bin"
@@ -143,6 +144,8 @@ def test_the_backend_keys_its_model_set_options_and_plan(models, tiny_models):
         st.compile_key(SIZE, SIZE, LoopPlan(controlnet_chunk=8)),
         st.compile_key(SIZE, SIZE, LoopPlan(decode_chunk=4)),
         st.compile_key(SIZE, SIZE, LoopPlan(controlnet_residuals="per_window")),
+        st.compile_key(SIZE, SIZE, LoopPlan(cfg_sequential=True)),
+        st.compile_key(SIZE, SIZE, LoopPlan(ff_chunk=1024)),
         TorchStages(models, CPU, torch.float32, replace(compiled, share_cfg_prefix=False)).compile_key(
             SIZE, SIZE, LoopPlan()),
         TorchStages(models, CPU, torch.float32, replace(compiled, compile_mode="max-autotune")).compile_key(

@@ -37,25 +37,50 @@ def test_without_a_gpu_it_asks_for_dry_run(tmp_path):
 
 def test_dry_run_end_to_end(shared_dir, tmp_path):
     out = tmp_path / "out"
-    proc = run("--out", out, "--dry-run", "--shared", shared_dir, "--cache", tmp_path / "cache")
+    # --quick (16 frames) and a budget that lets issue 17's parts run on 2 cores (~100 s)
+    proc = run("--out", out, "--dry-run", "--quick", "--budget-s", 240, "--shared", shared_dir,
+               "--cache", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     md = (out / "gpu_check.md").read_text()
     assert proc.stdout.strip() == md.strip()
     assert report["errors"] == []
     assert report["environment"]["dry_run"] is True and report["environment"]["device"] == "cpu"
-    (row,) = report["correctness"]
-    assert row["backend"] == "torch cpu fp32" and row["ok"] and row["rel_l2"] < 1e-4
+    rows = {r["backend"]: r for r in report["correctness"]}
+    assert set(rows) == {"torch cpu fp32", "torch cpu fp32, lean plan", "torch cpu fp32, compiled (aot_eager)"}
+    for row in rows.values():  # the same function: measured 7.2e-6 / 7.3e-6 / 7.2e-6
+        assert row["ok"] and row["rel_l2"] < 1e-4
     # every timing ran or says why not (the budget decides on a slow machine)
     ran = {(r["config"], r["frames"]) for r in report["timings"]}
     said = {s["what"] for s in report["skipped"]}
-    for config in ("original schedule", "ours (torch)"):
-        for frames in (16, 32):
-            assert (config, frames) in ran or f"timing {config}, {frames} frames" in said
-    portrait = "timing ours (torch), portrait 128x192, 16 frames"
-    assert ("ours (torch), portrait 128x192", 16) in ran or portrait in said
+
+    def ran_or_said(config, frames, what=None):
+        return (config, frames) in ran or (what or f"timing {config}, {frames} frames") in said
+
+    for config in ("original schedule", "ours (torch)", "ours (torch, compiled)", "ours (torch), fused GroupNorm"):
+        assert ran_or_said(config, 16), config
+    assert ran_or_said("ours (torch), portrait 128x192", 16, "timing ours (torch), portrait 128x192, 16 frames")
+    for cap in ("0.12", "0.2"):
+        config = f"ours (torch), --gpu-memory-gb {cap}"
+        assert ran_or_said(config, 16, f"memory {config}, 16 frames")
     for r in report["timings"]:
         assert r["steps"] == 2 and r["size"] == 128
         assert (r["width"], r["height"]) == ((128, 192) if "portrait" in r["config"] else (128, 128))
         assert r["timings"]["total"] > 0 and {"unet", "controlnet", "vae_decode"} <= set(r["timings"])
+        if r["memory_cap_gib"] is not None:  # the plan fits the cap (weights included)
+            peak, budget = (float(x) for x in r["plan"].rsplit("predicted peak ", 1)[1].split(" GiB")[0].split(" of "))
+            assert peak <= budget <= r["memory_cap_gib"]
+    starts = {s["start"] for s in report["starts"]}
+    for label in ("cold", "warm"):
+        assert label in starts or f"start {label}: process start to first step, compiled" in said
+    for r in report["starts"]:
+        assert 0 < r["loaded_s"] <= r["first_step_s"]
+    assert report["profile"] or "kernel profile" in said
+    if report["profile"]:
+        share = {r["class"]: r["share"] for r in report["profile"]}
+        assert share["gemm/conv"] > 0.1 and abs(sum(share.values()) - 1) < 1e-3
+    assert report["sdpa"] or "SDPA backends" in said
+    for entry in report["sdpa"]:  # the CPU runs flash and math; the fastest exact one is named
+        assert entry["fastest_exact"] in ("flash", "math")
+    assert "memory factors" in said  # CUDA allocator statistics only
     assert "TensorRT timings" in said and "## Correctness" in md and "| torch cpu fp32 |" in md

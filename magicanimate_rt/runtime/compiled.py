@@ -197,7 +197,8 @@ class CompileKey:
         width, height: the output shape; windows_per_call, controlnet_chunk, decode_chunk,
             controlnet_residuals, embed_control_once: the plan, which sets each call's
             batch (the frame count only adds the shorter last chunks, saved with the key's
-            file when a request compiles them).
+            file when a request compiles them); cfg_sequential, ff_chunk: the plan's lean
+            UNet settings (``runtime/residency.py``), which change the UNet's graphs.
     """
 
     torch_version: str
@@ -215,6 +216,8 @@ class CompileKey:
     decode_chunk: int
     controlnet_residuals: str = "all"
     embed_control_once: bool = False
+    cfg_sequential: bool = False
+    ff_chunk: Optional[int] = None
 
     def digest(self) -> str:
         """sha256 (24 hex digits) of the format version and every field."""

@@ -420,8 +420,17 @@ class TorchStages(Stages):
         """``fn(*args)``. Under CUDA graphs ("reduce-overhead"), for a compiled stage: a new
         graph step first (the previous calls' outputs, all copied out, may be overwritten)
         and copies of the outputs, which the loop keeps across calls (residual stores, the
-        bank cache, the reference latent; eps until it is added to the sums)."""
-        if self.options.compile_mode != "reduce-overhead" or stage not in self.options.compile_stages:
+        bank cache, the reference latent; eps until it is added to the sums).
+
+        A compiled stage gets its tensors dense (NCHW or NHWC): the loop hands it strided
+        views (the permuted source image, a transposed slice of the latents), which eager
+        kernels accept but a traced graph's group norm refuses ("Expected
+        X.is_contiguous(memory_format)"), and each stride pattern would compile anew."""
+        o = self.options
+        if o.compile_mode is None or stage not in o.compile_stages:
+            return fn(*args)
+        args = tuple(dense(a) for a in args)
+        if o.compile_mode != "reduce-overhead":
             return fn(*args)
         self._new_graph_step()
         return detached_from_graph(fn(*args))
@@ -437,7 +446,8 @@ class TorchStages(Stages):
                           model_set=self._fingerprint, width=width, height=height,
                           windows_per_call=plan.windows_per_call, controlnet_chunk=plan.controlnet_chunk,
                           decode_chunk=plan.decode_chunk, controlnet_residuals=plan.controlnet_residuals,
-                          embed_control_once=plan.embed_control_once)
+                          embed_control_once=plan.embed_control_once, cfg_sequential=plan.cfg_sequential,
+                          ff_chunk=plan.ff_chunk)
 
     def begin_request(self, width: int, height: int, plan: "LoopPlan") -> None:
         """Compiling: load the compile cache file of these shapes (once per process)."""
@@ -450,6 +460,15 @@ class TorchStages(Stages):
         if self.compile_cache is not None and self._compile_key is not None:
             self.compile_cache.save(self._compile_key)
             self._compile_key = None
+
+
+def dense(x):
+    """``x`` itself when it is not a tensor or is dense in NCHW or NHWC order, else a
+    contiguous copy (same values)."""
+    if not isinstance(x, Tensor) or x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+            memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
 
 
 #: the attributes of :class:`TorchStages` each compile stage puts through torch.compile
