@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Ray cluster to join (auto: the one `ray start` runs on this host; default: start a "
                         "local one)")
     r.add_argument("--replicas", type=int, default=None, help="worker replicas, one job at a time each (default 1)")
+    r.add_argument("--min-replicas", type=int, default=None,
+                   help="with --max-replicas instead of --replicas: Serve's autoscaler keeps between these many "
+                        "(one more while jobs wait, one fewer after 5 minutes idle; 0 frees every GPU when idle)")
+    r.add_argument("--max-replicas", type=int, default=None, help="the most replicas the autoscaler starts")
     r.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs each replica reserves (default 1 with --device cuda, else 0)")
     r.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs each replica reserves (default 1)")
@@ -457,7 +461,8 @@ def cmd_serve(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("serve runs in one process; give it several devices with --devices, not torchrun")
     ray_flags = (("--address", args.address), ("--replicas", args.replicas),
-                 ("--gpus-per-replica", args.gpus_per_replica), ("--cpus-per-replica", args.cpus_per_replica))
+                 ("--gpus-per-replica", args.gpus_per_replica), ("--cpus-per-replica", args.cpus_per_replica),
+                 ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas))
     if args.ray and args.devices is not None:
         raise InputError("--ray runs one pipeline per replica and Ray places them: give --replicas N (and "
                          "--gpus-per-replica), not --devices")
@@ -497,9 +502,12 @@ def _serve_on_ray(args, settings) -> int:
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
     if (gpus > 0) != (device == "cuda"):
         raise InputError(f"--gpus-per-replica {gpus:g} does not fit --device {device} (GPUs need --device cuda)")
+    if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
+        raise InputError("give either --replicas N (a fixed fleet) or --min-replicas and --max-replicas (autoscaling)")
     options = RayOptions(address=args.address, replicas=1 if args.replicas is None else args.replicas,
                          gpus_per_replica=gpus,
-                         cpus_per_replica=1.0 if args.cpus_per_replica is None else args.cpus_per_replica).check()
+                         cpus_per_replica=1.0 if args.cpus_per_replica is None else args.cpus_per_replica,
+                         min_replicas=args.min_replicas, max_replicas=args.max_replicas).check()
     return serve_on_ray(settings, options, log_level=args.log_level)
 
 

@@ -343,3 +343,22 @@ def test_cli_gpu_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_d
     assert small.stderr.strip().startswith("magicanimate-rt: error: the request does not fit in 0.00 GiB")
     assert small.stderr.strip().count("\n") == 0  # one line, no traceback
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moving stages to pinned host memory needs a CUDA GPU")
+def test_set_resident_moves_weights_off_the_gpu_and_back(tiny_models):
+    from magicanimate_rt.models import load_model_set
+
+    st = TorchStages(load_model_set(tiny_models, device="cuda"), torch.device("cuda"), torch.float32)
+    lat = torch.randn(1, 4, 8, 8, device="cuda")
+    t = torch.tensor([500.0], device="cuda")
+    before = [b.clone() for b in st.bank(lat, t)]
+    held = torch.cuda.memory_allocated()
+    st.set_resident(("vae", "controlnet", "unet"))
+    torch.cuda.synchronize()
+    gone = held - torch.cuda.memory_allocated()
+    assert gone >= 0.9 * st.weight_bytes()["appearance_encoder"]
+    assert next(st.models.appearance_encoder.parameters()).is_pinned()
+    st.set_resident(ALL_STAGES)
+    after = st.bank(lat, t)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the same weights came back

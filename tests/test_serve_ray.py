@@ -110,6 +110,12 @@ def test_bad_ray_flags_are_one_line_exit_2(tiny_models, tmp_path, capsys):
         (["--address", "auto"], "--address is for a fleet on Ray Serve: add --ray"),
         (["--ray", "--device", "cuda:1"], "with --ray give cpu or cuda"),
         (["--ray", "--gpus-per-replica", "1"], "--gpus-per-replica 1 does not fit --device cpu"),
+        (["--min-replicas", "1"], "--min-replicas is for a fleet on Ray Serve: add --ray"),
+        (["--ray", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"],
+         "give either --replicas N (a fixed fleet) or --min-replicas and --max-replicas (autoscaling)"),
+        (["--ray", "--min-replicas", "1"], "autoscaling needs both --min-replicas and --max-replicas"),
+        (["--ray", "--min-replicas", "2", "--max-replicas", "1"],
+         "--max-replicas must be >= 1 and >= --min-replicas (2), got 1"),
     ]
     for extra, message in cases:
         rc = main(["serve", "--models", str(tiny_models), "--data-dir", str(tmp_path / "d"), *extra])
@@ -248,6 +254,49 @@ def test_the_ingress_restarting_keeps_finished_jobs(fleet, samples):
     assert wait_final(c, job(fleet, samples, seed=12), timeout=240)["status"] in FINAL
 
 
+def test_autoscaling_adds_a_replica_while_jobs_wait_and_removes_it_when_idle(fleet, samples, tiny_models,
+                                                                            tmp_path):
+    # a second app beside the fleet's, autoscaled between 1 and 2 replicas (0 CPUs each: the
+    # fleet's replicas hold the cluster's 2), the autoscaler quick to act both ways
+    from ray import serve
+
+    from magicanimate_rt.serve.ray_app import RayOptions, build_app
+    from magicanimate_rt.serve.settings import ServeSettings
+
+    settings = ServeSettings(models=tiny_models, data_dir=tmp_path / "data", max_queue=4, max_steps=50,
+                             max_side=512).check()
+    options = RayOptions(min_replicas=1, max_replicas=2, cpus_per_replica=0, upscale_delay_s=0,
+                         downscale_delay_s=2).check()
+    name = "magicanimate-autoscale"
+    serve.run(build_app(settings, options), name=name, route_prefix="/auto")
+    try:
+        auto = Fleet(fleet.url + "/auto", settings.data_dir)
+        auto.wait_ready()
+
+        def running() -> int:
+            states = serve.status().applications[name].deployments["AnimationWorker"].replica_states
+            return states.get("RUNNING", 0)
+
+        def wait_replicas(n: int, timeout: float) -> float:
+            t0 = time.monotonic()
+            while running() != n:
+                assert time.monotonic() - t0 < timeout, f"not {n} replicas within {timeout} s ({running()})"
+                time.sleep(0.2)
+            return time.monotonic() - t0
+
+        assert running() == 1
+        assert [w["name"] for w in auto.client.get("/readyz").json()["workers"]] == ["slot-0", "slot-1"]
+        ids = [job(auto, samples, steps=20, seed=s) for s in (21, 22)]  # both handed to Serve at once
+        up = wait_replicas(2, 120)
+        a, b = [wait_final(auto.client, i, timeout=240) for i in ids]
+        assert a["status"] == b["status"] == "succeeded", (a, b)
+        assert a["worker"] != b["worker"]  # the second ran on the replica the autoscaler added
+        down = wait_replicas(1, 90)
+        print(f"autoscaling: 2 replicas {up:.1f} s after the jobs; back to 1 {down:.1f} s after they ended")
+    finally:
+        serve.delete(name)
+
+
 def test_the_documented_config_builds_the_app(tiny_models, tmp_path):
     # deploy/ray-serve.yaml's args, with this machine's paths, through the builder `serve run` calls
     import yaml
@@ -265,3 +314,7 @@ def test_the_documented_config_builds_the_app(tiny_models, tmp_path):
         app(dict(args, replica=2))
     with pytest.raises(InputError, match="--replicas must be >= 1"):
         app(dict(args, replicas=0))
+    with pytest.raises(InputError, match="give either replicas .* or min_replicas and max_replicas"):
+        app(dict(args, min_replicas=1, max_replicas=4))
+    fixed = {k: v for k, v in args.items() if k != "replicas"}
+    assert type(app(dict(fixed, min_replicas=0, max_replicas=4, gpu_memory_gb=8))).__name__ == "Application"

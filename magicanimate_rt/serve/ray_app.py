@@ -1,6 +1,7 @@
 """The service on Ray Serve: one ingress, N worker replicas, each holding one warm pipeline.
 
-    magicanimate-rt serve --ray --models DIR [--address auto] [--replicas N] [--gpus-per-replica G]
+    magicanimate-rt serve --ray --models DIR [--address auto] [--replicas N | --min-replicas M --max-replicas X]
+                          [--gpus-per-replica G]
     serve run magicanimate_rt.serve.ray_app:app models=DIR replicas=N ...     (or a config file:
     serve deploy deploy/ray-serve.yaml; README "A fleet on Ray Serve")
 
@@ -10,7 +11,8 @@ Two deployments:
   ``__serve_build_asgi_app__``, so it is built in the replica with its settings), holding the
   SQLite store, the uploads, the results and the bounded FIFO queue of ``jobs.JobManager``.
   Clients see the API and the page of ``magicanimate-rt serve`` unchanged.
-- ``AnimationWorker`` (``replicas`` of them, ``max_ongoing_requests=1``, ``num_gpus`` each
+- ``AnimationWorker`` (``replicas`` of them, or between ``min_replicas`` and
+  ``max_replicas`` under Serve's autoscaler; ``max_ongoing_requests=1``, ``num_gpus`` each
   on GPU hosts): each loads one pipeline at start and animates one job at a time.
 
 The manager's executor here is :class:`RayExecutor`: one ingress thread per worker replica
@@ -19,6 +21,8 @@ streaming deployment handle, relays every progress event into the job's live sta
 ``/events`` shows the steps) and writes the returned mp4 bytes under the ingress's results.
 As many jobs are in flight as there are replicas and each replica takes one at a time, so
 a job waits in the ingress's queue, where the limit and the 429s are the single machine's.
+Autoscaled, the ingress keeps ``max_replicas`` slots: jobs beyond the running replicas wait
+in Serve's queue, which is what the autoscaler counts to add a replica.
 
 Faults: a replica that dies mid-job (a crash, ``ray.kill``, a lost host) makes the relay
 raise a Ray error; the job starts again once on whichever replica is free (the status's
@@ -73,14 +77,56 @@ class RayOptions:
     gpus_per_replica: GPUs each replica reserves (0: a CPU replica); Ray places replicas
         on the cluster's hosts by these resources.
     cpus_per_replica: CPUs each replica reserves.
+    min_replicas, max_replicas: instead of ``replicas``, Serve's autoscaler keeps between
+        these many replicas (``replicas`` is then ignored): one more while jobs wait for a
+        replica longer than ``upscale_delay_s``, one fewer after ``downscale_delay_s`` with
+        a replica idle. The ingress hands out up to ``max_replicas`` jobs at once; a job
+        waits in Serve's queue while a replica starts (its models load). ``min_replicas``
+        0 lets an idle fleet release every GPU (the next job then waits for a load).
     """
 
     address: Optional[str] = None
     replicas: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 300.0
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+    @property
+    def slots(self) -> int:
+        """Jobs the ingress runs at once: one per replica there may be."""
+        return self.max_replicas if self.autoscaling else self.replicas
+
+    def autoscaling_config(self) -> dict:
+        """Serve's ``autoscaling_config`` for the worker deployment: one ongoing job per
+        replica is the target (each runs one at a time)."""
+        return {"min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas, "target_ongoing_requests": 1,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
+
+    def describe(self) -> str:
+        if self.autoscaling:
+            return f"{self.min_replicas}-{self.max_replicas} replicas (autoscaling)"
+        return f"{self.replicas} replica(s)"
 
     def check(self) -> "RayOptions":
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise InputError("autoscaling needs both --min-replicas and --max-replicas")
+        if self.autoscaling:
+            if self.min_replicas < 0:
+                raise InputError(f"--min-replicas must be >= 0, got {self.min_replicas}")
+            if self.max_replicas < max(self.min_replicas, 1):
+                raise InputError(f"--max-replicas must be >= 1 and >= --min-replicas ({self.min_replicas}), got "
+                                 f"{self.max_replicas}")
+            if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+                raise InputError("upscale_delay_s and downscale_delay_s must be >= 0")
         if self.replicas < 1:
             raise InputError(f"--replicas must be >= 1, got {self.replicas}")
         if self.gpus_per_replica < 0:
@@ -286,21 +332,24 @@ class Ingress:
 
 
 def build_app(settings: ServeSettings, options: RayOptions):
-    """The Serve application: the worker deployment, ``options.replicas`` wide, bound into the ingress."""
+    """The Serve application: the worker deployment, ``options.replicas`` wide (or
+    autoscaled between ``min_replicas`` and ``max_replicas``), bound into the ingress."""
     settings = absolute(settings)
+    width = ({"autoscaling_config": options.autoscaling_config()} if options.autoscaling
+             else {"num_replicas": options.replicas})
     worker = AnimationWorker.options(
-        num_replicas=options.replicas,
-        ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
+        **width, ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
     ).bind(settings, options.device)
     return Ingress.options(graceful_shutdown_timeout_s=settings.shutdown_grace_s + 30).bind(settings, worker,
-                                                                                          options.replicas)
+                                                                                          options.slots)
 
 
 #: the arguments ``serve run ... :app`` and a config file's ``args:`` take (README)
 SETTING_ARGS = {"models": Path, "engines": Path, "backend": str, "dtype": str, "data_dir": Path, "max_queue": int,
                 "max_upload_mb": float, "max_frames": int, "max_steps": int, "max_side": int, "keep_hours": float,
-                "shutdown_grace_s": float, "examples_dir": Path, "api_key_file": Path}
-OPTION_ARGS = {"replicas": int, "gpus_per_replica": float, "cpus_per_replica": float}
+                "shutdown_grace_s": float, "examples_dir": Path, "api_key_file": Path, "gpu_memory_gb": float}
+OPTION_ARGS = {"replicas": int, "gpus_per_replica": float, "cpus_per_replica": float, "min_replicas": int,
+               "max_replicas": int, "upscale_delay_s": float, "downscale_delay_s": float}
 
 
 def app(args: dict):
@@ -314,6 +363,8 @@ def app(args: dict):
         given = {k: known[k](v) for k, v in args.items() if v is not None}
     except (TypeError, ValueError) as e:
         raise InputError(f"a bad argument value: {e}") from None
+    if "replicas" in given and ("min_replicas" in given or "max_replicas" in given):
+        raise InputError("give either replicas (a fixed fleet) or min_replicas and max_replicas (autoscaling)")
     options = RayOptions(**{k: given.pop(k) for k in OPTION_ARGS if k in given}).check()
     key_file = given.pop("api_key_file", None)
     upload_mb = given.pop("max_upload_mb", None)
@@ -342,7 +393,7 @@ def serve_on_ray(settings: ServeSettings, options: RayOptions, log_level: str = 
         serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logs)
         serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/", logging_config=logs)
         print(f"magicanimate-rt serve --ray: http://{settings.host}:{settings.port}/ (API docs at /docs); "
-              f"{options.replicas} replica(s), {options.gpus_per_replica:g} GPU(s) each; data in "
+              f"{options.describe()}, {options.gpus_per_replica:g} GPU(s) each; data in "
               f"{Path(settings.data_dir).resolve()}", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             if APP_NAME not in serve.status().applications:  # `serve shutdown` elsewhere
