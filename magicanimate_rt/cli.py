@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile mode: default (default), reduce-overhead (CUDA graphs) or max-autotune; the "
                         "same as the requests' --compile")
+    w.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
+                   help="the requests' --gpu-memory-gb, when they give one (it sets their plan, so the compiled "
+                        "shapes)")
     _add_compile_cache(w, "--cache-dir")
     w.set_defaults(func=cmd_warmup)
 
@@ -395,7 +398,7 @@ def cmd_warmup(args) -> int:
     line per phase."""
     from . import demo
     from .runtime.compiled import graph_cache_counts
-    from .runtime.pipeline import AnimationPipeline, validate_settings
+    from .runtime.pipeline import AnimationPipeline, PipelineOptions, validate_settings
 
     width, height = validate_settings(args.size, 1, 7.5, args.width, args.height,
                                       names=("--size", "--width", "--height"))
@@ -406,9 +409,10 @@ def cmd_warmup(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("warmup runs in one process, not under torchrun")
     options = _compile_options(args.compile_mode, args)
+    planning = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)
     t0 = time.perf_counter()
     pipe = AnimationPipeline.from_pretrained(args.models, device=args.device, dtype=args.dtype,
-                                             backend_options=options)
+                                             backend_options=options, options=planning)
     with pipe:
         cache = pipe.stages.compile_cache
         _log(f"loaded {args.models} in {time.perf_counter() - t0:.1f} s (compile mode {args.compile_mode}, "
@@ -421,9 +425,8 @@ def cmd_warmup(args) -> int:
         p, graphs = result.plan, graph_cache_counts()
         _log(f"compiled and ran one {width}x{height} request of {args.frames} frames in "
              f"{time.perf_counter() - t1:.1f} s ({graphs.get('miss', '?')} graph(s) compiled, "
-             f"{graphs.get('hit', '?')} from the cache; plan: {p.windows_per_call} window(s) per UNet call, "
-             f"ControlNet {p.controlnet_chunk} frames per call, residuals {p.controlnet_residuals}, decode "
-             f"{p.decode_chunk} frames per call)")
+             f"{graphs.get('hit', '?')} from the cache; plan: {p.describe()}, ControlNet {p.controlnet_chunk} "
+             f"frames per call)")
         for stage, why in pipe.stages.compile_failures().items():
             _log(f"{PROG}: warning: the {stage} stage did not compile and runs eager ({why[:200]})")
         for path, size in cache.saved.items():
