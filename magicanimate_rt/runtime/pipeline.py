@@ -358,7 +358,7 @@ class AnimationPipeline:
             if entry is None:
                 entry = self.reference_cache.insert(key, st.encode_reference(image))
         cache = self.reference_cache
-        banks: dict[int, list[Tensor]] = {}  # this request's banks, whatever the cache keeps
+        banks: dict[int, list[Tensor]] = {}  # banks up front: every timestep's, whatever the cache keeps
 
         def bank_fn(i: int, t: Tensor):
             ts = sampler.timesteps[i]
@@ -366,13 +366,12 @@ class AnimationPipeline:
             if bank is None:
                 bank = st.bank(entry.latent, t)
                 cache.add_bank(key, entry, ts, bank)
-            banks[ts] = bank
             return bank
 
         if residency.banks_up_front:  # every timestep's bank now, so the appearance encoder can leave
             with timer.stage("appearance_encoder"):
                 for i, t in enumerate(sampler.timestep_tensors):
-                    bank_fn(i, t)
+                    banks[sampler.timesteps[i]] = bank_fn(i, t)
         place(residency.resident("loop"))
 
         bar = None
@@ -451,10 +450,13 @@ class AnimationPipeline:
             loop = plan_loop(num_frames, n_windows, budget, memory, window=st.window, **settings)
             return ResidencyPlan(replace(loop, deep_cache_bytes=kept))
         item = torch.empty((), dtype=st.dtype).element_size()
+        cache = self.reference_cache
+        cached = 0 if memory is None or not cache.enabled else \
+            min(cache.max_bytes, cache.nbytes + steps * memory.bank_per_step)
         shape = RequestShape(
             num_frames, n_windows, steps, width, height,
             state_bytes=state_bytes(num_frames, width, height, item, 1 if o.control_uint8 else item, guided),
-            frames_bytes=0 if to_sink else 2 * num_frames * height * width * 3)
+            frames_bytes=0 if to_sink else 2 * num_frames * height * width * 3, cache_bytes=cached)
         return plan_residency(total, memory, st.weight_bytes(), shape, can_offload=caps.residency,
                               lean_unet=caps.lean_unet, window=st.window, **settings)
 

@@ -71,6 +71,8 @@ class RequestShape:
             driving frames, the noise): see :func:`state_bytes`.
         frames_bytes: the decoded uint8 frames held on the device until the end (0 when
             they go to a frame sink chunk by chunk).
+        cache_bytes: what the pipeline's reference cache holds on the device during the
+            request (its entries so far plus this request's banks, up to its bound).
     """
 
     num_frames: int
@@ -80,6 +82,7 @@ class RequestShape:
     height: int
     state_bytes: int = 0
     frames_bytes: int = 0
+    cache_bytes: int = 0
 
 
 def state_bytes(num_frames: int, width: int, height: int, stage_item: int, control_item: int = 1,
@@ -138,12 +141,19 @@ class ResidencyPlan:
         return head
 
 
+def _bank_bytes(plan: ResidencyPlan, memory: MemoryModel, shape: RequestShape) -> int:
+    """The banks on the device while the request runs: every timestep's (up front) or the
+    current one's, or what the reference cache holds, whichever is more (the cache keeps
+    this request's banks too, up to its bound)."""
+    own = memory.bank_per_step * (shape.steps if plan.banks_up_front else 1)
+    return max(own, shape.cache_bytes)
+
+
 def _loop_fixed_bytes(plan: ResidencyPlan, memory: MemoryModel, shape: RequestShape) -> int:
     """The loop phase's bytes that its batching does not change: the weights resident
     then, the banks kept, the step state and deep-feature reuse's kept features."""
-    banks = memory.bank_per_step * (shape.steps if plan.banks_up_front else 1)
     weights = sum(plan.weights_bytes.get(s, 0) for s in plan.resident("loop"))
-    return weights + banks + shape.state_bytes + plan.loop.deep_cache_bytes
+    return weights + _bank_bytes(plan, memory, shape) + shape.state_bytes + plan.loop.deep_cache_bytes
 
 
 def phase_bytes(plan: ResidencyPlan, memory: MemoryModel, shape: RequestShape, window: int = 16) -> dict[str, int]:
@@ -155,10 +165,10 @@ def phase_bytes(plan: ResidencyPlan, memory: MemoryModel, shape: RequestShape, w
 
     latents_f32 = shape.num_frames * 4 * (shape.height // 8) * (shape.width // 8) * 4
     return {
-        "reference": weights("reference") + m.bank_per_step * (shape.steps if plan.banks_up_front else 1)
-        + m.appearance_call,
+        "reference": weights("reference") + _bank_bytes(plan, m, shape) + m.appearance_call,
         "loop": _loop_fixed_bytes(plan, m, shape) + loop_working_bytes(loop, m, shape.num_frames, window),
-        "decode": weights("decode") + latents_f32 + loop.decode_chunk * m.decode_per_frame + shape.frames_bytes,
+        "decode": weights("decode") + shape.cache_bytes + latents_f32 + loop.decode_chunk * m.decode_per_frame
+        + shape.frames_bytes,
     }
 
 
