@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     vae = VAE(vae_config(a.vae_config)).to(device=device, dtype=dtype).eval()
     latents = torch.randn(a.frames, 4, height // 8, width // 8, device=device, dtype=dtype)
-    predicted = decode_bytes_per_frame(vae, width, dtype, height)  # the torch backend's estimate
+    predicted = decode_bytes_per_frame(vae, width, dtype, height, device.type)  # the torch backend's estimate
     rows = []
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.cudnn_benchmark]
     for bench in modes:

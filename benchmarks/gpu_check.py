@@ -532,10 +532,9 @@ def start_times(c: Check, setup: Setup, models_dir: Path, cache: Path, budget: B
         if budget.left() < 30:
             c.skip(what, f"{max(budget.left(), 0):.0f} s left of the budget")
             return
-        env = dict(os.environ, GPU_CHECK_T0=repr(time.time()),
-                   TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=cache),
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=cache),
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        env["GPU_CHECK_T0"] = repr(time.time())
+        env["GPU_CHECK_T0"] = repr(time.time())  # the probe's clock starts as it is spawned
         with c.part(what):
             proc = subprocess.run([sys.executable, "-c", START_PROBE, json.dumps(spec)], capture_output=True,
                                   text=True, env=env, timeout=max(budget.left(), 30))
@@ -604,6 +603,7 @@ def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
     from magicanimate_rt import AnimationPipeline
     from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchStages
     from magicanimate_rt.runtime.pipeline import PipelineOptions
+    from magicanimate_rt.runtime.residency import ALL_STAGES
 
     cuda = setup.device == "cuda"
     dtype = models.unet.conv_in.weight.dtype
@@ -624,13 +624,16 @@ def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(cap * 2**30 / total, 1.0))
+            stages = TorchStages(models, torch.device(setup.device), dtype, torch_options)
+            pipe = AnimationPipeline(stages, options=options)
             try:
-                stages = TorchStages(models, torch.device(setup.device), dtype, torch_options)
-                with AnimationPipeline(stages, options=options) as pipe:
-                    time_one(c, label, pipe, frames, setup, inputs, warm=False, steps=steps, memory_cap_gib=cap)
+                time_one(c, label, pipe, frames, setup, inputs, warm=False, steps=steps, memory_cap_gib=cap)
             finally:
+                # the shared model set's weights back on the GPU (the plan may have left stages in
+                # host memory) before the stages close, and the whole device for the next part
+                stages.set_resident(ALL_STAGES)
+                pipe.close()
                 if cuda:
-                    stages.set_resident(("vae", "appearance_encoder", "controlnet", "unet"))  # weights back
                     torch.cuda.set_per_process_memory_fraction(1.0)
 
     if LONG_FRAMES in frames_list:

@@ -110,7 +110,7 @@ def test_decode_chunks_script_measures_every_chunk(shared_dir, tmp_path):
     # SD 1.5's VAE config from the conformance data, at 32 px on the CPU: a run of the
     # script that picks the decode chunk rule's numbers on a GPU (docs/PERFORMANCE.md)
     from benchmarks import decode_chunks
-    from magicanimate_rt.runtime.backends.torch_backend import DECODE_FRAME_FACTOR
+    from magicanimate_rt.runtime.backends.torch_backend import MEMORY_FACTORS
 
     out = tmp_path / "dc.json"
     config = shared_dir / "conformance" / "sd15-configs" / "sd-vae-ft-mse" / "config.json"
@@ -120,7 +120,8 @@ def test_decode_chunks_script_measures_every_chunk(shared_dir, tmp_path):
     assert [r["chunk"] for r in result["rows"]] == [1, 2, 3]
     assert all(r["median_s"] > 0 and r["peak_working_mib"] is None for r in result["rows"])
     # the backend's estimate: 26 x 128 channels x S^2 x 4 bytes per frame
-    assert result["rows"][2]["predicted_working_mib"] == pytest.approx(3 * DECODE_FRAME_FACTOR * 128 * 32 * 32 * 4 / 2**20)
+    assert result["rows"][2]["predicted_working_mib"] == pytest.approx(
+        3 * MEMORY_FACTORS["cpu"]["decode_frame"] * 128 * 32 * 32 * 4 / 2**20)
 
 
 # --------------------------------------------------------------------------- scaling

@@ -152,9 +152,6 @@ MEMORY_FACTORS = {
     "cpu": {"unet_window": 26, "controlnet_frame": 32, "decode_frame": 26},
     "cuda": {"unet_window": 10, "controlnet_frame": 12, "decode_frame": 10},
 }
-UNET_WINDOW_FACTOR = MEMORY_FACTORS["cpu"]["unet_window"]
-CONTROLNET_FRAME_FACTOR = MEMORY_FACTORS["cpu"]["controlnet_frame"]
-DECODE_FRAME_FACTOR = MEMORY_FACTORS["cpu"]["decode_frame"]
 #: a guided call with its CFG halves one after the other, as a share of the batched one's
 #: working memory: the down path and its skip features are shared, the mid/up path runs on
 #: half the rows (an estimate from that split; gpu_check measures it)
