@@ -216,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-replicas", type=int, default=None, help="the most replicas the autoscaler starts")
     r.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs each replica reserves (default 1 with --device cuda, else 0)")
-    r.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs each replica reserves (default 1)")
+    r.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="CPUs each replica reserves (default 1, or 1 per rank with --ranks-per-replica)")
+    r.add_argument("--ranks-per-replica", type=int, default=None,
+                   help="split each clip's windows over K processes of one replica, one GPU each, on one host "
+                        "(torch.distributed; README 'Several GPUs'); --gpus-per-replica defaults to K on cuda")
+    r.add_argument("--dashboard-port", type=int, default=None,
+                   help="the local cluster's dashboard port on 127.0.0.1 (default 8265), where `serve status` and "
+                        "`serve shutdown -a http://127.0.0.1:PORT` reach the app")
     v.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("warmup", help="compile the torch stages for one request shape and save them in the compile "
@@ -465,7 +472,8 @@ def cmd_serve(args) -> int:
         raise InputError("serve runs in one process; give it several devices with --devices, not torchrun")
     ray_flags = (("--address", args.address), ("--replicas", args.replicas),
                  ("--gpus-per-replica", args.gpus_per_replica), ("--cpus-per-replica", args.cpus_per_replica),
-                 ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas))
+                 ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas),
+                 ("--ranks-per-replica", args.ranks_per_replica), ("--dashboard-port", args.dashboard_port))
     if args.ray and args.devices is not None:
         raise InputError("--ray runs one pipeline per replica and Ray places them: give --replicas N (and "
                          "--gpus-per-replica), not --devices")
@@ -502,15 +510,21 @@ def _serve_on_ray(args, settings) -> int:
     device = args.device or "cpu"
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device {device}: with --ray give cpu or cuda (Ray gives each replica its own GPUs)")
-    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
+    ranks = 1 if args.ranks_per_replica is None else args.ranks_per_replica
+    gpus = (args.gpus_per_replica if args.gpus_per_replica is not None
+            else (float(max(ranks, 1)) if device == "cuda" else 0.0))
     if (gpus > 0) != (device == "cuda"):
         raise InputError(f"--gpus-per-replica {gpus:g} does not fit --device {device} (GPUs need --device cuda)")
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
         raise InputError("give either --replicas N (a fixed fleet) or --min-replicas and --max-replicas (autoscaling)")
+    if args.dashboard_port is not None and args.address is not None:
+        raise InputError("--dashboard-port is for the local cluster serve --ray starts; a joined cluster (--address) "
+                         "has its own dashboard")
+    cpus = args.cpus_per_replica if args.cpus_per_replica is not None else float(max(ranks, 1))
     options = RayOptions(address=args.address, replicas=1 if args.replicas is None else args.replicas,
-                         gpus_per_replica=gpus,
-                         cpus_per_replica=1.0 if args.cpus_per_replica is None else args.cpus_per_replica,
-                         min_replicas=args.min_replicas, max_replicas=args.max_replicas).check()
+                         gpus_per_replica=gpus, cpus_per_replica=cpus, min_replicas=args.min_replicas,
+                         max_replicas=args.max_replicas, ranks_per_replica=ranks,
+                         dashboard_port=8265 if args.dashboard_port is None else args.dashboard_port).check()
     return serve_on_ray(settings, options, log_level=args.log_level)
 
 

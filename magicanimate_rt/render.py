@@ -31,13 +31,15 @@ def animate_to_files(pipe, source: np.ndarray, driving: np.ndarray, size: Union[
     that shape. ``box`` (left, top, right, bottom): the mp4 gets only that part of every
     frame (``--crop-output``); the grid shows whole frames. ``progress``: as
     ``AnimationPipeline.animate`` (True: a tqdm bar; a callback(step, steps), which may
-    raise to stop at that step boundary). ``on_frames(done, total)``: called after each
+    raise to stop at that step boundary; the other ranks of a split clip call theirs too,
+    at the same boundaries, and show no bar). ``on_frames(done, total)``: called after each
     decoded chunk is written. ``mode``: the sampling mode (``runtime/modes.py``; None: exact).
     Under torchrun only rank 0 writes; the other ranks do the same work and write nothing."""
     width, height = (size, size) if isinstance(size, int) else size
     shape = dict(width=width, height=height)
-    if not pipe.writes_outputs:  # another rank of a torchrun job: the same work, rank 0 writes
-        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, mode=mode, **shape)
+    if not pipe.writes_outputs:  # another rank of a split clip: the same work (and steps), rank 0 writes
+        return pipe.animate(source, driving, steps=steps, guidance_scale=guidance, seed=seed, mode=mode,
+                            progress=progress if callable(progress) else False, **shape)
     if log is not None:
         ranks = f" on {pipe.world_size} processes" if pipe.world_size > 1 else ""
         how = "" if mode is None or getattr(mode, "is_exact", True) else f" ({mode.describe()})"

@@ -106,6 +106,27 @@ class ServerThread:
         self.client.close()
 
 
+def ray_samples(shared_dir: Path) -> dict[str, Path]:
+    """The source image and driving video the Ray Serve tests animate."""
+    s = shared_dir / "samples"
+    return {"source": s / "source_image" / "multi1_source.png", "driving": s / "driving" / "running.mp4"}
+
+
+def submit_job(client: httpx.Client, samples: dict, **fields) -> str:
+    """Submit ``fields`` (size, steps, max_frames, seed, ...) for ``samples``; the job id."""
+    r = submit(client, samples["source"], samples["driving"], **fields)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def decode_mp4(data: bytes, path: Path):
+    """The frames of mp4 ``data`` (written to ``path`` first)."""
+    from magicanimate_rt.runtime.media import read_video
+
+    path.write_bytes(data)
+    return read_video(path)
+
+
 def submit(client: httpx.Client, source: Optional[Path], driving: Path, names=None, **fields) -> httpx.Response:
     files = {}
     names = names or {}

@@ -21,7 +21,8 @@ pytest.importorskip("fastapi", reason="the service's packages: pip install -e '.
 pytest.importorskip("ray.serve", reason="Ray Serve: pip install -e '.[ray]'")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import FINAL, ROOT, events, free_port, submit, wait_final, wait_for  # noqa: E402
+from serve_helpers import (FINAL, ROOT, decode_mp4, events, free_port, ray_samples, submit, submit_job,  # noqa: E402
+                           wait_final, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,7 @@ SIZE, FRAMES = 128, 16
 
 @pytest.fixture(scope="module")
 def samples(shared_dir):
-    s = shared_dir / "samples"
-    return {"source": s / "source_image" / "multi1_source.png", "driving": s / "driving" / "running.mp4"}
+    return ray_samples(shared_dir)
 
 
 class Fleet:
@@ -79,17 +79,7 @@ def fleet(tiny_models, tmp_path_factory):
 
 
 def job(fleet, samples, **fields) -> str:
-    fields = {"size": SIZE, "steps": 2, "max_frames": FRAMES, "seed": 3, **fields}
-    r = submit(fleet.client, samples["source"], samples["driving"], **fields)
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def decode(data: bytes, path):
-    from magicanimate_rt.runtime.media import read_video
-
-    path.write_bytes(data)
-    return read_video(path)
+    return submit_job(fleet.client, samples, **{"size": SIZE, "steps": 2, "max_frames": FRAMES, "seed": 3, **fields})
 
 
 def replica_actor(name: str):
@@ -155,10 +145,10 @@ def test_the_served_video_equals_the_cli_and_events_show_every_step(fleet, sampl
                            str(out), "--grid", str(out_grid), "--size", str(SIZE), "--steps", "3", "--max-frames",
                            str(FRAMES), "--seed", "3"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    a, b = decode(served.content, tmp_path / "a.mp4"), decode(out.read_bytes(), tmp_path / "b.mp4")
+    a, b = decode_mp4(served.content, tmp_path / "a.mp4"), decode_mp4(out.read_bytes(), tmp_path / "b.mp4")
     assert a.shape == b.shape == (FRAMES, SIZE, SIZE, 3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    g1, g2 = decode(grid.content, tmp_path / "g1.mp4"), decode(out_grid.read_bytes(), tmp_path / "g2.mp4")
+    g1, g2 = decode_mp4(grid.content, tmp_path / "g1.mp4"), decode_mp4(out_grid.read_bytes(), tmp_path / "g2.mp4")
     assert g1.shape == g2.shape and np.abs(g1.astype(int) - g2.astype(int)).max() <= 1
 
 
@@ -318,3 +308,13 @@ def test_the_documented_config_builds_the_app(tiny_models, tmp_path):
         app(dict(args, min_replicas=1, max_replicas=4))
     fixed = {k: v for k, v in args.items() if k != "replicas"}
     assert type(app(dict(fixed, min_replicas=0, max_replicas=4, gpu_memory_gb=8))).__name__ == "Application"
+    # a replica per 4-GPU host, each clip split over its GPUs: a placement group of 4 bundles
+    split = app(dict(args, replicas=2, ranks_per_replica=4, gpus_per_replica=4, cpus_per_replica=8))
+    worker = split._bound_deployment.init_args[1]._bound_deployment  # the ingress is bound to the workers
+    assert worker.num_replicas == 2 and worker.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert worker.init_args[2:] == (4, {"num_cpus": 2.0, "num_gpus": 1.0})  # rank 0 starts 3 such actors
+    config = worker._replica_config  # (Serve keeps the placement group here)
+    assert config.placement_group_bundles == [{"CPU": 2.0, "GPU": 1.0}] * 4
+    assert config.placement_group_strategy == "STRICT_PACK"
+    with pytest.raises(InputError, match="--ranks-per-replica 4 runs one process per GPU: give --gpus-per-replica 4"):
+        app(dict(args, ranks_per_replica=4, gpus_per_replica=1))

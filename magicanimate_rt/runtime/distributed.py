@@ -112,10 +112,24 @@ class Ranks:
         size = world_size_from_env()
         if size <= 1:
             return None
+        rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+        return cls._init(rank, size, local_rank, device, "env://", timeout_from_env())
+
+    @classmethod
+    def join(cls, rank: int, size: int, device, master_addr: str, master_port: int,
+             timeout_s: Optional[float] = None, local_rank: int = 0) -> "Ranks":
+        """Join, as ``rank`` of ``size``, the group whose rank 0 listens on
+        ``master_addr:master_port`` (a TCP rendezvous), without torchrun's environment: for
+        launchers that start the ranks themselves (a Ray Serve replica and its rank actors,
+        ``serve/ray_app.py``). ``local_rank``: the index of this rank's GPU among those it
+        sees (0 where, as under Ray, each rank sees only its own)."""
+        timeout = timeout_from_env() if timeout_s is None else float(timeout_s)
+        return cls._init(rank, size, local_rank, device, f"tcp://{master_addr}:{int(master_port)}", timeout)
+
+    @classmethod
+    def _init(cls, rank: int, size: int, local_rank: int, device, init_method: str, timeout: float) -> "Ranks":
         import torch.distributed as dist
 
-        rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
-        timeout = timeout_from_env()
         device = cls.rank_device(device, local_rank)
         owns = False
         if not dist.is_initialized():
@@ -123,7 +137,7 @@ class Ranks:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             try:
-                dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size,
+                dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                         timeout=timedelta(seconds=timeout))
             except (RuntimeError, ValueError) as e:
                 raise DistributedError(f"rank {rank}: cannot join the process group of {size} ranks "
@@ -131,7 +145,7 @@ class Ranks:
             owns = True
         elif dist.get_world_size() != size or dist.get_rank() != rank:
             raise InputError(f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
-                             f"is not the environment's (RANK={rank}, WORLD_SIZE={size})")
+                             f"is not this one (rank {rank} of {size})")
         return cls(rank, size, local_rank, device, owns, timeout)
 
     @staticmethod

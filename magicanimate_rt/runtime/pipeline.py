@@ -191,12 +191,15 @@ class AnimationPipeline:
 
     @classmethod
     def from_pretrained(cls, models_dir, backend: str = "torch", device="cpu", dtype="float32",
-                        backend_options=None, options: PipelineOptions = PipelineOptions()):
+                        backend_options=None, options: PipelineOptions = PipelineOptions(),
+                        ranks: Union[str, Ranks, None] = "auto"):
         """Load a model directory in the real layout (README 'Weights'). ``backend_options``
         goes to the backend (e.g. ``TorchOptions`` for "torch"). Under torchrun each rank
-        loads onto its own device (``cuda`` -> ``cuda:LOCAL_RANK``)."""
+        loads onto its own device (``cuda`` -> ``cuda:LOCAL_RANK``). ``ranks``: "auto" (from
+        the environment), None, or a joined :class:`~.distributed.Ranks` (``Ranks.join``),
+        which the pipeline then owns (it loads onto its device; ``close`` leaves its group)."""
         extra = {} if backend_options is None else {"options": backend_options}
-        ranks = Ranks.from_environment(device)
+        ranks = Ranks.from_environment(device) if ranks == "auto" else ranks
         device = ranks.device if ranks is not None else device
         try:
             stages = pretrained_factory(backend)(models_dir, device=device, dtype=dtype, **extra)
@@ -208,11 +211,11 @@ class AnimationPipeline:
 
     @classmethod
     def from_engines(cls, engine_dir, backend: str = "onnxruntime", device="cpu", backend_options=None,
-                     options: PipelineOptions = PipelineOptions()):
+                     options: PipelineOptions = PipelineOptions(), ranks: Union[str, Ranks, None] = "auto"):
         """Load an engine directory written by build_engines.py (under torchrun: each rank
-        on its own device, as :meth:`from_pretrained`)."""
+        on its own device; ``ranks`` as :meth:`from_pretrained`)."""
         extra = {} if backend_options is None else {"options": backend_options}
-        ranks = Ranks.from_environment(device)
+        ranks = Ranks.from_environment(device) if ranks == "auto" else ranks
         device = ranks.device if ranks is not None else device
         try:
             stages = engine_factory(backend)(engine_dir, device=device, **extra)

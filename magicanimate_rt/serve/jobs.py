@@ -105,16 +105,19 @@ class JobFiles:
                 (self.driving, self.params.get("driving_name") or "driving"))
 
 
-def load_pipeline(settings: ServeSettings, device: str):
-    """One warm pipeline on ``device`` from ``settings``' models or engines."""
+def load_pipeline(settings: ServeSettings, device: str, ranks="auto"):
+    """One warm pipeline on ``device`` from ``settings``' models or engines (``ranks``: a
+    joined process group when the pipeline is one rank of a clip split, as in
+    ``AnimationPipeline.from_pretrained``)."""
     from ..runtime.pipeline import AnimationPipeline, PipelineOptions
 
     s = settings
     options = PipelineOptions(gpu_memory_gb=s.gpu_memory_gb)
     if s.models is not None:
         return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype,
-                                                 options=options)
-    return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device, options=options)
+                                                 options=options, ranks=ranks)
+    return AnimationPipeline.from_engines(s.engines, backend=s.backend_name, device=device, options=options,
+                                          ranks=ranks)
 
 
 def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The service on Ray Serve: one ingress, N worker replicas, each holding one warm pipeline.
 
     magicanimate-rt serve --ray --models DIR [--address auto] [--replicas N | --min-replicas M --max-replicas X]
-                          [--gpus-per-replica G]
+                          [--gpus-per-replica G] [--ranks-per-replica K]
     serve run magicanimate_rt.serve.ray_app:app models=DIR replicas=N ...     (or a config file:
     serve deploy deploy/ray-serve.yaml; README "A fleet on Ray Serve")
 
@@ -14,6 +14,12 @@ Two deployments:
 - ``AnimationWorker`` (``replicas`` of them, or between ``min_replicas`` and
   ``max_replicas`` under Serve's autoscaler; ``max_ongoing_requests=1``, ``num_gpus`` each
   on GPU hosts): each loads one pipeline at start and animates one job at a time.
+  With ``ranks_per_replica`` K > 1 a replica owns K GPUs of one host (a placement group of
+  K bundles, STRICT_PACK) and runs each clip across them with the torch.distributed window
+  split: the replica is rank 0, :class:`RankWorker` actors (one per further bundle) are the
+  others, joined on loopback; every rank runs every job, rank 0 returns the frames. For
+  long clips (README "Several GPUs" has the scaling); a fleet of such replicas still runs
+  one job per replica.
 
 The manager's executor here is :class:`RayExecutor`: one ingress thread per worker replica
 takes the oldest queued job, ships its inputs (bytes) to the worker deployment through a
@@ -28,7 +34,11 @@ Faults: a replica that dies mid-job (a crash, ``ray.kill``, a lost host) makes t
 raise a Ray error; the job starts again once on whichever replica is free (the status's
 ``worker`` names it, ``timings.attempts`` says 2) or, if that fails too, ends ``failed``
 with a line saying so. A job ends once: only the ingress writes the store. Cancel (and a
-shutdown) cancels the handle call; the replica stops at its next step boundary.
+shutdown) cancels the handle call; the replica stops at its next step boundary (with a
+split, every rank at the same one: rank 0 broadcasts its word at each step). A rank of a
+split that dies mid-job fails rank 0's next collective: the replica reports the job lost
+(the ingress runs it again, as for a dead replica), kills its other ranks and starts its
+group again; if that fails, its health check fails and Serve replaces it.
 
 This is the only module that imports ``ray`` (the base install has none:
 ``pip install -e ".[serve,ray]"``).
@@ -41,6 +51,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -53,7 +64,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayError
 
-from ..errors import InputError
+from ..errors import DistributedError, InputError, MagicAnimateError
 from .app import create_app
 from .jobs import (JobCancelled, JobFailed, JobFiles, JobManager, Progress, Worker, failure_line, load_pipeline,
                    render_job)
@@ -83,6 +94,13 @@ class RayOptions:
         a replica idle. The ingress hands out up to ``max_replicas`` jobs at once; a job
         waits in Serve's queue while a replica starts (its models load). ``min_replicas``
         0 lets an idle fleet release every GPU (the next job then waits for a load).
+    ranks_per_replica: split each clip's windows over this many processes of one replica
+        (``runtime/distributed.py``'s window split): the replica is rank 0 and starts the
+        others as Ray actors in its placement group (one bundle per rank, STRICT_PACK: one
+        host), each with ``gpus_per_replica / ranks_per_replica`` GPUs (one) and
+        ``cpus_per_replica / ranks_per_replica`` CPUs. For long clips on a multi-GPU host.
+    dashboard_port: the dashboard of the local cluster ``serve --ray`` starts (on
+        127.0.0.1): ``serve status`` / ``serve shutdown -a http://127.0.0.1:PORT`` reach it.
     """
 
     address: Optional[str] = None
@@ -93,6 +111,8 @@ class RayOptions:
     max_replicas: Optional[int] = None
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 300.0
+    ranks_per_replica: int = 1
+    dashboard_port: int = 8265
 
     @property
     def autoscaling(self) -> bool:
@@ -111,10 +131,23 @@ class RayOptions:
                 "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
 
+    def rank_resources(self) -> dict:
+        """What each rank of a replica reserves (the replica itself is rank 0)."""
+        k = self.ranks_per_replica
+        return {"num_cpus": self.cpus_per_replica / k, "num_gpus": self.gpus_per_replica / k}
+
+    def bundles(self) -> list[dict]:
+        """The placement group of a replica that splits its clips: one bundle per rank."""
+        r = self.rank_resources()
+        bundle = {k: v for k, v in (("CPU", r["num_cpus"]), ("GPU", r["num_gpus"])) if v > 0}
+        return [bundle] * self.ranks_per_replica
+
     def describe(self) -> str:
-        if self.autoscaling:
-            return f"{self.min_replicas}-{self.max_replicas} replicas (autoscaling)"
-        return f"{self.replicas} replica(s)"
+        width = (f"{self.min_replicas}-{self.max_replicas} replicas (autoscaling)" if self.autoscaling
+                 else f"{self.replicas} replica(s)")
+        if self.ranks_per_replica > 1:
+            width += f", each clip split over {self.ranks_per_replica} processes"
+        return width
 
     def check(self) -> "RayOptions":
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -133,6 +166,17 @@ class RayOptions:
             raise InputError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica:g}")
         if self.cpus_per_replica < 0:
             raise InputError(f"--cpus-per-replica must be >= 0, got {self.cpus_per_replica:g}")
+        k = self.ranks_per_replica
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"--ranks-per-replica must be an integer >= 1, got {k!r}")
+        if k > 1 and self.gpus_per_replica > 0 and self.gpus_per_replica != k:
+            raise InputError(f"--ranks-per-replica {k} runs one process per GPU: give --gpus-per-replica {k} "
+                             f"(got {self.gpus_per_replica:g})")
+        if k > 1 and self.gpus_per_replica == 0 and self.cpus_per_replica == 0:
+            raise InputError(f"--ranks-per-replica {k} reserves a share of the replica's resources for each rank: "
+                             "give --cpus-per-replica > 0")
+        if not 0 < self.dashboard_port < 65536:
+            raise InputError(f"--dashboard-port must be a port number, got {self.dashboard_port}")
         return self
 
     @property
@@ -153,13 +197,17 @@ def absolute(settings: ServeSettings) -> ServeSettings:
 # --------------------------------------------------------------------------- the replica side
 class _ReplicaProgress:
     """The pipeline's callbacks on a replica: each becomes an event for the ingress, and each
-    stops the job (JobCancelled) once the ingress has cancelled the call."""
+    stops the job (JobCancelled) once the ingress has cancelled the call.
 
-    def __init__(self, put, cancel: threading.Event):
-        self.put, self.cancel = put, cancel
+    With the clip split over ranks (``ranks``), the other ranks must stop at the same
+    boundary or they would wait in the next collective: the check is then made at step
+    boundaries only, and rank 0's answer goes to every rank (:class:`_RankProgress`)."""
+
+    def __init__(self, put, cancel: threading.Event, ranks=None):
+        self.put, self.cancel, self.ranks = put, cancel, ranks
 
     def _check(self) -> None:
-        if self.cancel.is_set():
+        if self.ranks is None and self.cancel.is_set():
             raise JobCancelled()
 
     def started(self, frames: int) -> None:
@@ -168,6 +216,9 @@ class _ReplicaProgress:
 
     def step(self, step: int, steps: int) -> None:
         self.put({"kind": "step", "step": step, "steps": steps})
+        if self.ranks is not None:
+            if self.ranks.broadcast_object(self.cancel.is_set()):
+                raise JobCancelled()
         self._check()
 
     def frames(self, done: int, total: int) -> None:
@@ -175,49 +226,199 @@ class _ReplicaProgress:
         self._check()
 
 
+class _RankProgress:
+    """The callbacks of ranks 1.. of a split clip: at each step boundary, rank 0's word on
+    whether the job was cancelled (one small broadcast per step)."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def started(self, frames: int) -> None:
+        pass
+
+    def step(self, step: int, steps: int) -> None:
+        if self.ranks.broadcast_object(False):
+            raise JobCancelled()
+
+    def frames(self, done: int, total: int) -> None:
+        pass
+
+
+def _job_files(job: dict, tmp: Path) -> JobFiles:
+    """A shipped job's inputs written under ``tmp`` (its results go to ``tmp/out``)."""
+    (tmp / "source").write_bytes(job["source"])
+    (tmp / "driving").write_bytes(job["driving"])
+    return JobFiles(job["id"], job["params"], tmp / "source", tmp / "driving", tmp / "out", job["grid"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankWorker:
+    """Rank ``rank`` (>= 1) of a replica that splits each clip: a Ray actor in the replica's
+    placement group (bundle ``rank``: its own GPU) with a warm pipeline in the replica's
+    process group. It does the same work as rank 0 for every job and writes nothing."""
+
+    def __init__(self, settings: ServeSettings, device: str, rank: int, size: int, port: int, timeout_s: float):
+        from ..runtime.distributed import Ranks
+
+        # every rank of a replica is on its host (STRICT_PACK): the rendezvous is on loopback
+        ranks = Ranks.join(rank, size, device, "127.0.0.1", port, timeout_s)
+        self.pipe = load_pipeline(settings, device, ranks=ranks)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, job: dict) -> str:
+        """This rank's part of ``job``: "done", "cancelled" or the job's one-line error."""
+        with tempfile.TemporaryDirectory(prefix=f"magicanimate-{job['id']}-r{self.pipe.rank}-") as tmp:
+            files = _job_files(job, Path(tmp))
+            try:
+                render_job(self.pipe, files, _RankProgress(self.pipe.ranks))
+                return "done"
+            except JobCancelled:
+                return "cancelled"
+            except Exception as e:  # noqa: BLE001 - rank 0 reports the job's outcome; this one its own
+                return failure_line(e, files)
+
+
+class _RankGroup:
+    """A replica's process group for splitting clips: this process is rank 0 (its
+    ``pipe``) and ``size - 1`` :class:`RankWorker` actors the others. Ray kills the actors
+    with the replica (it owns them)."""
+
+    def __init__(self, settings: ServeSettings, device: str, size: int, resources: dict, timeout_s: float):
+        self.settings, self.device, self.size = settings, device, size
+        self.resources, self.timeout_s = resources, timeout_s
+        self.actors: list = []
+        self.pipe = None
+        self.build()
+
+    def build(self) -> None:
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from ..runtime.distributed import Ranks
+
+        port = _free_port()
+        pg = get_current_placement_group()
+        remote = ray.remote(max_restarts=0)(RankWorker)
+        self.actors = [
+            remote.options(**self.resources, scheduling_strategy=None if pg is None else
+                           PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
+            .remote(self.settings, self.device, r, self.size, port, self.timeout_s)
+            for r in range(1, self.size)]
+        ranks = Ranks.join(0, self.size, self.device, "127.0.0.1", port, self.timeout_s)
+        self.pipe = load_pipeline(self.settings, self.device, ranks=ranks)
+        ray.get([a.ready.remote() for a in self.actors], timeout=LOAD_TIMEOUT_S)
+
+    def start(self, job: dict) -> list:
+        """The other ranks' part of ``job`` (rank 0 then runs its own)."""
+        return [a.run.remote(job) for a in self.actors]
+
+    def finish(self, refs: list) -> Optional[str]:
+        """Wait for the other ranks' parts; a line when one of them did not end (its process
+        died or hung), else None."""
+        try:
+            ray.get(refs, timeout=self.timeout_s)
+            return None
+        except (RayError, TimeoutError) as e:
+            return f"a rank of the clip split stopped ({type(e).__name__})"
+
+    def rebuild(self) -> None:
+        """A fresh group after a rank was lost: the actors killed, this rank's group left,
+        new actors, a new rendezvous, every pipeline loaded again."""
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+        self.build()
+
+
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
 class AnimationWorker:
     """One warm pipeline; ``animate`` runs one job and streams its events (max_ongoing_requests=1:
-    the router never gives a replica a second job while one runs)."""
+    the router never gives a replica a second job while one runs). With ``ranks > 1`` the
+    pipeline is rank 0 of a :class:`_RankGroup` and every job is split over the group."""
 
-    def __init__(self, settings: ServeSettings, device: str):
+    def __init__(self, settings: ServeSettings, device: str, ranks: int = 1, rank_resources: Optional[dict] = None):
+        from ..runtime.distributed import timeout_from_env
+
         t0 = time.perf_counter()
         self.device = device
-        self.pipe = load_pipeline(settings, device)
+        self.group = None
+        self.broken: Optional[str] = None  # why this replica cannot run jobs (Serve then replaces it)
+        if ranks > 1:
+            self.group = _RankGroup(settings, device, ranks, rank_resources or {}, timeout_from_env())
+            self.pipe = self.group.pipe
+        else:
+            self.pipe = load_pipeline(settings, device)
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         # a cancelled job's thread runs to its next step boundary after the call has ended;
         # the next job's thread waits for it here rather than share the pipeline
         self._busy = threading.Lock()
-        log.info("replica %s loaded its models on %s in %.1f s", self.replica, device, time.perf_counter() - t0)
+        log.info("replica %s loaded its models on %s in %.1f s%s", self.replica, device, time.perf_counter() - t0,
+                 f" ({ranks} ranks)" if ranks > 1 else "")
 
     def info(self) -> dict:
         import torch
 
         # on a CPU the result depends (slightly) on torch's thread count; Ray sets a replica's
         # to the CPUs it reserves (OMP_NUM_THREADS)
-        return {"replica": self.replica, "device": self.device, "threads": torch.get_num_threads()}
+        return {"replica": self.replica, "device": self.device, "threads": torch.get_num_threads(),
+                "ranks": self.pipe.world_size if self.pipe is not None else 0}
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose rank group could not be rebuilt is replaced."""
+        if self.broken is not None:
+            raise RuntimeError(self.broken)
 
     def _render(self, job: dict, put, cancel: threading.Event) -> None:
         """In a thread: the job's inputs to a temporary directory, animate, the results back as bytes."""
         with self._busy, tempfile.TemporaryDirectory(prefix=f"magicanimate-{job['id']}-") as tmp:
-            tmp = Path(tmp)
-            (tmp / "source").write_bytes(job["source"])
-            (tmp / "driving").write_bytes(job["driving"])
-            files = JobFiles(job["id"], job["params"], tmp / "source", tmp / "driving", tmp / "out", job["grid"])
+            if self.broken is not None:
+                put({"kind": "lost", "error": self.broken})
+                return
+            files = _job_files(job, Path(tmp))
+            group, lost = self.group, None
+            refs = group.start(job) if group is not None else []
             try:
-                timings = render_job(self.pipe, files, _ReplicaProgress(put, cancel))
-                done = {"kind": "done", "timings": timings, "video": (files.out / "video.mp4").read_bytes(),
+                timings = render_job(self.pipe, files, _ReplicaProgress(put, cancel, self.pipe.ranks))
+                lost = group.finish(refs) if group is not None else None
+                done = {"kind": "done", "timings": dict(timings, ranks=self.pipe.world_size),
+                        "video": (files.out / "video.mp4").read_bytes(),
                         "grid": (files.out / "grid.mp4").read_bytes() if job["grid"] else None}
             except JobCancelled:
+                lost = group.finish(refs) if group is not None else None
                 done = {"kind": "cancelled"}
+            except DistributedError as e:  # another rank died or hung: the job runs again, here once rebuilt
+                lost = failure_line(e, files)
+                done = {"kind": "lost", "error": lost}
             except Exception as e:  # noqa: BLE001 - the job's one line goes back; the traceback to this log
+                if group is not None:  # every rank meets a bad request alike; anything else leaves them waiting
+                    lost = (group.finish(refs) if isinstance(e, MagicAnimateError)
+                            else f"rank 0 stopped mid-job ({type(e).__name__})")
                 done = {"kind": "failed", "error": failure_line(e, files)}
             put(done)
+            if lost is not None:  # still holding the pipeline: the next job waits for the new group
+                log.warning("replica %s: %s; starting its ranks again", self.replica, lost)
+                try:
+                    group.rebuild()
+                    self.pipe = group.pipe
+                except Exception as e:  # noqa: BLE001 - the health check now fails and Serve replaces us
+                    self.pipe = None
+                    self.broken = f"{self.replica} could not start its ranks again: {failure_line(e, files)}"
+                    log.error("%s", self.broken)
 
     async def animate(self, job: dict):
         """Yield ``{"kind": "replica"}`` (who runs it), then the job's progress events, then one
-        of ``done`` (timings, video and grid bytes), ``failed`` (the client's line) or
-        ``cancelled``."""
+        of ``done`` (timings, video and grid bytes), ``failed`` (the client's line),
+        ``cancelled`` or ``lost`` (a rank of the split died: the ingress runs the job again)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -231,7 +432,7 @@ class AnimationWorker:
             while True:
                 event = await events.get()
                 yield event
-                if event["kind"] in ("done", "failed", "cancelled"):
+                if event["kind"] in ("done", "failed", "cancelled", "lost"):
                     return
         finally:
             # the call ended: normally after the last event; else the ingress cancelled it
@@ -245,6 +446,10 @@ class AnimationWorker:
 
 
 # --------------------------------------------------------------------------- the ingress side
+class _RankLost(Exception):
+    """A replica's rank group lost a process during the job (the replica lives on)."""
+
+
 class RayExecutor:
     """JobManager's executor on Ray: one worker slot per replica; each job goes to the worker
     deployment through ``handle`` and its events and results come back here."""
@@ -290,12 +495,14 @@ class RayExecutor:
                         raise JobFailed(event["error"])
                     elif kind == "cancelled":
                         raise JobCancelled()
+                    elif kind == "lost":
+                        raise _RankLost(f"{replica} lost a rank of its clip split ({event['error']})")
                 raise RayError(f"{replica} ended the job's stream without a result")
             except JobCancelled:
                 call.cancel()  # the replica stops at its next step boundary
                 raise
-            except RayError as e:
-                why = f"{replica} stopped during the job ({type(e).__name__})"
+            except (RayError, _RankLost) as e:
+                why = str(e) if isinstance(e, _RankLost) else f"{replica} stopped during the job ({type(e).__name__})"
                 if attempt == 2:
                     raise JobFailed(f"the job was tried twice and its worker replica stopped both times; last: "
                                     f"{why}") from None
@@ -333,13 +540,19 @@ class Ingress:
 
 def build_app(settings: ServeSettings, options: RayOptions):
     """The Serve application: the worker deployment, ``options.replicas`` wide (or
-    autoscaled between ``min_replicas`` and ``max_replicas``), bound into the ingress."""
+    autoscaled between ``min_replicas`` and ``max_replicas``; each replica a placement
+    group of ``ranks_per_replica`` bundles when it splits clips), bound into the ingress."""
     settings = absolute(settings)
     width = ({"autoscaling_config": options.autoscaling_config()} if options.autoscaling
              else {"num_replicas": options.replicas})
-    worker = AnimationWorker.options(
-        **width, ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
-    ).bind(settings, options.device)
+    if options.ranks_per_replica > 1:  # one bundle per rank on one host; the replica (rank 0) takes the first
+        width.update(placement_group_bundles=options.bundles(), placement_group_strategy="STRICT_PACK")
+        worker = AnimationWorker.options(**width, ray_actor_options=options.rank_resources()).bind(
+            settings, options.device, options.ranks_per_replica, options.rank_resources())
+    else:
+        worker = AnimationWorker.options(
+            **width, ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
+        ).bind(settings, options.device)
     return Ingress.options(graceful_shutdown_timeout_s=settings.shutdown_grace_s + 30).bind(settings, worker,
                                                                                           options.slots)
 
@@ -349,7 +562,7 @@ SETTING_ARGS = {"models": Path, "engines": Path, "backend": str, "dtype": str, "
                 "max_upload_mb": float, "max_frames": int, "max_steps": int, "max_side": int, "keep_hours": float,
                 "shutdown_grace_s": float, "examples_dir": Path, "api_key_file": Path, "gpu_memory_gb": float}
 OPTION_ARGS = {"replicas": int, "gpus_per_replica": float, "cpus_per_replica": float, "min_replicas": int,
-               "max_replicas": int, "upscale_delay_s": float, "downscale_delay_s": float}
+               "max_replicas": int, "upscale_delay_s": float, "downscale_delay_s": float, "ranks_per_replica": int}
 
 
 def app(args: dict):
@@ -382,9 +595,14 @@ def serve_on_ray(settings: ServeSettings, options: RayOptions, log_level: str = 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
     init: dict[str, Any] = {"address": options.address, "logging_level": logging.WARNING}
-    if options.address is None:  # a local cluster for this command only
-        init.update(include_dashboard=False)
-    ray.init(**init)
+    if options.address is None:  # a local cluster for this command only; its dashboard on loopback, where
+        # `serve status` and `serve shutdown` reach it (Ray's own services listen on the host's address)
+        init.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=options.dashboard_port)
+    try:
+        ray.init(**init)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        print(f"magicanimate-rt: error: Ray did not start: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -392,12 +610,21 @@ def serve_on_ray(settings: ServeSettings, options: RayOptions, log_level: str = 
         logs = {"log_level": log_level.upper()}  # Serve's own and the replicas' (access lines are INFO)
         serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logs)
         serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/", logging_config=logs)
+        # a local cluster has Ray's token authentication on (the token in ~/.ray/auth_token);
+        # the serve CLI in another shell uses it only when told
+        token = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
+        stop_with = (f"; stop with Ctrl-C or `{token}serve shutdown -y -a http://127.0.0.1:{options.dashboard_port}`"
+                     if options.address is None else "")
         print(f"magicanimate-rt serve --ray: http://{settings.host}:{settings.port}/ (API docs at /docs); "
               f"{options.describe()}, {options.gpus_per_replica:g} GPU(s) each; data in "
-              f"{Path(settings.data_dir).resolve()}", file=sys.stderr, flush=True)
+              f"{Path(settings.data_dir).resolve()}{stop_with}", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
-            if APP_NAME not in serve.status().applications:  # `serve shutdown` elsewhere
-                print("magicanimate-rt: the Serve application was shut down", file=sys.stderr)
+            try:
+                gone = APP_NAME not in serve.status().applications
+            except RayError:  # `serve shutdown` stops Serve's controller too
+                gone = True
+            if gone:  # `serve shutdown` (or `serve delete`) from another shell
+                print("magicanimate-rt: the Serve application was shut down", file=sys.stderr, flush=True)
                 return 0
         serve.shutdown()
         return 0
