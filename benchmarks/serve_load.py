@@ -2,7 +2,8 @@
 
     python -m benchmarks.serve_load [--clients 8] [--jobs 3] [--max-queue 4] [--devices cpu]
                                     [--steps 2] [--frames 16] [--size 128] [--deadline 900]
-                                    [--overhead-runs 5] [--ray [--replicas 1] [--cpus-per-replica 2]]
+                                    [--overhead-runs 5] [--ray [--replicas 1] [--cpus-per-replica 2]
+                                                             [--ranks-per-replica 1]]
 
 1. Overhead: the same tiny job (the sample photo + motion, ``--size``, ``--frames``,
    ``--steps``) through the Python API in this process (``render.animate_to_files`` from
@@ -18,7 +19,9 @@
 With ``--ray`` the server is ``magicanimate-rt serve --ray`` (a local Ray cluster, an ingress
 and ``--replicas`` worker replicas, README "A fleet on Ray Serve"), and the server's memory
 is that of its whole process tree (the driver, Ray's GCS and raylet, the Serve controller,
-proxy, ingress and replicas); the report goes to ``...-serve-ray/``.
+proxy, ingress and replicas); the report goes to ``...-serve-ray/``. ``--ranks-per-replica
+K`` splits each clip over K processes per replica (each with ``--cpus-per-replica / K``
+CPUs); the report then goes to ``...-serve-ray-split<K>/``.
 
 The report (serve_load.json, serve_load.md, serve_load.png) goes to
 ``benchmarks/results/<date>-<machine>-serve/``. The server runs the tiny random model set;
@@ -82,14 +85,18 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def start_server(models: Path, data: Path, extra: list[str], ready_timeout: float = 180):
+def free_port() -> int:
     import socket
-
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(models: Path, data: Path, extra: list[str], ready_timeout: float = 180):
+    import httpx
+
+    port = free_port()
     log = open(data.parent / "server.log", "wb")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "magicanimate_rt.cli", "serve", "--models", str(models),
@@ -281,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--replicas", type=int, default=1, help="with --ray: worker replicas")
     p.add_argument("--cpus-per-replica", type=float, default=2,
                    help="with --ray: CPUs each replica reserves, its torch threads (default 2: as one process here)")
+    p.add_argument("--ranks-per-replica", type=int, default=1,
+                   help="with --ray: split each clip over K processes of a replica (its CPUs shared out)")
     a = p.parse_args(argv)
 
     from magicanimate_rt.demo import demo_models
@@ -295,7 +304,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     if a.ray:
         extra = ["--ray", "--replicas", str(a.replicas), "--cpus-per-replica", f"{a.cpus_per_replica:g}",
-                 "--max-queue", str(a.max_queue)]
+                 "--ranks-per-replica", str(a.ranks_per_replica), "--max-queue", str(a.max_queue),
+                 "--dashboard-port", str(free_port())]
     else:
         extra = ["--devices", a.devices, "--max-queue", str(a.max_queue)]
     proc, client, log = start_server(models, work / "data", extra, ready_timeout=300 if a.ray else 180)
@@ -318,7 +328,8 @@ def main(argv=None) -> int:
             "size": a.size, "frames": a.frames, "steps": a.steps, "server_exit": rc,
             "server": "magicanimate-rt serve " + " ".join(extra),
             "command": "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = a.out or ROOT / "benchmarks" / "results" / f"{meta['date']}-{machine}-serve{'-ray' if a.ray else ''}"
+    kind = ("-ray" + (f"-split{a.ranks_per_replica}" if a.ranks_per_replica > 1 else "")) if a.ray else ""
+    out = a.out or ROOT / "benchmarks" / "results" / f"{meta['date']}-{machine}-serve{kind}"
     write_report(out, {"meta": meta, "overhead": overhead, "load": load})
     shutil.rmtree(work, ignore_errors=True)
     print(out)
