@@ -62,7 +62,7 @@ def worker(a) -> None:
 
 
 # --------------------------------------------------------------------------- the launcher
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,7 +71,7 @@ def _free_port() -> int:
 def run_processes(n: int, models: Path, size: int, frames: int, steps: int, threads: int,
                   timeout_s: float = 3600) -> dict:
     """``n`` ranks of :func:`worker` on this machine; rank 0's report."""
-    port = str(_free_port())
+    port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     args = [sys.executable, "-m", "benchmarks.scaling", "--worker", "--models", str(models), "--size", str(size),
             "--frames", str(frames), "--steps", str(steps), "--threads", str(threads)]

@@ -85,16 +85,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(models: Path, data: Path, extra: list[str], ready_timeout: float = 180):
     import httpx
+
+    from .scaling import free_port
 
     port = free_port()
     log = open(data.parent / "server.log", "wb")
@@ -294,6 +288,7 @@ def main(argv=None) -> int:
 
     from magicanimate_rt.demo import demo_models
 
+    from .scaling import free_port
     from .run import machine_name
 
     source = SAMPLES / "source_image" / "multi1_source.png"

@@ -351,19 +351,21 @@ class AnimationWorker:
 
         t0 = time.perf_counter()
         self.device = device
-        self.group = None
         self.broken: Optional[str] = None  # why this replica cannot run jobs (Serve then replaces it)
-        if ranks > 1:
-            self.group = _RankGroup(settings, device, ranks, rank_resources or {}, timeout_from_env())
-            self.pipe = self.group.pipe
-        else:
-            self.pipe = load_pipeline(settings, device)
+        self.group = (_RankGroup(settings, device, ranks, rank_resources or {}, timeout_from_env()) if ranks > 1
+                      else None)
+        self._pipe = load_pipeline(settings, device) if self.group is None else None
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         # a cancelled job's thread runs to its next step boundary after the call has ended;
         # the next job's thread waits for it here rather than share the pipeline
         self._busy = threading.Lock()
         log.info("replica %s loaded its models on %s in %.1f s%s", self.replica, device, time.perf_counter() - t0,
                  f" ({ranks} ranks)" if ranks > 1 else "")
+
+    @property
+    def pipe(self):
+        """The warm pipeline: this process's own, or rank 0's of the group (rebuilt after a lost rank)."""
+        return self.group.pipe if self.group is not None else self._pipe
 
     def info(self) -> dict:
         import torch
@@ -409,9 +411,7 @@ class AnimationWorker:
                 log.warning("replica %s: %s; starting its ranks again", self.replica, lost)
                 try:
                     group.rebuild()
-                    self.pipe = group.pipe
                 except Exception as e:  # noqa: BLE001 - the health check now fails and Serve replaces us
-                    self.pipe = None
                     self.broken = f"{self.replica} could not start its ranks again: {failure_line(e, files)}"
                     log.error("%s", self.broken)
 
@@ -440,7 +440,8 @@ class AnimationWorker:
             cancel.set()
 
     def __del__(self):
-        pipe = getattr(self, "pipe", None)
+        group = getattr(self, "group", None)  # (a failed __init__ may have set neither)
+        pipe = group.pipe if group is not None else getattr(self, "_pipe", None)
         if pipe is not None:
             pipe.close()
 
@@ -547,12 +548,9 @@ def build_app(settings: ServeSettings, options: RayOptions):
              else {"num_replicas": options.replicas})
     if options.ranks_per_replica > 1:  # one bundle per rank on one host; the replica (rank 0) takes the first
         width.update(placement_group_bundles=options.bundles(), placement_group_strategy="STRICT_PACK")
-        worker = AnimationWorker.options(**width, ray_actor_options=options.rank_resources()).bind(
-            settings, options.device, options.ranks_per_replica, options.rank_resources())
-    else:
-        worker = AnimationWorker.options(
-            **width, ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
-        ).bind(settings, options.device)
+    per_rank = options.rank_resources()  # with one rank: the replica's whole reservation
+    worker = AnimationWorker.options(**width, ray_actor_options=per_rank).bind(
+        settings, options.device, options.ranks_per_replica, per_rank)
     return Ingress.options(graceful_shutdown_timeout_s=settings.shutdown_grace_s + 30).bind(settings, worker,
                                                                                           options.slots)
 
