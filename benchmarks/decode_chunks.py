@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VAE decode time and peak working memory against the decode chunk (frames per call).
 
-    python benchmarks/decode_chunks.py [--vae-config PATH] [--size 512 | --width W --height H] [--frames 16]
+    python -m benchmarks.decode_chunks [--vae-config PATH] [--size 512 | --width W --height H] [--frames 16]
                                        [--chunks 1,2,4,8,16] [--device cuda] [--repeats 5]
                                        [--cudnn-benchmark both|on|off] [--out FILE.json]
 
@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run as a file, Python puts benchmarks/ first on sys.path, where a module of ours would shadow an
+# installed package of the same name (issue 25: diffusers imports `kernels`). Put the checkout there
+# instead: only `benchmarks.<name>` reaches our modules, as under `python -m benchmarks.<script>`.
+if __package__ in (None, ""):
+    sys.path[0] = str(ROOT)
 
 import torch  # noqa: E402
 

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from magicanimate_rt.runtime.pipeline import PipelineOptions
 
     from .modelsets import DEFAULT_SIZES, model_set
-    from .run import machine_name
+    from .runtime_bench import machine_name
 
     size = a.size or DEFAULT_SIZES["cpu"][a.config]
     source, driving = demo.source_image(size), demo.driving_clip(a.frames, size)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One command for a GPU machine: is every GPU backend right, and how fast is it?
 
-    python benchmarks/gpu_check.py --out DIR [--quick] [--dry-run] [--shared DIR] [--cache DIR]
+    python -m benchmarks.gpu_check --out DIR [--quick] [--dry-run] [--shared DIR] [--cache DIR]
                                    [--budget-s S] [--sd15-engines DIR | --build-sd15-engines]
 
 Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (also printed). Needs torch, numpy
@@ -57,8 +57,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
+# Run as a file, Python puts benchmarks/ first on sys.path, where a module of ours would shadow an
+# installed package of the same name (issue 25: diffusers imports `kernels`). Put the checkout there
+# instead: only `benchmarks.<name>` reaches our modules, as under `python -m benchmarks.<script>`.
+if __package__ in (None, ""):
+    sys.path[0] = str(ROOT)
 
 #: relative L2 error of the final latents against case_c.npz that passes (fp16: 1e-2, the
 #: ONNX Runtime fp16 engines' bound on the CPU; fp32 on CUDA: TF32 convolutions)
@@ -710,11 +713,11 @@ def memory_factors(c: Check, setup: Setup, models) -> None:
 
 def kernel_profile(c: Check, setup: Setup, models, inputs) -> None:
     """Where a 1-step 16-frame request's device time goes, by kernel class
-    (``benchmarks/kernels.py``: GEMM/conv, attention, norm, elementwise, copies)."""
+    (``benchmarks/attention_kernels.py``: GEMM/conv, attention, norm, elementwise, copies)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.kernels import profile_classes
+    from benchmarks.attention_kernels import profile_classes
     from magicanimate_rt import AnimationPipeline
     from magicanimate_rt.runtime.backends.torch_backend import TorchStages
     from magicanimate_rt.runtime.pipeline import PipelineOptions
@@ -739,7 +742,7 @@ def sdpa_backends(c: Check, setup: Setup, models) -> None:
     time and error against the math backend, and the fastest exact one."""
     import torch
 
-    from benchmarks.kernels import attention_shapes, pick_fastest_exact, time_sdpa_backends
+    from benchmarks.attention_kernels import attention_shapes, pick_fastest_exact, time_sdpa_backends
 
     dtype = models.unet.conv_in.weight.dtype
     for shape in attention_shapes(models.unet.config, setup.size, setup.size):

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .memory import _status_kib
+from .peak_memory import _status_kib
 
 #: the bound docs/PERFORMANCE.md states for the tiny model set at 128 px
 MIB_PER_FRAME_BOUND = 1.0

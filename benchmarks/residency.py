@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run as a file, Python puts benchmarks/ first on sys.path, where a module of ours would shadow an
+# installed package of the same name (issue 25: diffusers imports `kernels`). Put the checkout there
+# instead: only `benchmarks.<name>` reaches our modules, as under `python -m benchmarks.<script>`.
+if __package__ in (None, ""):
+    sys.path[0] = str(ROOT)
 
 
 def meta_stages(preset: str = "sd15", device: str = "cuda", dtype: str = "float16"):

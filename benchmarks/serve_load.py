@@ -88,7 +88,7 @@ def tree_rss(pid: int) -> int:
 def start_server(models: Path, data: Path, extra: list[str], ready_timeout: float = 180):
     import httpx
 
-    from .scaling import free_port
+    from .window_scaling import free_port
 
     port = free_port()
     log = open(data.parent / "server.log", "wb")
@@ -288,8 +288,8 @@ def main(argv=None) -> int:
 
     from magicanimate_rt.demo import demo_models
 
-    from .scaling import free_port
-    from .run import machine_name
+    from .window_scaling import free_port
+    from .runtime_bench import machine_name
 
     source = SAMPLES / "source_image" / "multi1_source.png"
     driving = SAMPLES / "driving" / "running.mp4"

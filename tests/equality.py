@@ -87,9 +87,9 @@ def assert_same(got, want, tol: float, what: str = "") -> float:
 # --------------------------------------------------------------------------- counting the work
 def flops(fn, *args, **kwargs) -> tuple[object, int]:
     """(fn(*args, **kwargs), FLOPs it took) by torch's FlopCounterMode: matrix multiplies,
-    convolutions and attention, 2 per multiply-add (benchmarks/flops.py's mapping for the
+    convolutions and attention, 2 per multiply-add (benchmarks/flop_count.py's mapping for the
     CPU attention kernel)."""
-    from benchmarks.flops import CUSTOM
+    from benchmarks.flop_count import CUSTOM
 
     counter = FlopCounterMode(display=False, custom_mapping=CUSTOM)
     with counter:

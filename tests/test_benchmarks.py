@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from benchmarks import report as rep
-from benchmarks.flops import CountingStages
-from benchmarks.run import write_report
+from benchmarks import bench_report as rep
+from benchmarks.flop_count import CountingStages
+from benchmarks.runtime_bench import write_report
 from magicanimate_rt.runtime.stages import Capabilities, Stages
 
 
@@ -126,7 +126,7 @@ def test_decode_chunks_script_measures_every_chunk(shared_dir, tmp_path):
 
 # --------------------------------------------------------------------------- scaling
 def test_scaling_benchmark_times_the_gather_on_two_processes(tiny_models):
-    from benchmarks.scaling import run_processes, summarise
+    from benchmarks.window_scaling import run_processes, summarise
 
     rows = [summarise(run_processes(n, tiny_models, size=64, frames=28, steps=1, threads=1, timeout_s=300), 1)
             for n in (1, 2)]
@@ -136,7 +136,7 @@ def test_scaling_benchmark_times_the_gather_on_two_processes(tiny_models):
 
 
 def test_cost_model_counts_windows_and_stops_where_they_run_out():
-    from benchmarks.scaling import H200_SD15, predict, windows_of
+    from benchmarks.window_scaling import H200_SD15, predict, windows_of
 
     assert [windows_of(f) for f in (1, 16, 17, 64, 256)] == [1, 1, 3, 6, 22]
     one = predict(64, 1)
@@ -149,3 +149,20 @@ def test_cost_model_counts_windows_and_stops_where_they_run_out():
     assert eight["step_s"] >= six["step_s"] - 1e-9
     # the step never drops below one window plus the replicated appearance encoder
     assert eight["step_s"] > H200_SD15["window_s"] + H200_SD15["appearance_s"]
+
+
+# --------------------------------------------------------------------------- module names
+def test_no_benchmark_module_shares_a_name_with_an_installed_package():
+    """Issue 25: benchmarks/kernels.py shadowed PyPI's `kernels` (which diffusers probes for) when a
+    script put benchmarks/ on sys.path. Every module here must have a name that neither the standard
+    library nor anything installed in this environment takes (checked with benchmarks/ off sys.path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert str(here) not in sys.path
+    names = sorted(p.stem for p in here.glob("*.py") if p.stem != "__init__")
+    assert "gpu_check" in names and "attention_kernels" in names
+    taken = [n for n in names if n in sys.stdlib_module_names or importlib.util.find_spec(n) is not None]
+    assert taken == [], f"rename these benchmarks/ modules, an installed package or the stdlib has the name: {taken}"

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py on the CPU: the representative attention shapes, the SDPA backend
+"""benchmarks/attention_kernels.py on the CPU: the representative attention shapes, the SDPA backend
 table (errors and reasons, not speed), the kernel-name classes, and a real CPU profile
 summed per class."""
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.kernels import (
+from benchmarks.attention_kernels import (
     CLASSES, AttentionShape, attention_shapes, kernel_class, pick_fastest_exact, profile_classes,
     time_sdpa_backends,
 )

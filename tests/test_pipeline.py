@@ -157,7 +157,7 @@ def test_original_schedule_is_the_same_function(shared_dir, case_c):
     per-frame VAE decode, no reference cache) gives the same result, doing the original's
     extra work. float64, one DDIM step at t = 501 (equality.STEP_TOL: the update rounds to
     float32; the eps it gets differ by float64 rounding only)."""
-    from benchmarks.flops import CountingStages as FlopCounting
+    from benchmarks.flop_count import CountingStages as FlopCounting
 
     from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchStages
     from magicanimate_rt.runtime.ddim import DDIMSettings

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .flops import STAGE_OF, RoutedStages
+from .flop_count import STAGE_OF, RoutedStages
 
 #: operator-name fragments -> kind of work (first match wins)
 KINDS = (

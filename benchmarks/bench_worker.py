@@ -1,16 +1,16 @@
 """One benchmark process: loads one model set and measures requests on it.
 
-Run by :mod:`benchmarks.run` in a fresh subprocess per job, so that each job's memory is
-its own: ``python -m benchmarks.worker SPEC.json OUT.json``. Jobs:
+Run by :mod:`benchmarks.runtime_bench` in a fresh subprocess per job, so that each job's memory is
+its own: ``python -m benchmarks.bench_worker SPEC.json OUT.json``. Jobs:
 
 - "timing": every variant of the spec on one loaded model set (the torch variants share
   the weights). Warm-up: one request per variant, through
-  :class:`~benchmarks.flops.CountingStages` (its FLOPs and calls per stage). Then
+  :class:`~benchmarks.flop_count.CountingStages` (its FLOPs and calls per stage). Then
   ``repeats`` rounds, each running every variant once in the same order (ABAB...), each
   request timed per stage and end to end, with its peak memory.
 - "memory": one variant, one request: its peak memory in a process that holds nothing
   else (frame-count sweeps).
-- "profile": one request of each variant under torch.profiler (benchmarks/profiling.py).
+- "profile": one request of each variant under torch.profiler (benchmarks/op_profile.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from magicanimate_rt.models import load_model_set
 from magicanimate_rt.runtime.backends.torch_backend import TorchStages
 from magicanimate_rt.runtime.dtypes import float_torch_dtype
 
-from . import memory
-from .flops import CountingStages
-from .report import spec_shape
-from .variants import BY_KEY, Variant, onnxruntime_variant, torch_options_on
+from . import peak_memory as memory
+from .flop_count import CountingStages
+from .bench_report import spec_shape
+from .bench_variants import BY_KEY, Variant, onnxruntime_variant, torch_options_on
 
 
 def inputs(spec):
@@ -148,7 +148,7 @@ def run_memory(spec) -> dict:
 
 
 def run_profile(spec) -> dict:
-    from .profiling import profile_request
+    from .op_profile import profile_request
 
     device, dtype = torch.device(spec["device"]), float_torch_dtype(spec["dtype"])
     models = load_model_set(spec["models_dir"], device=device, dtype=dtype)

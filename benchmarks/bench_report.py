@@ -96,7 +96,7 @@ def _ratio(x) -> str:
 
 def peak_label(report: dict) -> str:
     """What the peak-memory numbers are: the process's RSS on the CPU, allocated device
-    memory on CUDA (benchmarks/memory.py)."""
+    memory on CUDA (benchmarks/peak_memory.py)."""
     return "peak CUDA allocated" if str(report["environment"]["device"]).startswith("cuda") else "peak RSS"
 
 

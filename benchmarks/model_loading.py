@@ -1,6 +1,6 @@
 """Loading a model set: seconds and peak host memory, cold and warm page cache.
 
-    python -m benchmarks.load [--models DIR] [--runs cpu,fake-cuda] [--cache cold,warm]
+    python -m benchmarks.model_loading [--models DIR] [--runs cpu,fake-cuda] [--cache cold,warm]
                               [--loader PATH] [--out FILE.json]
 
 By default the model set is the SD 1.5-size random set (``benchmarks/modelsets.py``) with
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .memory import _status_kib
+from .peak_memory import _status_kib
 
 TARGET_CPU_RATIO = 1.15
 TARGET_HOST_EXTRA_GIB = 2.0
@@ -156,7 +156,7 @@ def measure(models: Path, run: str, cache: str, loader: Optional[str] = None) ->
     """One load in a fresh process (after evicting the set for ``cache == "cold"``)."""
     how = evict(models) if cache == "cold" else "as left by the previous run"
     spec = {"models": str(models), "run": run, "loader": loader}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.load", "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.model_loading", "--child", json.dumps(spec)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"{run} load failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(child(json.loads(argv[1]))))
         return 0
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.model_loading", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, default=None,
                    help="model set (default: the sd15 random set with a full-UNet motion checkpoint)")
     p.add_argument("--runs", default="cpu,fake-cuda", help=f"comma list of {', '.join(RUNS)} (default cpu,fake-cuda)")

@@ -1,11 +1,11 @@
 """Benchmark the runtime: the reference schedule against the default runtime, every exact
 saving alone, per stage and end to end, with FLOP counts, peak memory and charts.
 
-    python -m benchmarks.run --config tiny,mid --frames 32 --steps 3 --repeats 3 \\
+    python -m benchmarks.runtime_bench --config tiny,mid --frames 32 --steps 3 --repeats 3 \\
         [--backends torch,onnxruntime --engines mid=ENGINE_DIR] [--out DIR] [--update-docs]
-    python -m benchmarks.run --config sd15 --width 512 --height 768 ...   # a portrait row
+    python -m benchmarks.runtime_bench --config sd15 --width 512 --height 768 ...   # a portrait row
 
-Each config runs in fresh subprocesses (benchmarks/worker.py): one for the timings of all
+Each config runs in fresh subprocesses (benchmarks/bench_worker.py): one for the timings of all
 variants (one warm-up each, then ``repeats`` rounds in the same order: ABAB...), one per
 point of the memory-versus-frames sweep, one for the profile. The report goes to
 ``<out>/<date>-<machine>/`` (report.json, report.md, *.png), written into a temporary
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from . import report as rep
+from . import bench_report as rep
 from .modelsets import CONFIGS, DEFAULT_SIZES, model_set
-from .variants import ABLATION, BY_KEY, DEFAULT_WARM
+from .bench_variants import ABLATION, BY_KEY, DEFAULT_WARM
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "PERFORMANCE.md"
@@ -55,7 +55,7 @@ def machine_name(device: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.runtime_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny,mid", help=f"comma list of {', '.join(CONFIGS)} (default tiny,mid)")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
@@ -92,7 +92,7 @@ def run_job(spec: dict, work: Path) -> dict:
     name = f"{spec['config']}-{spec['job']}-{len(list(work.iterdir()))}"
     spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_worker", str(spec_path), str(out_path)], cwd=ROOT, check=True)
     return json.loads(out_path.read_text())
 
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     machine = machine_name(device)
     name = a.name or f"{_dt.date.today().isoformat()}-{machine}"
-    report = {"name": name, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"name": name, "command": "python -m benchmarks.runtime_bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "environment": {"machine": machine, "device": device, "dtype": dtype, "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "cores": os.cpu_count(),
                               "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds")},

@@ -1,7 +1,7 @@
 """Strong scaling of one clip across processes (the torch.distributed window split), and a
 cost model for GPUs.
 
-    python -m benchmarks.scaling --config mid --frames 64 --steps 2 --processes 1,2 [--threads 1]
+    python -m benchmarks.window_scaling --config mid --frames 64 --steps 2 --processes 1,2 [--threads 1]
 
 Each process count runs the same request in fresh processes with one thread each (an
 env:// rendezvous on 127.0.0.1, gloo), after one warm-up request in the same processes;
@@ -73,7 +73,7 @@ def run_processes(n: int, models: Path, size: int, frames: int, steps: int, thre
     """``n`` ranks of :func:`worker` on this machine; rank 0's report."""
     port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    args = [sys.executable, "-m", "benchmarks.scaling", "--worker", "--models", str(models), "--size", str(size),
+    args = [sys.executable, "-m", "benchmarks.window_scaling", "--worker", "--models", str(models), "--size", str(size),
             "--frames", str(frames), "--steps", str(steps), "--threads", str(threads)]
     procs = []
     for r in range(n):
@@ -203,7 +203,7 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.window_scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--models", type=Path, default=None, help="model directory (default: the config's random set)")
     p.add_argument("--config", default="mid")
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from .run import machine_name
+    from .runtime_bench import machine_name
 
     models = a.models or model_set(a.config)
     rows = []
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     out = a.out or ROOT / "benchmarks" / "results" / f"{_dt.date.today().isoformat()}-{machine}-scaling"
     meta = {"config": a.config, "size": a.size, "frames": a.frames, "steps": a.steps, "threads": a.threads,
             "machine": machine, "torch": torch.__version__,
-            "command": "python -m benchmarks.scaling " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m benchmarks.window_scaling " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(write_report(out, rows, meta))
     return 0
 
