@@ -47,7 +47,8 @@ def split(tiny_models, tmp_path_factory):
     data.mkdir()
     dash = free_port()
     server = ServerProcess(tiny_models, data, "--ray", "--ranks-per-replica", "2", "--cpus-per-replica", "2",
-                           "--dashboard-port", str(dash), "--max-queue", "2", "--max-side", "512")
+                           "--dashboard-port", str(dash), "--max-queue", "2", "--max-side", "512",
+                           "--dtype", "float64")  # see test_a_split_replica_serves_the_single_process_video
     server.dashboard = f"http://127.0.0.1:{dash}"
     try:
         server.wait_ready(timeout=240)
@@ -102,14 +103,18 @@ def test_a_split_replica_serves_the_single_process_video(split, samples, tiny_mo
     assert t["ranks"] == 2 and t["attempts"] == 1 and t["gather"] > 0, t  # the windows' predictions were gathered
     served = split.client.get(st["video_url"]).content
 
-    # one process, one torch thread as each rank has (Ray sets OMP_NUM_THREADS to the
-    # rank's one CPU): the split adds the same predictions in the same order, so the
-    # frames agree to 1/255 and their H.264 to 2 (as tests/test_distributed.py)
+    # one process against the split, both in float64 (issue 25): in float32 the tiny random set
+    # amplifies a few ulps of reordering ~1e3..1e4 (README "What the tolerances mean"), and the two
+    # sides batch differently whatever we pin (the ranks decode their own frames, in chunks the
+    # automatic plan sizes; Ray, not us, sets each rank's threads), so a fresh AMD machine saw
+    # 43/255 between them. In float64 the same reorderings move frames by ~1e-9 of a level: the
+    # frames agree up to a rounding flip (1/255), and their H.264 to 2, as tests/test_distributed.py
     out = tmp_path / "one.mp4"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "magicanimate_rt.cli", "animate", "--models", str(tiny_models),
                            "--source", str(samples["source"]), "--driving", str(samples["driving"]), "--output",
-                           str(out), "--size", str(SIZE), "--steps", "3", "--max-frames", str(FRAMES), "--seed", "3"],
+                           str(out), "--size", str(SIZE), "--steps", "3", "--max-frames", str(FRAMES), "--seed", "3",
+                           "--dtype", "float64"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     a, b = decode_mp4(served, tmp_path / "a.mp4"), decode_mp4(out.read_bytes(), tmp_path / "b.mp4")
