@@ -167,63 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="the HTTP service: warm models, a job queue, progress events and a web page "
                                      "(README 'Serving'; needs pip install -e \".[serve]\")")
-    m = v.add_argument_group("models")
-    m.add_argument("--models", type=Path, help="model directory in the real layout (README 'Weights')")
-    m.add_argument("--engines", type=Path, help="engine directory from build_engines.py (instead of --models)")
-    m.add_argument("--backend", default=None, help="torch (default with --models) or onnxruntime (with --engines)")
-    m.add_argument("--device", default=None, help="cpu (default) or cuda[:N]: one worker (with --ray: cpu or cuda, "
-                                                  "the replicas' device)")
-    m.add_argument("--devices", default=None, help="one worker per device, comma-separated (e.g. cuda:0,cuda:1 "
-                                                    "or cpu,cpu); overrides --device")
-    m.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
-    m.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
-                   help="device memory each worker's requests may use, weights included (default: what the device "
-                        "has)")
-    n = v.add_argument_group("network")
-    n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
-                                                        "--api-key-file)")
-    n.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    n.add_argument("--api-key-file", type=Path, default=None,
-                   help="file whose first line is the key every request but /healthz and the page must send as "
-                        "'Authorization: Bearer <key>'")
-    lim = v.add_argument_group("storage and limits")
-    lim.add_argument("--data-dir", type=Path, default=Path("magicanimate-data"),
-                     help="uploads, the SQLite job store and results (default ./magicanimate-data)")
-    lim.add_argument("--max-queue", type=_positive_int, default=16, help="jobs that may wait (default 16); more get 429")
-    lim.add_argument("--max-upload-mb", type=float, default=200.0, help="largest request body in MiB (default 200)")
-    lim.add_argument("--max-frames", type=_positive_int, default=1024, help="driving frames a job may use (default 1024)")
-    lim.add_argument("--max-steps", type=_positive_int, default=100, help="largest steps a job may ask for (default 100)")
-    lim.add_argument("--max-side", type=_positive_int, default=1024,
-                     help="largest output width or height in px (default 1024)")
-    lim.add_argument("--keep-hours", type=float, default=24.0,
-                     help="finished jobs and their videos are deleted after this many hours (default 24)")
-    lim.add_argument("--shutdown-grace", type=float, default=0.0,
-                     help="on SIGTERM, seconds running jobs may go on before they are cancelled (default 0)")
-    lim.add_argument("--examples-dir", type=Path, default=None,
-                     help="images and videos the page offers as examples, besides the built-in one")
-    lim.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    r = v.add_argument_group("a fleet on Ray Serve (README 'A fleet on Ray Serve'; needs pip install -e \".[ray]\")")
-    r.add_argument("--ray", action="store_true",
-                   help="run as a Ray Serve app: one ingress (this API, the queue, the store) and --replicas worker "
-                        "replicas, each one warm pipeline")
-    r.add_argument("--address", default=None,
-                   help="the Ray cluster to join (auto: the one `ray start` runs on this host; default: start a "
-                        "local one)")
-    r.add_argument("--replicas", type=int, default=None, help="worker replicas, one job at a time each (default 1)")
-    r.add_argument("--min-replicas", type=int, default=None,
-                   help="with --max-replicas instead of --replicas: Serve's autoscaler keeps between these many "
-                        "(one more while jobs wait, one fewer after 5 minutes idle; 0 frees every GPU when idle)")
-    r.add_argument("--max-replicas", type=int, default=None, help="the most replicas the autoscaler starts")
-    r.add_argument("--gpus-per-replica", type=float, default=None,
-                   help="GPUs each replica reserves (default 1 with --device cuda, else 0)")
-    r.add_argument("--cpus-per-replica", type=float, default=None,
-                   help="CPUs each replica reserves (default 1, or 1 per rank with --ranks-per-replica)")
-    r.add_argument("--ranks-per-replica", type=int, default=None,
-                   help="split each clip's windows over K processes of one replica, one GPU each, on one host "
-                        "(torch.distributed; README 'Several GPUs'); --gpus-per-replica defaults to K on cuda")
-    r.add_argument("--dashboard-port", type=int, default=None,
-                   help="the local cluster's dashboard port on 127.0.0.1 (default 8265), where `serve status` and "
-                        "`serve shutdown -a http://127.0.0.1:PORT` reach the app")
+    from .serve.settings import add_arguments as add_serve_arguments  # (the one declaration; imports nothing heavy)
+
+    add_serve_arguments(v)
     v.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("warmup", help="compile the torch stages for one request shape and save them in the compile "
@@ -464,30 +410,23 @@ def cmd_serve(args) -> int:
     """Check every flag (one line, exit 2, before binding a port), then serve until SIGTERM."""
     try:
         from .serve.server import serve
-        from .serve.settings import ServeSettings, read_api_key
+        from .serve.settings import RAY, RayOptions, declared, from_given
     except ImportError as e:
         raise InputError(f"serve needs the service's packages ({e.name} is missing): pip install -e \".[serve]\"") \
             from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("serve runs in one process; give it several devices with --devices, not torchrun")
-    ray_flags = (("--address", args.address), ("--replicas", args.replicas),
-                 ("--gpus-per-replica", args.gpus_per_replica), ("--cpus-per-replica", args.cpus_per_replica),
-                 ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas),
-                 ("--ranks-per-replica", args.ranks_per_replica), ("--dashboard-port", args.dashboard_port))
+    given = dict(vars(args))
     if args.ray and args.devices is not None:
         raise InputError("--ray runs one pipeline per replica and Ray places them: give --replicas N (and "
                          "--gpus-per-replica), not --devices")
-    for flag, value in ray_flags:
-        if value is not None and not args.ray:
-            raise InputError(f"{flag} is for a fleet on Ray Serve: add --ray")
-    devices = tuple(d.strip() for d in (args.devices or args.device or "cpu").split(",") if d.strip())
-    settings = ServeSettings(
-        models=args.models, engines=args.engines, backend=args.backend, devices=devices, dtype=args.dtype,
-        gpu_memory_gb=args.gpu_memory_gb, host=args.host, port=args.port, data_dir=args.data_dir, max_queue=args.max_queue,
-        max_upload_bytes=int(args.max_upload_mb * 2**20), max_frames=args.max_frames, max_steps=args.max_steps,
-        max_side=args.max_side, keep_hours=args.keep_hours,
-        api_key=read_api_key(args.api_key_file) if args.api_key_file is not None else None,
-        shutdown_grace_s=args.shutdown_grace, examples_dir=args.examples_dir).check()
+    for _, d in declared(RayOptions):
+        if d.group == RAY and d.flag is not None and given.get(d.key) is not None and not args.ray:
+            raise InputError(f"{d.flag} is for a fleet on Ray Serve: add --ray")
+    if args.devices is None and args.device is not None and not args.ray:
+        given["devices"] = tuple(d.strip() for d in args.device.split(",") if d.strip())
+    settings, ray_options = from_given(given)
+    settings = settings.check()
     if args.models is not None:
         from .models.loading import check_model_set
 
@@ -496,35 +435,25 @@ def cmd_serve(args) -> int:
             print("\n".join(lines), file=sys.stderr)
             raise InputError(f"--models {args.models}: the models would not load (problems above)")
     if args.ray:
-        return _serve_on_ray(args, settings)
+        return _serve_on_ray(args, settings, ray_options)
     return serve(settings, log_level=args.log_level)
 
 
-def _serve_on_ray(args, settings) -> int:
-    """``serve --ray``: the same settings, on a Ray Serve ingress and worker replicas."""
+def _serve_on_ray(args, settings, ray_options: dict) -> int:
+    """``serve --ray``: the same settings, on a Ray Serve ingress and worker replicas (what each
+    replica reserves: ``RayOptions``, as for ``serve run``)."""
     try:
         from .serve.ray_app import RayOptions, serve_on_ray
     except ImportError as e:
         raise InputError(f"serve --ray needs Ray Serve ({e.name} is missing): pip install -e \".[serve,ray]\"") \
             from None
-    device = args.device or "cpu"
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: with --ray give cpu or cuda (Ray gives each replica its own GPUs)")
-    ranks = 1 if args.ranks_per_replica is None else args.ranks_per_replica
-    gpus = (args.gpus_per_replica if args.gpus_per_replica is not None
-            else (float(max(ranks, 1)) if device == "cuda" else 0.0))
-    if (gpus > 0) != (device == "cuda"):
-        raise InputError(f"--gpus-per-replica {gpus:g} does not fit --device {device} (GPUs need --device cuda)")
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
         raise InputError("give either --replicas N (a fixed fleet) or --min-replicas and --max-replicas (autoscaling)")
     if args.dashboard_port is not None and args.address is not None:
         raise InputError("--dashboard-port is for the local cluster serve --ray starts; a joined cluster (--address) "
                          "has its own dashboard")
-    cpus = args.cpus_per_replica if args.cpus_per_replica is not None else float(max(ranks, 1))
-    options = RayOptions(address=args.address, replicas=1 if args.replicas is None else args.replicas,
-                         gpus_per_replica=gpus, cpus_per_replica=cpus, min_replicas=args.min_replicas,
-                         max_replicas=args.max_replicas, ranks_per_replica=ranks,
-                         dashboard_port=8265 if args.dashboard_port is None else args.dashboard_port).check()
+    # the command line's device is cpu unless --device says cuda (GPUs alone do not imply it here)
+    options = RayOptions(**dict(ray_options, device=args.device or "cpu")).check()
     return serve_on_ray(settings, options, log_level=args.log_level)
 
 

@@ -318,3 +318,44 @@ def test_the_documented_config_builds_the_app(tiny_models, tmp_path):
     assert config.placement_group_strategy == "STRICT_PACK"
     with pytest.raises(InputError, match="--ranks-per-replica 4 runs one process per GPU: give --gpus-per-replica 4"):
         app(dict(args, ranks_per_replica=4, gpus_per_replica=1))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_serve_ray_and_serve_run_reserve_the_same_for_the_same_settings(tiny_models, tmp_path, monkeypatch, ranks,
+                                                                          device):
+    # issue 26: the two entry points read one declaration (serve/settings.py) and derive a
+    # replica's reservation in one place (RayOptions); built apps only, no cluster
+    from magicanimate_rt import cli
+    from magicanimate_rt.serve import ray_app
+
+    key = tmp_path / "key"
+    key.write_text("k" * 20 + "\n")
+    seen = {}
+    monkeypatch.setattr(ray_app, "serve_on_ray", lambda settings, options, log_level: seen.update(
+        settings=settings, options=options) or 0)
+    rc = cli.main(["serve", "--ray", "--models", str(tiny_models), "--data-dir", str(tmp_path / "d"),
+                   "--device", device, "--ranks-per-replica", str(ranks), "--max-upload-mb", "1.5",
+                   "--shutdown-grace", "2", "--api-key-file", str(key), "--max-queue", "3"])
+    assert rc == 0
+    from_cli = ray_app.build_app(seen["settings"], seen["options"])
+    from_run = ray_app.app({"models": str(tiny_models), "data_dir": str(tmp_path / "d"), "device": device,
+                            "ranks_per_replica": str(ranks), "max_upload_mb": "1.5", "shutdown_grace_s": 2,
+                            "api_key_file": str(key), "max_queue": "3"})
+
+    def reserved(application):
+        worker = application._bound_deployment.init_args[1]._bound_deployment  # the ingress is bound to the workers
+        config = worker._replica_config
+        return (worker.ray_actor_options, worker.init_args[1:], config.placement_group_bundles,
+                config.placement_group_strategy)
+
+    assert reserved(from_cli) == reserved(from_run)
+    # the numbers themselves: one CPU per rank, and one GPU per rank on cuda
+    per_rank = {"num_cpus": 1.0, "num_gpus": 1.0 if device == "cuda" else 0.0}
+    bundles = [{"CPU": 1.0, **({"GPU": 1.0} if device == "cuda" else {})}] * ranks if ranks > 1 else None
+    assert reserved(from_run)[:3] == (per_rank, (device, ranks, per_rank), bundles)
+    # and the service's own settings (the ingress's) are the same object
+    settings = from_run._bound_deployment.init_args[0]
+    assert settings == from_cli._bound_deployment.init_args[0]
+    assert (settings.max_upload_bytes, settings.shutdown_grace_s, settings.max_queue) == (int(1.5 * 2**20), 2.0, 3)
+    assert settings.api_key == "k" * 20

@@ -109,10 +109,10 @@ def load_pipeline(settings: ServeSettings, device: str, ranks="auto"):
     """One warm pipeline on ``device`` from ``settings``' models or engines (``ranks``: a
     joined process group when the pipeline is one rank of a clip split, as in
     ``AnimationPipeline.from_pretrained``)."""
-    from ..runtime.pipeline import AnimationPipeline, PipelineOptions
+    from ..runtime.pipeline import AnimationPipeline
 
     s = settings
-    options = PipelineOptions(gpu_memory_gb=s.gpu_memory_gb)
+    options = s.pipeline_options()
     if s.models is not None:
         return AnimationPipeline.from_pretrained(s.models, backend=s.backend_name, device=device, dtype=s.dtype,
                                                  options=options, ranks=ranks)

@@ -56,7 +56,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,7 +67,7 @@ from ..errors import DistributedError, InputError, MagicAnimateError
 from .app import create_app
 from .jobs import (JobCancelled, JobFailed, JobFiles, JobManager, Progress, Worker, failure_line, load_pipeline,
                    render_job)
-from .settings import ServeSettings, read_api_key
+from .settings import RayOptions, ServeSettings, from_given, parse_ray_args
 
 log = logging.getLogger("magicanimate_rt.serve")
 
@@ -76,113 +75,6 @@ log = logging.getLogger("magicanimate_rt.serve")
 APP_NAME = "magicanimate"
 #: how long the ingress waits for the first worker replica to answer (its models load)
 LOAD_TIMEOUT_S = 1800.0
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How the fleet is laid out (the Serve side; the service's own limits are ServeSettings).
-
-    address: the Ray cluster to join (``auto``: the one ``ray start`` runs here); None
-        starts a local one for this command.
-    replicas: worker replicas, each one warm pipeline and one job at a time.
-    gpus_per_replica: GPUs each replica reserves (0: a CPU replica); Ray places replicas
-        on the cluster's hosts by these resources.
-    cpus_per_replica: CPUs each replica reserves.
-    min_replicas, max_replicas: instead of ``replicas``, Serve's autoscaler keeps between
-        these many replicas (``replicas`` is then ignored): one more while jobs wait for a
-        replica longer than ``upscale_delay_s``, one fewer after ``downscale_delay_s`` with
-        a replica idle. The ingress hands out up to ``max_replicas`` jobs at once; a job
-        waits in Serve's queue while a replica starts (its models load). ``min_replicas``
-        0 lets an idle fleet release every GPU (the next job then waits for a load).
-    ranks_per_replica: split each clip's windows over this many processes of one replica
-        (``runtime/distributed.py``'s window split): the replica is rank 0 and starts the
-        others as Ray actors in its placement group (one bundle per rank, STRICT_PACK: one
-        host), each with ``gpus_per_replica / ranks_per_replica`` GPUs (one) and
-        ``cpus_per_replica / ranks_per_replica`` CPUs. For long clips on a multi-GPU host.
-    dashboard_port: the dashboard of the local cluster ``serve --ray`` starts (on
-        127.0.0.1): ``serve status`` / ``serve shutdown -a http://127.0.0.1:PORT`` reach it.
-    """
-
-    address: Optional[str] = None
-    replicas: int = 1
-    gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 1.0
-    min_replicas: Optional[int] = None
-    max_replicas: Optional[int] = None
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 300.0
-    ranks_per_replica: int = 1
-    dashboard_port: int = 8265
-
-    @property
-    def autoscaling(self) -> bool:
-        return self.max_replicas is not None
-
-    @property
-    def slots(self) -> int:
-        """Jobs the ingress runs at once: one per replica there may be."""
-        return self.max_replicas if self.autoscaling else self.replicas
-
-    def autoscaling_config(self) -> dict:
-        """Serve's ``autoscaling_config`` for the worker deployment: one ongoing job per
-        replica is the target (each runs one at a time)."""
-        return {"min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
-                "max_replicas": self.max_replicas, "target_ongoing_requests": 1,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
-
-    def rank_resources(self) -> dict:
-        """What each rank of a replica reserves (the replica itself is rank 0)."""
-        k = self.ranks_per_replica
-        return {"num_cpus": self.cpus_per_replica / k, "num_gpus": self.gpus_per_replica / k}
-
-    def bundles(self) -> list[dict]:
-        """The placement group of a replica that splits its clips: one bundle per rank."""
-        r = self.rank_resources()
-        bundle = {k: v for k, v in (("CPU", r["num_cpus"]), ("GPU", r["num_gpus"])) if v > 0}
-        return [bundle] * self.ranks_per_replica
-
-    def describe(self) -> str:
-        width = (f"{self.min_replicas}-{self.max_replicas} replicas (autoscaling)" if self.autoscaling
-                 else f"{self.replicas} replica(s)")
-        if self.ranks_per_replica > 1:
-            width += f", each clip split over {self.ranks_per_replica} processes"
-        return width
-
-    def check(self) -> "RayOptions":
-        if (self.min_replicas is None) != (self.max_replicas is None):
-            raise InputError("autoscaling needs both --min-replicas and --max-replicas")
-        if self.autoscaling:
-            if self.min_replicas < 0:
-                raise InputError(f"--min-replicas must be >= 0, got {self.min_replicas}")
-            if self.max_replicas < max(self.min_replicas, 1):
-                raise InputError(f"--max-replicas must be >= 1 and >= --min-replicas ({self.min_replicas}), got "
-                                 f"{self.max_replicas}")
-            if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
-                raise InputError("upscale_delay_s and downscale_delay_s must be >= 0")
-        if self.replicas < 1:
-            raise InputError(f"--replicas must be >= 1, got {self.replicas}")
-        if self.gpus_per_replica < 0:
-            raise InputError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica:g}")
-        if self.cpus_per_replica < 0:
-            raise InputError(f"--cpus-per-replica must be >= 0, got {self.cpus_per_replica:g}")
-        k = self.ranks_per_replica
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"--ranks-per-replica must be an integer >= 1, got {k!r}")
-        if k > 1 and self.gpus_per_replica > 0 and self.gpus_per_replica != k:
-            raise InputError(f"--ranks-per-replica {k} runs one process per GPU: give --gpus-per-replica {k} "
-                             f"(got {self.gpus_per_replica:g})")
-        if k > 1 and self.gpus_per_replica == 0 and self.cpus_per_replica == 0:
-            raise InputError(f"--ranks-per-replica {k} reserves a share of the replica's resources for each rank: "
-                             "give --cpus-per-replica > 0")
-        if not 0 < self.dashboard_port < 65536:
-            raise InputError(f"--dashboard-port must be a port number, got {self.dashboard_port}")
-        return self
-
-    @property
-    def device(self) -> str:
-        # Ray hides every GPU but the replica's own (CUDA_VISIBLE_DEVICES), so it is "cuda"
-        return "cuda" if self.gpus_per_replica > 0 else "cpu"
 
 
 def absolute(settings: ServeSettings) -> ServeSettings:
@@ -544,44 +436,22 @@ def build_app(settings: ServeSettings, options: RayOptions):
     autoscaled between ``min_replicas`` and ``max_replicas``; each replica a placement
     group of ``ranks_per_replica`` bundles when it splits clips), bound into the ingress."""
     settings = absolute(settings)
-    width = ({"autoscaling_config": options.autoscaling_config()} if options.autoscaling
-             else {"num_replicas": options.replicas})
-    if options.ranks_per_replica > 1:  # one bundle per rank on one host; the replica (rank 0) takes the first
-        width.update(placement_group_bundles=options.bundles(), placement_group_strategy="STRICT_PACK")
-    per_rank = options.rank_resources()  # with one rank: the replica's whole reservation
-    worker = AnimationWorker.options(**width, ray_actor_options=per_rank).bind(
-        settings, options.device, options.ranks_per_replica, per_rank)
+    worker = AnimationWorker.options(**options.deployment_options()).bind(
+        settings, options.device, options.ranks_per_replica, options.rank_resources())
     return Ingress.options(graceful_shutdown_timeout_s=settings.shutdown_grace_s + 30).bind(settings, worker,
                                                                                           options.slots)
 
 
-#: the arguments ``serve run ... :app`` and a config file's ``args:`` take (README)
-SETTING_ARGS = {"models": Path, "engines": Path, "backend": str, "dtype": str, "data_dir": Path, "max_queue": int,
-                "max_upload_mb": float, "max_frames": int, "max_steps": int, "max_side": int, "keep_hours": float,
-                "shutdown_grace_s": float, "examples_dir": Path, "api_key_file": Path, "gpu_memory_gb": float}
-OPTION_ARGS = {"replicas": int, "gpus_per_replica": float, "cpus_per_replica": float, "min_replicas": int,
-               "max_replicas": int, "upscale_delay_s": float, "downscale_delay_s": float, "ranks_per_replica": int}
-
-
 def app(args: dict):
     """The application builder for ``serve run magicanimate_rt.serve.ray_app:app key=value ...``
-    and for a Serve config file's ``import_path`` (its ``args:`` are these keys)."""
-    known = SETTING_ARGS | OPTION_ARGS
-    unknown = sorted(set(args) - set(known))
-    if unknown:
-        raise InputError(f"unknown argument {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    try:
-        given = {k: known[k](v) for k, v in args.items() if v is not None}
-    except (TypeError, ValueError) as e:
-        raise InputError(f"a bad argument value: {e}") from None
+    and for a Serve config file's ``import_path`` (its ``args:`` are ``settings.RAY_ARGS``,
+    the keys of the settings ``serve --ray`` takes as flags)."""
+    given = parse_ray_args(args)
     if "replicas" in given and ("min_replicas" in given or "max_replicas" in given):
         raise InputError("give either replicas (a fixed fleet) or min_replicas and max_replicas (autoscaling)")
-    options = RayOptions(**{k: given.pop(k) for k in OPTION_ARGS if k in given}).check()
-    key_file = given.pop("api_key_file", None)
-    upload_mb = given.pop("max_upload_mb", None)
-    settings = ServeSettings(**given, api_key=read_api_key(key_file) if key_file else None,
-                             **({"max_upload_bytes": int(upload_mb * 2**20)} if upload_mb else {})).check()
-    return build_app(settings, options)
+    settings, ray_options = from_given(given)
+    options = RayOptions(**ray_options).check()
+    return build_app(settings.check(), options)
 
 
 # --------------------------------------------------------------------------- magicanimate-rt serve --ray
