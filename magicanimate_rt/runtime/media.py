@@ -300,6 +300,7 @@ def iter_video_frames(
     start_frame: int = 0,
     max_frames: int | None = None,
     fit: str = "stretch",
+    timestamps: bool = False,
 ) -> Iterator[np.ndarray]:
     """Decode a video's frames one at a time, so long videos can be streamed.
 
@@ -314,6 +315,9 @@ def iter_video_frames(
             first frame to yield; earlier frames are decoded and dropped, because seeking
             lands on keyframes and would not give exact frames.
         max_frames: yield at most this many frames (None: until the end).
+        timestamps: yield ``(frame, seconds)`` pairs instead, ``seconds`` a Fraction: the frame's
+            presentation time (pts x the stream's time base), or, for a frame without a pts, its
+            index over the stream's average rate.
 
     Returns:
         An iterator of (H, W, 3) uint8 RGB frames (``frame.to_ndarray(format="rgb24")``, as
@@ -356,10 +360,18 @@ def iter_video_frames(
     # PyAV's default (slice) threading, as the original: frame threading would save about
     # 0.3 ms a frame at 512x512, but holds frames in flight, so a corrupt packet would be
     # reported frames before the last good one.
-    return _decode_frames(path, container, stream, size, start_frame, max_frames, fit)
+    return _decode_frames(path, container, stream, size, start_frame, max_frames, fit, timestamps)
 
 
-def _decode_frames(path, container, stream, size, start_frame, max_frames, fit) -> Iterator[np.ndarray]:
+def _frame_seconds(frame, stream, index: int) -> Fraction:
+    if frame.pts is not None and stream.time_base is not None:
+        return frame.pts * stream.time_base
+    rate = stream.average_rate or stream.guessed_rate or 25
+    return Fraction(index) / Fraction(rate)
+
+
+def _decode_frames(path, container, stream, size, start_frame, max_frames, fit, timestamps=False) \
+        -> Iterator[np.ndarray]:
     """The generator behind :func:`iter_video_frames`; owns and closes ``container``."""
     try:
         decoded = 0  # frames decoded so far, including skipped ones
@@ -379,7 +391,8 @@ def _decode_frames(path, container, stream, size, start_frame, max_frames, fit) 
             if decoded <= start_frame:
                 continue
             rgb = frame.to_ndarray(format="rgb24")
-            yield rgb if size is None else fit_image(rgb, size, fit)
+            rgb = rgb if size is None else fit_image(rgb, size, fit)
+            yield (rgb, _frame_seconds(frame, stream, decoded - 1)) if timestamps else rgb
             yielded += 1
 
         if yielded == 0:
