@@ -612,9 +612,6 @@ def _densepose_size(args):
         raise InputError("give either --size or --width and --height, not both")
     if (args.width is None) != (args.height is None):
         raise InputError("--width and --height go together")
-    for flag, value in (("--size", args.size), ("--width", args.width), ("--height", args.height)):
-        if value is not None and value < 2:
-            raise InputError(f"{flag} must be an even number of pixels >= 2, got {value}")
     return args.size if args.width is None else (args.width, args.height)
 
 
@@ -626,7 +623,7 @@ def cmd_densepose(args) -> int:
     from .runtime.media import iter_video_frames
 
     settings = PrepareSettings(size=_densepose_size(args), fit=args.fit, fps=args.fps, start_frame=args.start_frame,
-                               max_frames=args.max_frames, batch=args.batch).check()
+                               max_frames=args.max_frames, batch=args.batch).check(flags=True)
     output = args.output if args.output is not None else args.video.with_name(args.video.stem + "-densepose.mp4")
     _check_output(output, "--output")
     if output.resolve() == args.video.resolve():

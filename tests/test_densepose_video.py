@@ -182,7 +182,7 @@ def test_failure_leaves_no_output(tmp_path):
 
 @pytest.mark.parametrize("bad, words", [
     (dict(fps=0), "fps"), (dict(fps=float("nan")), "fps"), (dict(batch=0), "batch"),
-    (dict(max_frames=0), "max_frames"), (dict(start_frame=-1), "start_frame"), (dict(size=33), "width"),
+    (dict(max_frames=0), "max_frames"), (dict(start_frame=-1), "start_frame"), (dict(size=33), "size must be an even"),
     (dict(size=(32, 31)), "height"), (dict(fit="zoom"), "fit"),
 ])
 def test_bad_settings(bad, words):
@@ -238,12 +238,13 @@ def test_cli_bad_inputs(tmp_path, capsys):
         ((video, "--weights", other), "other.pkl: not DensePose R-CNN weights"),
         ((video, "--weights", truncated), "truncated.pkl: truncated"),
         ((video, "--weights", evil), "evil.pkl: refused"),
-        ((video, "--weights", other, "--fps", "0"), "fps"),
+        ((video, "--weights", other, "--fps", "0"), "--fps must be"),
         ((video, "--weights", other, "--fps", "fast"), "--fps"),
-        ((video, "--weights", other, "--batch", "0"), "batch"),
-        ((video, "--weights", other, "--max-frames", "0"), "max_frames"),
+        ((video, "--weights", other, "--batch", "0"), "--batch must be"),
+        ((video, "--weights", other, "--max-frames", "0"), "--max-frames must be"),
         ((video, "--weights", other, "--start-frame", "-2"), "--start-frame"),
-        ((video, "--weights", other, "--size", "33"), "even"),
+        ((video, "--weights", other, "--size", "33"), "--size must be an even number"),
+        ((video, "--weights", other, "--width", "32", "--height", "-4"), "--height must be an even number"),
         ((video, "--weights", other, "--size", "32", "--width", "32", "--height", "32"), "either --size"),
         ((video, "--weights", other, "--width", "32"), "--width and --height"),
         ((video, "--weights", other, "--start-frame", "9"), "nothing from start_frame=9"),

@@ -64,20 +64,27 @@ class PrepareSettings:
     max_frames: int | None = None
     batch: int = DEFAULT_BATCH
 
-    def check(self) -> "PrepareSettings":
+    def check(self, flags: bool = False) -> "PrepareSettings":
+        """Self, or InputError naming the setting (``flags``: as the CLI's flag, ``--max-frames``)."""
+        def name(field: str) -> str:
+            return "--" + field.replace("_", "-") if flags else field
+
         if self.size is not None:
-            width, height = _shape(self.size)
-            for name, side in (("width", width), ("height", height)):
-                if side % 2 or side > MAX_FRAME_SIDE:
-                    raise InputError(f"{name} must be even (H.264's yuv420p) and at most {MAX_FRAME_SIDE}, got {side}")
+            pair = isinstance(self.size, tuple) and len(self.size) == 2
+            sides = (("width", self.size[0]), ("height", self.size[1])) if pair else (("size", self.size),)
+            for side_name, side in sides:
+                if isinstance(side, bool) or not isinstance(side, int) or side < 2 or side % 2 \
+                        or side > MAX_FRAME_SIDE:
+                    raise InputError(f"{name(side_name)} must be an even number of pixels (H.264's yuv420p) in "
+                                     f"2..{MAX_FRAME_SIDE}, got {side!r}")
         _check_fit(self.fit)
         if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float, Fraction)) \
                 or not math.isfinite(self.fps) or not 0 < self.fps <= 1000:
-            raise InputError(f"fps must be a number in (0, 1000], got {self.fps!r}")
-        for name, value, least in (("start_frame", self.start_frame, 0), ("batch", self.batch, 1),
-                                   ("max_frames", 1 if self.max_frames is None else self.max_frames, 1)):
+            raise InputError(f"{name('fps')} must be a number in (0, 1000], got {self.fps!r}")
+        for field, value, least in (("start_frame", self.start_frame, 0), ("batch", self.batch, 1),
+                                    ("max_frames", 1 if self.max_frames is None else self.max_frames, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+                raise InputError(f"{name(field)} must be an integer >= {least}, got {value!r}")
         return self
 
     @property

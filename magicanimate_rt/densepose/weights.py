@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -108,17 +109,15 @@ def _read_torch(path: Path):
 
 
 def _to_numpy(value):
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency; a .pkl never needs it
-        torch = None
+    """A state dict value as a numpy array, or None if it is not an array or tensor."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return np.asarray(value)
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported: a .pkl never needs it
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
             value = value.float()
         return value.numpy()
-    if isinstance(value, (np.ndarray, np.generic)):
-        return np.asarray(value)
     return None
 
 
