@@ -136,6 +136,27 @@ def test_start_max_frames_and_framing(tmp_path):
         assert read_video(out).shape == (7, 40, 32, 3)
 
 
+def test_odd_input_keeps_its_size_less_a_row_and_column(tmp_path):
+    """Without a size the output is the input's size (vid2densepose); H.264 needs even sides, so a 63x47
+    input is estimated and drawn whole and its picture's last column and row are dropped."""
+    video = tmp_path / "odd.mkv"
+    with av.open(str(video), "w") as c:  # FFV1 (lossless) takes odd sizes
+        stream = c.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 63, 47, "bgr0"
+        for k in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((47, 63, 3), 8 + 6 * k, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    est = FakeEstimator()
+    s = prepare_driving_video(video, tmp_path / "o.mp4", est)
+    assert est.seen == [0, 1, 2] and est.shapes == [(47, 63)] and (s.width, s.height) == (62, 46)
+    out = read_video(tmp_path / "o.mp4").astype(int)
+    want = render_frame(FakeEstimator.result(1, 47, 63), 47, 63)[:46, :62].astype(int)
+    assert out.shape == (3, 46, 62, 3) and np.abs(out[1] - want).mean() < 3
+
+
 def test_framing_is_fit_image_of_the_input(tmp_path):
     """The estimator gets media.fit_image's frame (the project's crop / pad / stretch)."""
     video = tmp_path / "in.mp4"
