@@ -106,7 +106,9 @@ def test_prepare_resamples_batches_and_renders(tmp_path):
     video = grey_clip(tmp_path / "in.mp4", 36, 30)
     est = FakeEstimator()
     out = tmp_path / "out.mp4"
-    summary = prepare_driving_video(video, out, est, PrepareSettings(batch=4))
+    calls = []
+    summary = prepare_driving_video(video, out, est, PrepareSettings(batch=4), progress=lambda *a: calls.append(a))
+    assert calls == [(n, 30) for n in range(4, 30, 4)] + [(30, 30)]  # frames done, expected from the duration
     expected = nearest_rule([Fraction(k, 30) for k in range(36)], Fraction(25), Fraction(36, 30))
     assert est.seen == expected and len(expected) == 30
     assert [len(b) for b in est.batches] == [4] * 7 + [2]

@@ -26,6 +26,7 @@ batch of frames at a time). What it does, in order:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -228,6 +229,7 @@ def prepare_driving_video(
         raise InputError(f"save_iuv '{save_iuv}': directory '{save_iuv.parent}' does not exist")
     rate = settings.rate
     t_start = time.perf_counter()
+    writer = VideoWriter(output, fps=rate)  # checks the output path; opens the file on the first frame
     decoded = iter_video_frames(video, start_frame=settings.start_frame, timestamps=True)
     counted = {"input": 0}
 
@@ -236,7 +238,7 @@ def prepare_driving_video(
             counted["input"] += 1
             yield pair
 
-    frames = resample(counting(decoded), rate)
+    frames = itertools.islice(resample(counting(decoded), rate), settings.max_frames)
     shape = None if settings.size is None else _shape(settings.size)
     total = _expected_frames(video, settings) if progress else None
     bar = None
@@ -247,12 +249,9 @@ def prepare_driving_video(
     written = no_person = 0
     out_shape = None
     iuv = None
-    writer = VideoWriter(output, fps=rate)
     try:
         iuv = _IuvWriter(save_iuv) if save_iuv is not None else None
         for batch in _batches(frames, settings.batch):
-            if settings.max_frames is not None:
-                batch = batch[: settings.max_frames - written]
             if shape is not None:
                 batch = [fit_image(f, shape, settings.fit) for f in batch]
             if out_shape is None:
@@ -278,8 +277,6 @@ def prepare_driving_video(
                 bar.update(len(pictures))
             elif callable(progress):
                 progress(written, total)
-            if settings.max_frames is not None and written >= settings.max_frames:
-                break
         decoded.close()
         if written == 0:
             raise InputError(f"video '{video}': no frames to estimate")
