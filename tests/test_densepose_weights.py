@@ -90,7 +90,8 @@ def test_bad_files(tmp_path):
         "lfs.pkl": (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 255523053\n", "Git LFS pointer"),
         "text.pkl": (b"hello, not weights\n", "not a DensePose checkpoint"),
         "list.pkl": (pickle.dumps([1, 2, 3]), "not a DensePose checkpoint"),
-        "strings.pkl": (pickle.dumps({"model": {"a": "b"}}), "not an array"),
+        "strings.pkl": (pickle.dumps({"model": {"a": "b"}}), "is a str, not an array"),
+        "objects.pkl": (pickle.dumps({"model": {"a": np.array([1, "x"], object)}}), "array of Python objects"),
         "empty_state.pkl": (pickle.dumps({"model": {}}), "no arrays"),
         "empty.pkl": (b"", "empty file"),
     }

@@ -149,9 +149,10 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     state = {}
     for key, value in obj.items():
         array = _to_numpy(value)
-        if not isinstance(key, str) or array is None:
-            raise CheckpointError(f"{path}: not a DensePose checkpoint (entry {_one_line(repr(key), 80)} is a "
-                                  f"{type(value).__name__}, not an array)")
+        if not isinstance(key, str) or array is None or array.dtype.hasobject:
+            what = "an array of Python objects" if array is not None else f"a {type(value).__name__}"
+            raise CheckpointError(f"{path}: not a DensePose checkpoint (entry {_one_line(repr(key), 80)} is {what}, "
+                                  f"not an array of numbers)")
         state[key] = array
     if not state:
         raise CheckpointError(f"{path}: empty checkpoint (no arrays in it)")
