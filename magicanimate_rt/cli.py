@@ -542,12 +542,13 @@ def cmd_check_models(args) -> int:
     no weights are read. ``--densepose-weights``: the DensePose checkpoint is read (safely)
     and described, or its problem printed."""
     from .command_line import fail
-    from .models.loading import check_model_set
 
     if args.models is None and args.densepose_weights is None:
         raise InputError("give a models directory, --densepose-weights FILE, or both")
     problems = []
     if args.models is not None:
+        from .models.loading import check_model_set
+
         ok, lines = check_model_set(args.models)
         print("\n".join(lines), flush=True)
         if not ok:
