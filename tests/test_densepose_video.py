@@ -177,6 +177,30 @@ def test_framing_is_fit_image_of_the_input(tmp_path):
         assert all(np.array_equal(g, fit_image(d, 16, fit)) for g, d in zip(got, decoded))
 
 
+def test_frames_are_decoded_as_opencv_decodes_them(tmp_path, shared_dir):
+    """vid2densepose reads with cv2.VideoCapture (BT.601 whatever the stream's tag); the conformance
+    frames are what it read. The person video is tagged BT.709, which PyAV's default follows (measured
+    0.97 levels mean, 12 max from OpenCV's frames); the estimator gets OpenCV's frames bit for bit."""
+    from magicanimate_rt.runtime.media import iter_video_frames
+
+    person = shared_dir / "samples" / "person" / "input_video.mp4"
+    z = np.load(shared_dir / "conformance" / "densepose" / "video_default.npz")
+    frames = list(iter_video_frames(person, max_frames=31, opencv_colours=True))
+    for f, k in enumerate((0, 10, 20, 30)):
+        assert np.array_equal(frames[k], z[f"f{f}_frame"][..., ::-1]), k
+    assert not np.array_equal(next(iter_video_frames(person, max_frames=1)), frames[0])  # PyAV's default
+
+    got = []
+
+    class Keep(FakeEstimator):
+        def predict(self, batch):
+            got.extend(batch)
+            return [self.result(0, *batch.shape[1:3])] * len(batch)
+
+    prepare_driving_video(person, tmp_path / "o.mp4", Keep(), PrepareSettings(fps=30, start_frame=10, max_frames=1))
+    assert len(got) == 1 and np.array_equal(got[0], z["f1_frame"][..., ::-1])
+
+
 def test_save_iuv(tmp_path):
     video = grey_clip(tmp_path / "in.mp4", 8, 25)
     est = FakeEstimator()

@@ -6,7 +6,8 @@
 :class:`~magicanimate_rt.runtime.media.VideoWriter` as ``animate``'s output, in bounded memory (one
 batch of frames at a time). What it does, in order:
 
-1. decode the input from ``start_frame`` on (decode order, as ``animate --start-frame``);
+1. decode the input from ``start_frame`` on (decode order, as ``animate --start-frame``), converted
+   to RGB as OpenCV's ``VideoCapture`` converts it (BT.601), which is how vid2densepose reads it;
 2. resample to ``fps`` by nearest timestamp: output frame j shows the input frame whose presentation
    time is nearest to ``t0 + j / fps`` (t0: the first used frame's time; a tie goes to the earlier
    frame), for every ``t0 + j / fps`` before the end of the last frame (its time plus one frame
@@ -230,7 +231,7 @@ def prepare_driving_video(
     rate = settings.rate
     t_start = time.perf_counter()
     writer = VideoWriter(output, fps=rate)  # checks the output path; opens the file on the first frame
-    decoded = iter_video_frames(video, start_frame=settings.start_frame, timestamps=True)
+    decoded = iter_video_frames(video, start_frame=settings.start_frame, timestamps=True, opencv_colours=True)
     counted = {"input": 0}
 
     def counting(pairs):
