@@ -3,6 +3,7 @@
     magicanimate-rt animate --models DIR --source IMAGE --driving VIDEO --output OUT.mp4
     magicanimate-rt demo [--output OUT.mp4]
     magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
+    magicanimate-rt densepose VIDEO --weights model_final_162be9.pkl [--output OUT.mp4] [--size S]
 
 Bad input ends with one line on stderr naming the file or argument, exit code 2, and no
 output file (outputs are written to a temporary file and renamed when complete); Ctrl-C
@@ -193,9 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_warmup)
 
     c = sub.add_parser("check-models", help="check a downloaded models directory from its headers, loading no "
-                                            "weights (README 'Weights')")
-    c.add_argument("models", type=Path, help="model directory in the real layout (README 'Weights')")
+                                            "weights (README 'Weights'), and/or a DensePose checkpoint")
+    c.add_argument("models", type=Path, nargs="?", default=None,
+                   help="model directory in the real layout (README 'Weights')")
+    c.add_argument("--densepose-weights", type=Path, default=None, metavar="FILE",
+                   help="also (or only) check a DensePose R-CNN checkpoint (model_final_162be9.pkl or a detectron2 "
+                        ".pth): read safely, its arrays counted (README 'Driving videos from your own video')")
     c.set_defaults(func=cmd_check_models)
+
+    _add_densepose_parser(sub)
 
     k = sub.add_parser("compare", help="render one request exact and with other sampling settings on your weights: "
                                        "a side-by-side video and a time / PSNR / SSIM / flicker report (README "
@@ -461,13 +468,114 @@ def cmd_check_models(args) -> int:
     """Print, per component, the file loading would read and why, its dtype, key count and
     size, the choices (what the motion checkpoint overrides, sd-vae-ft-mse, ...) and every
     problem loading would raise; exit 0 when the set would load, 2 otherwise. Headers only:
-    no weights are read."""
+    no weights are read. ``--densepose-weights``: the DensePose checkpoint is read (safely)
+    and described, or its problem printed."""
     from .command_line import fail
-    from .models.loading import check_model_set
 
-    ok, lines = check_model_set(args.models)
-    print("\n".join(lines), flush=True)
-    return 0 if ok else fail(PROG, f"{args.models}: the models would not load (problems above)")
+    if args.models is None and args.densepose_weights is None:
+        raise InputError("give a models directory, --densepose-weights FILE, or both")
+    problems = []
+    if args.models is not None:
+        from .models.loading import check_model_set
+
+        ok, lines = check_model_set(args.models)
+        print("\n".join(lines), flush=True)
+        if not ok:
+            problems.append(f"{args.models}: the models would not load")
+    if args.densepose_weights is not None:
+        ok, line = _check_densepose_weights(args.densepose_weights)
+        print(line, flush=True)
+        if not ok:
+            problems.append(f"{args.densepose_weights}: the DensePose weights would not load")
+    return fail(PROG, "; ".join(problems) + " (problems above)") if problems else 0
+
+
+def _check_densepose_weights(path: Path) -> tuple[bool, str]:
+    """(usable, one line describing the DensePose checkpoint or its problem), for check-models."""
+    from .densepose.weights import CheckpointError, check_densepose_state, read_checkpoint
+
+    try:
+        state = read_checkpoint(path)
+        depth = check_densepose_state(state, path)
+    except CheckpointError as e:
+        return False, f"densepose weights: problem: {e}"
+    values = sum(int(v.size) for v in state.values())
+    dtypes = ", ".join(sorted({str(v.dtype) for v in state.values()}))
+    return True, (f"densepose weights: {path}: DensePose R-CNN R-{depth} FPN, {len(state)} arrays, {values:,} values "
+                  f"({dtypes})")
+
+
+# --------------------------------------------------------------------------- densepose
+
+
+def _add_densepose_parser(sub) -> None:
+    e = sub.add_parser("densepose", help="make the DensePose driving video of an ordinary video of a person "
+                                         "(README 'Driving videos from your own video')")
+    e.add_argument("video", type=Path, help="the person video (any format ffmpeg reads)")
+    e.add_argument("--weights", type=Path, required=True, metavar="FILE",
+                   help="DensePose R-CNN checkpoint: detectron2's model_final_162be9.pkl (densepose_rcnn_R_50_FPN_s1x) "
+                        "or a detectron2 .pth")
+    e.add_argument("--output", type=Path, default=None,
+                   help="the driving video, H.264 mp4 (default: VIDEO's name with -densepose.mp4)")
+    e.add_argument("--size", type=int, default=None, help="output side of a square video (default: the input's own "
+                                                          "size, as vid2densepose)")
+    e.add_argument("--width", type=int, default=None, help="output width, with --height, instead of --size")
+    e.add_argument("--height", type=int, default=None, help="output height, with --width")
+    e.add_argument("--fit", choices=("crop", "pad", "stretch"), default="crop",
+                   help="with a size: inputs of another aspect ratio are cropped to their centre (default), padded "
+                        "with edge values or stretched, then resized, before estimation")
+    e.add_argument("--fps", type=float, default=25.0,
+                   help="output frame rate; frames are picked by nearest timestamp (default 25, the original's)")
+    e.add_argument("--start-frame", type=_positive_int, default=0, help="input frames to skip (default 0)")
+    e.add_argument("--max-frames", type=int, default=None, help="write at most this many frames")
+    e.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    e.add_argument("--dtype", default="float32", help="float32 (default); float16 or bfloat16 on CUDA")
+    e.add_argument("--batch", type=int, default=4, help="frames per forward pass (default 4)")
+    e.add_argument("--save-iuv", type=Path, default=None, metavar="OUT.npz",
+                   help="also save every frame's detections (boxes, scores, part labels, UV) in an .npz")
+    e.set_defaults(func=cmd_densepose)
+
+
+def _densepose_size(args):
+    """None (the input's size), --size, or (--width, --height)."""
+    if args.size is not None and (args.width is not None or args.height is not None):
+        raise InputError("give either --size or --width and --height, not both")
+    if (args.width is None) != (args.height is None):
+        raise InputError("--width and --height go together")
+    return args.size if args.width is None else (args.width, args.height)
+
+
+def cmd_densepose(args) -> int:
+    """Check every argument, the video (it opens and has a frame) and the weights (read safely: a
+    DensePose R-CNN) before the model is built, then stream the video through it (densepose/video.py)."""
+    from .densepose.video import PrepareSettings, prepare_driving_video
+    from .densepose.weights import check_densepose_state, read_checkpoint
+    from .runtime.media import iter_video_frames
+
+    settings = PrepareSettings(size=_densepose_size(args), fit=args.fit, fps=args.fps, start_frame=args.start_frame,
+                               max_frames=args.max_frames, batch=args.batch).check(flags=True)
+    output = args.output if args.output is not None else args.video.with_name(args.video.stem + "-densepose.mp4")
+    _check_output(output, "--output")
+    if output.resolve() == args.video.resolve():
+        raise InputError(f"--output {output}: would overwrite the input video")
+    if args.save_iuv is not None:
+        if args.save_iuv.suffix.lower() != ".npz":
+            raise InputError(f"--save-iuv {args.save_iuv}: must be an .npz file")
+        if not args.save_iuv.parent.is_dir():
+            raise InputError(f"--save-iuv {args.save_iuv}: directory {args.save_iuv.parent} does not exist")
+    frames = iter_video_frames(args.video, start_frame=args.start_frame, max_frames=1)
+    next(frames)  # a non-video or a video with no frame fails here, in one line
+    frames.close()
+    t0 = time.perf_counter()
+    depth = check_densepose_state(read_checkpoint(args.weights), args.weights)
+
+    from .densepose.estimator import DensePoseEstimator
+
+    estimator = DensePoseEstimator.from_checkpoint(args.weights, device=args.device, dtype=args.dtype)
+    _log(f"loaded DensePose R-CNN R-{depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
+    summary = prepare_driving_video(args.video, output, estimator, settings, save_iuv=args.save_iuv, progress=True)
+    _log(f"wrote {output}" + (f" and {args.save_iuv}" if args.save_iuv else "") + f": {summary.describe()}")
+    return 0
 
 
 def _compare_mode(args):

@@ -61,3 +61,19 @@ def engines_fp16(tiny_models, engines_fp32, tmp_path_factory) -> Path:
     build_engines(BuildSettings(models=tiny_models, out=out, size=ENGINE_SIZE, precision="fp16", onnx_only=True,
                                 validate=False, fp32_graphs=engines_fp32[0]), log=lambda msg: None)
     return out
+
+
+# --------------------------------------------------------------------------- DensePose weights
+@pytest.fixture(scope="session")
+def densepose_weights(shared_dir, tmp_path_factory) -> Path:
+    """The conformance data's random DensePose R_50_FPN_s1x weights (make_weights.py --seed 0, the
+    model zoo .pkl format, 256 MB, ~2 s), written once per session."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("densepose") / "densepose_seed0.pkl"
+    script = shared_dir / "conformance" / "densepose" / "make_weights.py"
+    proc = subprocess.run([sys.executable, str(script), str(out), "--seed", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -1,27 +1,61 @@
 """Reading a DensePose R-CNN checkpoint without running anything it may contain.
 
-detectron2's model zoo ships ``.pkl`` files: a pickle of ``{"model": {name: numpy array}, ...}``.
-``pickle.load`` would import and call whatever the file names, so we read it with an unpickler that
-rebuilds only numpy arrays and plain containers and refuses every other global.
+Two formats, both read to ``{detectron2 state_dict name: numpy array}``:
+
+- detectron2's model zoo ``.pkl`` (``model_final_162be9.pkl``): a pickle of
+  ``{"model": {name: numpy array}, "__author__": str, ...}``. ``pickle.load`` would import and call
+  whatever the file names, so it is read with an unpickler that rebuilds only numpy arrays and plain
+  containers and refuses every other global before anything is called.
+- a detectron2 ``.pth`` (``torch.save`` of ``{"model": state_dict, ...}`` or of the state dict itself,
+  zip or legacy format): ``torch.load(weights_only=True)``, PyTorch's own restricted unpickler.
+
+Every problem is a :class:`CheckpointError` whose message is one line naming the file: missing,
+a Git LFS pointer instead of the weights, truncated, a pickle that asks for code, not a checkpoint,
+no arrays in it, or (:func:`check_densepose_state`) the weights of another model.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-# the globals a numpy-array pickle needs (numpy 1.x and 2.x spell the core module differently)
+from magicanimate_rt.errors import ModelLoadError
+
+# the globals a numpy-array pickle needs (numpy 1.x and 2.x spell the core module differently;
+# _codecs.encode is how Python 3 writes bytes in pickle protocols <= 2): constructors of arrays,
+# dtypes and bytes, none of which runs code named by the file
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
 }
+# what a legacy (non-zip) torch.save file's first pickle holds (torch/serialization.py MAGIC_NUMBER)
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+# Keys every DensePose R-CNN (R_50/R_101 FPN) state dict has, one per part of the network: a file
+# without them holds another model's weights.
+_SIGNATURE = (
+    "backbone.bottom_up.stem.conv1.weight",
+    "backbone.fpn_lateral2.weight",
+    "proposal_generator.rpn_head.conv.weight",
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.densepose_head.body_conv_fcn1.weight",
+    "roi_heads.densepose_predictor.index_uv_lowres.weight",
+)
+#: ResNet depth by the number of res4 blocks (detectron2 resnet.py: 6 -> R-50, 23 -> R-101)
+_DEPTH_BY_RES4_BLOCKS = {6: 50, 23: 101}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelLoadError, ValueError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
@@ -29,18 +63,115 @@ class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a checkpoint of arrays never needs")
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it refers to storage outside the pickle (a torch file?)")
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for a global a checkpoint of arrays never needs (raised before it is imported)."""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_pickle(path: Path):
+    try:
+        with path.open("rb") as f:
+            return _ArraysOnly(f, encoding="latin1").load()
+    except _Refused as e:
+        raise CheckpointError(f"{path}: refused: the pickle asks for {e}, which a checkpoint of arrays never "
+                              f"needs (nothing was run)") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: truncated (the pickle ends early; download the file again)") from None
+    except Exception as e:  # noqa: BLE001 - only numpy's constructors can have run; any failure means unreadable
+        if "truncated" in str(e):
+            raise CheckpointError(f"{path}: truncated (the pickle ends early; download the file again)") from None
+        raise CheckpointError(f"{path}: not a DensePose checkpoint (not a readable pickle: {_one_line(e)})") from None
+
+
+def _read_torch(path: Path):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # PyTorch's message is a paragraph; its line naming the global is the one that matters
+        found = re.search(r"(unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)", str(e))
+        what = _one_line(found.group(1)) if found else _one_line(str(e).split("\n")[0])
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {what} (nothing was run)") \
+            from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt torch file ({_one_line(e, 120)})") from None
+
+
+def _to_numpy(value):
+    """A state dict value as a numpy array, or None if it is not an array or tensor."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return np.asarray(value)
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported: a .pkl never needs it
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        return value.numpy()
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    """The checkpoint's state dict (detectron2's names -> numpy arrays)."""
+    """The checkpoint's state dict (detectron2's names -> numpy arrays), from a model zoo ``.pkl`` or
+    a detectron2 ``.pth`` (see the module docstring). Raises :class:`CheckpointError`."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            obj = _ArraysOnly(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable DensePose checkpoint ({e})") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: no state dict of arrays in this file")
-    return {k: np.asarray(v) for k, v in state.items()}
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head:
+        raise CheckpointError(f"{path}: empty file")
+    if head.startswith(_LFS_POINTER):
+        raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (fetch the real file, e.g. git lfs pull)")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        obj = _read_torch(path)
+    else:
+        obj = _read_pickle(path)
+        if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:  # torch.save's legacy format
+            obj = _read_torch(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a DensePose checkpoint (holds a {type(obj).__name__}, not a dict of "
+                              f"arrays)")
+    state = {}
+    for key, value in obj.items():
+        array = _to_numpy(value)
+        if not isinstance(key, str) or array is None or array.dtype.hasobject:
+            what = "an array of Python objects" if array is not None else f"a {type(value).__name__}"
+            raise CheckpointError(f"{path}: not a DensePose checkpoint (entry {_one_line(repr(key), 80)} is {what}, "
+                                  f"not an array of numbers)")
+        state[key] = array
+    if not state:
+        raise CheckpointError(f"{path}: empty checkpoint (no arrays in it)")
+    return state
+
+
+def check_densepose_state(state: dict[str, np.ndarray], path: str | Path) -> int:
+    """The ResNet depth (50 or 101) of a DensePose R-CNN state dict; :class:`CheckpointError` naming
+    ``path`` and a missing key when it holds another model's weights. Cheap (names only), so a
+    command can refuse a wrong file before building any network; the estimator still checks every
+    key and shape when it loads."""
+    missing = [k for k in _SIGNATURE if k not in state]
+    if missing:
+        example = next(iter(state))
+        raise CheckpointError(f"{path}: not DensePose R-CNN weights (no {missing[0]}; {len(state)} arrays such as "
+                              f"{example})")
+    res4 = {k.split(".")[3] for k in state if k.startswith("backbone.bottom_up.res4.")}
+    depth = _DEPTH_BY_RES4_BLOCKS.get(len(res4))
+    if depth is None:
+        raise CheckpointError(f"{path}: a ResNet with {len(res4)} res4 blocks; DensePose R-CNN R_50 has 6, "
+                              f"R_101 23")
+    return depth

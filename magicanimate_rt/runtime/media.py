@@ -300,6 +300,8 @@ def iter_video_frames(
     start_frame: int = 0,
     max_frames: int | None = None,
     fit: str = "stretch",
+    timestamps: bool = False,
+    opencv_colours: bool = False,
 ) -> Iterator[np.ndarray]:
     """Decode a video's frames one at a time, so long videos can be streamed.
 
@@ -314,6 +316,13 @@ def iter_video_frames(
             first frame to yield; earlier frames are decoded and dropped, because seeking
             lands on keyframes and would not give exact frames.
         max_frames: yield at most this many frames (None: until the end).
+        timestamps: yield ``(frame, seconds)`` pairs instead, ``seconds`` a Fraction: the frame's
+            presentation time (pts x the stream's time base), or, for a frame without a pts, its
+            index over the stream's average rate.
+        opencv_colours: convert YUV to RGB with the BT.601 matrix whatever the stream's colour tag,
+            as OpenCV's ``cv2.VideoCapture`` does (what vid2densepose and detectron2's tools read
+            with): the person video's frames then equal OpenCV's bit for bit. PyAV otherwise follows
+            the tag (BT.709 on most HD video), ~1 level off on average and up to ~12.
 
     Returns:
         An iterator of (H, W, 3) uint8 RGB frames (``frame.to_ndarray(format="rgb24")``, as
@@ -356,10 +365,18 @@ def iter_video_frames(
     # PyAV's default (slice) threading, as the original: frame threading would save about
     # 0.3 ms a frame at 512x512, but holds frames in flight, so a corrupt packet would be
     # reported frames before the last good one.
-    return _decode_frames(path, container, stream, size, start_frame, max_frames, fit)
+    return _decode_frames(path, container, stream, size, start_frame, max_frames, fit, timestamps, opencv_colours)
 
 
-def _decode_frames(path, container, stream, size, start_frame, max_frames, fit) -> Iterator[np.ndarray]:
+def _frame_seconds(frame, stream, index: int) -> Fraction:
+    if frame.pts is not None and stream.time_base is not None:
+        return frame.pts * stream.time_base
+    rate = stream.average_rate or stream.guessed_rate or 25
+    return Fraction(index) / Fraction(rate)
+
+
+def _decode_frames(path, container, stream, size, start_frame, max_frames, fit, timestamps=False,
+                   opencv_colours=False) -> Iterator[np.ndarray]:
     """The generator behind :func:`iter_video_frames`; owns and closes ``container``."""
     try:
         decoded = 0  # frames decoded so far, including skipped ones
@@ -378,8 +395,12 @@ def _decode_frames(path, container, stream, size, start_frame, max_frames, fit) 
             decoded += 1
             if decoded <= start_frame:
                 continue
-            rgb = frame.to_ndarray(format="rgb24")
-            yield rgb if size is None else fit_image(rgb, size, fit)
+            if opencv_colours:
+                rgb = frame.reformat(format="rgb24", src_colorspace="ITU601").to_ndarray()
+            else:
+                rgb = frame.to_ndarray(format="rgb24")
+            rgb = rgb if size is None else fit_image(rgb, size, fit)
+            yield (rgb, _frame_seconds(frame, stream, decoded - 1)) if timestamps else rgb
             yielded += 1
 
         if yielded == 0:
