@@ -61,3 +61,17 @@ def engines_fp16(tiny_models, engines_fp32, tmp_path_factory) -> Path:
     build_engines(BuildSettings(models=tiny_models, out=out, size=ENGINE_SIZE, precision="fp16", onnx_only=True,
                                 validate=False, fp32_graphs=engines_fp32[0]), log=lambda msg: None)
     return out
+
+
+# --------------------------------------------------------------------------- DensePose weights
+@pytest.fixture(scope="session")
+def densepose_weights(shared_dir, tmp_path_factory) -> Path:
+    """detectron2-format random weights of densepose_rcnn_R_50_FPN_s1x (seed 0, 256 MB), the ones
+    the conformance data in shared/conformance/densepose/ was made with; written once per session."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("densepose") / "densepose_seed0.pkl"
+    script = shared_dir / "conformance" / "densepose" / "make_weights.py"
+    subprocess.run([sys.executable, str(script), str(out), "--seed", "0"], check=True, capture_output=True, timeout=300)
+    return out
