@@ -3,19 +3,22 @@
 The conformance data was made by detectron2 (CPU, float32, torchvision's CPU roi_align/nms) on
 random weights in the real layout (``densepose_weights``, seed 0). Every float stage is compared by
 ``err = max|ours - theirs| / max|theirs|`` (the stage's own scale). Our float32 computation differs
-from theirs only in rounding: the order of accumulation in convolutions (oneDNN vs their build,
-thread count), FrozenBN folded into the convolutions, RoIAlign through ``grid_sample`` (sample
-positions recomputed from normalised ones). Measured on this CPU (2 threads, AMD, stages_small):
-FPN p2..p6 <= 1.5e-6, proposal boxes 6.8e-7 / logits 1.2e-6, box head logits 3.5e-7 / deltas 9.6e-7,
-DensePose lowres outputs <= 3.3e-6 (8.6e-6 with an earlier gather-based RoIAlign: the 9-conv head
-amplifies pooled differences ~5x). FLOAT_TOL = 2e-4 is >= 100x the backbone/RPN/box-head errors and
-DP_TOL = 1e-3 >= 100x the DensePose ones, while a wrong step (a missed FrozenBN eps, anchors at cell
-centres, aligned=True RoIAlign, nearest instead of bilinear) moves these stages by >= 1e-2.
+from theirs only in rounding: the order of accumulation in convolutions (channels-last oneDNN
+kernels, thread count), FrozenBN folded into the convolutions, RoIAlign through ``grid_sample``
+(sample positions recomputed from normalised ones). Measured on this CPU (2 threads, stages_small
+and video_default): FPN p2..p6 <= 2.9e-6; proposals (matched, see ``_match``) <= 2.5e-6 of the
+box scale, logits <= 2.5e-6; box head logits <= 3.5e-7, deltas <= 9.6e-7; instance boxes <= 6e-7,
+scores <= 1.3e-7; DensePose 56x56 outputs <= 8.1e-6 (the 9-conv head amplifies pooled differences).
+FLOAT_TOL = 5e-4 is >= 170x the first group's errors, DP_TOL = 1e-3 >= 120x the DensePose ones.
 
 Labels are argmaxes of bilinearly resampled logits: where two parts' logits are within the float
-error of each other the argmax may flip, so end to end a handful of pixels may differ (measured 2-5
-of ~590,000 per instance on stages_small); with detectron2's own 56x56 outputs as input our
-extractor reproduces the labels and U/V exactly (same torch ops).
+error of each other the argmax flips, so end to end a few pixels differ (measured <= 11 of ~590,000
+per instance). The flips grow with the error (1e-5 / 1e-4 / 1e-3 relative noise on detectron2's
+56x56 outputs flips 58 / 513 / 4,991 pixels of frame 0), so LABEL_FRACTION allows the flips of
+~1e-4 noise (0.1% of the box, >= 50x what we measure), while plausible bugs flip far more (resampling
+the 56x56 maps without the x2 upsampling: 31,350 pixels; align_corners=True: 50,594). With
+detectron2's own 56x56 outputs as input our upsampling and extractor reproduce its 112x112 maps,
+labels and U/V bit for bit (same torch ops).
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from magicanimate_rt.densepose.ops import nms, roi_align
 from magicanimate_rt.densepose.preprocess import network_input, resize_frames, resized_shape
 from magicanimate_rt.densepose.weights import read_checkpoint
 
-FLOAT_TOL = 2e-4
+FLOAT_TOL = 5e-4
 DP_TOL = 1e-3
-#: end-to-end label pixels allowed to differ per instance (argmax near-ties; measured <= 5)
-LABEL_PIXELS = 100
-#: U/V where the labels agree: resampling of outputs that are within ~1e-6 (measured <= 6e-7)
+#: end to end, the share of a box's label pixels allowed to differ (argmax near-ties; see above)
+LABEL_FRACTION = 1e-3
+#: U/V where the labels agree: resampled outputs that are within ~2e-6 (measured <= 1.2e-6)
 UV_TOL = 1e-4
 DP_NAMES = ("coarse_segm", "fine_segm", "u", "v")
 SMALL = DensePoseConfig(min_size=256, max_size=427)
@@ -167,21 +170,18 @@ def test_extractor_on_their_outputs_is_exact(conformance):
 
 
 def _check_result(r, d, f, sub):
-    """One frame's DensePoseResult against the file's instances; returns differing label pixels."""
+    """One frame's DensePoseResult against the file's instances."""
     assert err(r.boxes, d[f"f{f}_pred_boxes"]) < FLOAT_TOL
     assert err(r.scores, d[f"f{f}_scores"]) < FLOAT_TOL
-    worst = 0
     for i in range(len(r)):
         np.testing.assert_array_equal(r.box_xywh[i], d[f"f{f}_i{i}_box_xywh_int"])
         ref = d[f"f{f}_i{i}_labels"]
         assert r.labels[i].shape == ref.shape and r.labels[i].dtype == np.uint8
         differ = int((r.labels[i] != ref).sum())
-        worst = max(worst, differ)
-        assert differ <= LABEL_PIXELS, (f, i, differ)
+        assert differ <= LABEL_FRACTION * ref.size, (f, i, differ)
         same = r.labels[i][::sub, ::sub] == ref[::sub, ::sub]
         uv, ref_uv = r.uv[i][:, ::sub, ::sub], d[f"f{f}_i{i}_uv_sub{sub}"]
         assert np.abs(uv - ref_uv)[:, same].max() < UV_TOL
-    return worst
 
 
 def test_predict_small(small_model, small_run, conformance):
@@ -191,9 +191,14 @@ def test_predict_small(small_model, small_run, conformance):
     assert len(results) == 2 and [len(r) for r in results] == [1, 1]
     for f, r in enumerate(results):
         _check_result(r, d, f, 4)
-    single = est.predict(np.ascontiguousarray(d["f1_frame"][..., ::-1]))
-    assert len(single) == 1 and np.array_equal(single[0].labels[0], results[1].labels[0]) or \
-        int((single[0].labels[0] != results[1].labels[0]).sum()) <= LABEL_PIXELS
+    single = est.predict(np.ascontiguousarray(d["f1_frame"][..., ::-1]))  # (H, W, 3): one frame
+    assert len(single) == 1
+    _check_result(single[0], d, 1, 4)
+    for bad in (np.zeros((4, 5), np.uint8), np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8)):
+        with pytest.raises(ValueError, match=r"^frames: need \(H, W, 3\) or \(N, H, W, 3\) uint8 RGB, got"):
+            est.predict(bad)
+    with pytest.raises(ValueError, match="^dtype: 'float64' is not one of float32, float16, bfloat16$"):
+        DensePoseEstimator(small_model, dtype="float64")
 
 
 def test_predict_video_default_batch(state, densepose_weights, conformance):
@@ -325,3 +330,18 @@ def test_depth_comes_from_the_weights(state, densepose_weights):
                 sd[k.replace("res4.1.", f"res4.{b}.")] = v
     model = DensePoseRCNN.from_state_dict(sd, densepose_weights)
     assert model.blocks == (3, 4, 23, 3)
+
+
+def test_bfloat16_network_float32_reductions(state, densepose_weights, conformance):
+    """The half-precision seam (meant for CUDA) on the CPU: the network in bfloat16, box decoding,
+    softmax, NMS, RoIAlign sampling and the extractor in float32. bfloat16 keeps ~3 significant
+    digits, so only the decisions are compared: the same instance (its box is clipped to the frame,
+    exactly), its score within 1e-2 (measured 8e-4), labels agreeing on >= 90% of the pixels
+    (measured 95.7%)."""
+    d = conformance["stages_small"]
+    est = DensePoseEstimator(DensePoseRCNN.from_state_dict(state, densepose_weights, SMALL), dtype="bfloat16")
+    (r,) = est.predict(np.ascontiguousarray(d["f0_frame"][..., ::-1]))
+    assert r.boxes.dtype == r.scores.dtype == r.uv[0].dtype == np.float32
+    np.testing.assert_array_equal(r.boxes, d["f0_pred_boxes"])
+    assert abs(float(r.scores[0]) - float(d["f0_scores"][0])) < 1e-2
+    assert (r.labels[0] == d["f0_i0_labels"]).mean() >= 0.9

@@ -33,6 +33,7 @@ class DensePoseEstimator:
 
     The network computes in ``dtype`` (float32 on the CPU; float16/bfloat16 are meant for CUDA);
     box decoding, softmax, NMS, RoIAlign sampling and the extractor are float32 whatever it is.
+    The estimator takes the model over (moves and casts it in place).
     """
 
     def __init__(self, model: DensePoseRCNN, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):

@@ -74,5 +74,7 @@ class DensePosePredictor(nn.Module):
 
 
 def upsample(lowres: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The predictor's ``interpolate(scale_factor=2, bilinear, align_corners=False)``, in float32."""
-    return tuple(F.interpolate(t.float(), scale_factor=2, mode="bilinear", align_corners=False) for t in lowres)
+    """The predictor's ``interpolate(scale_factor=2, bilinear, align_corners=False)``, in float32,
+    contiguous NCHW as detectron2's (torch's channels-last resampling kernel is another code path)."""
+    return tuple(F.interpolate(t.float().contiguous(), scale_factor=2, mode="bilinear", align_corners=False)
+                 for t in lowres)

