@@ -33,7 +33,7 @@ from magicanimate_rt.densepose import CheckpointError, DensePoseEstimator
 from magicanimate_rt.densepose.config import DensePoseConfig
 from magicanimate_rt.densepose.extractor import extract
 from magicanimate_rt.densepose.head import upsample
-from magicanimate_rt.densepose.model import DensePoseRCNN
+from magicanimate_rt.densepose.model import DensePoseRCNN, validate_state_dict
 from magicanimate_rt.densepose.ops import nms, roi_align
 from magicanimate_rt.densepose.preprocess import network_input, resize_frames, resized_shape
 from magicanimate_rt.densepose.weights import read_checkpoint
@@ -328,8 +328,10 @@ def test_depth_comes_from_the_weights(state, densepose_weights):
         for k, v in state.items():
             if k.startswith("backbone.bottom_up.res4.1."):
                 sd[k.replace("res4.1.", f"res4.{b}.")] = v
-    model = DensePoseRCNN.from_state_dict(sd, densepose_weights)
-    assert model.blocks == (3, 4, 23, 3)
+    assert validate_state_dict(sd, densepose_weights)[1] == (3, 4, 23, 3)
+    with torch.device("meta"):
+        assert sum(t.numel() for t in DensePoseRCNN(blocks=(3, 4, 23, 3)).state_dict().values()) == \
+            sum(np.size(v) for k, v in sd.items() if k in state or "res4." in k)
 
 
 def test_bfloat16_network_float32_reductions(state, densepose_weights, conformance):

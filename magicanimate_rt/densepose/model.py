@@ -94,43 +94,48 @@ class DensePoseRCNN(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_state_dict(cls, state: Mapping[str, object], source: str | Path, cfg: DensePoseConfig = DensePoseConfig()) -> "DensePoseRCNN":
-        """A float32 model with detectron2's weights (FrozenBN folded); ``source`` names the file in errors.
-
-        Validates before loading: a checkpoint of another model, missing or unexpected keys and wrong
-        shapes each raise one-line :class:`CheckpointError` naming the file and the first keys."""
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not _IGNORED.match(k)}
-        if not any(k.startswith("roi_heads.densepose_predictor.") for k in state):
-            kind = "a Mask R-CNN" if any(k.startswith("roi_heads.mask_head.") for k in state) else \
-                "a detector without a DensePose head" if any(k.startswith("roi_heads.box_") for k in state) else "not a detectron2 model"
-            raise CheckpointError(f"{source}: not a DensePose R-CNN checkpoint ({kind}: no roi_heads.densepose_predictor.* weights)")
-        blocks = [0, 0, 0, 0]
-        for k in state:
-            m = _BLOCK_KEY.match(k)
-            if m:
-                blocks[int(m.group(1)) - 2] = max(blocks[int(m.group(1)) - 2], int(m.group(2)) + 1)
-        if not all(blocks):
-            raise CheckpointError(f"{source}: no ResNet FPN backbone weights (backbone.bottom_up.res2..res5) in this checkpoint")
-        with torch.device("meta"):  # the expected names and shapes, without allocating 64M floats
-            expected = cls(cfg, tuple(blocks)).state_dict()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        wrong = [f"{k} {tuple(np.shape(state[k]))} (model: {tuple(expected[k].shape)})" for k in expected
-                 if k in state and tuple(np.shape(state[k])) != tuple(expected[k].shape)]
-
-        def first(keys):
-            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        if missing:
-            raise CheckpointError(f"{source}: missing keys: {first(missing)}")
-        if unexpected:
-            raise CheckpointError(f"{source}: unexpected keys: {first(unexpected)}")
-        if wrong:
-            raise CheckpointError(f"{source}: wrong shapes: {first(wrong)}")
+        """A float32 model with detectron2's weights (FrozenBN folded); ``source`` names the file in errors."""
+        state, blocks = validate_state_dict(state, source, cfg)
         tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float() for k, v in state.items()}
-        model = cls(cfg, tuple(blocks))
+        model = cls(cfg, blocks)
         model.load_state_dict(tensors, strict=True)
         for m in model.modules():
             if isinstance(m, ConvNorm):
                 m.fold()
         # channels last: oneDNN's (and cuDNN's) fast convolution layout, ~25% less CPU time here
         return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def validate_state_dict(state: Mapping[str, object], source: str | Path, cfg: DensePoseConfig = DensePoseConfig()):
+    """(the state dict under the model's names, ResNet blocks per stage), checked against a
+    meta-device model before any weight is read: a checkpoint of another model, missing or unexpected
+    keys and wrong shapes each raise one-line :class:`CheckpointError` naming the file and the first keys."""
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not _IGNORED.match(k)}
+    if not any(k.startswith("roi_heads.densepose_predictor.") for k in state):
+        kind = "a Mask R-CNN" if any(k.startswith("roi_heads.mask_head.") for k in state) else \
+            "a detector without a DensePose head" if any(k.startswith("roi_heads.box_") for k in state) else "not a detectron2 model"
+        raise CheckpointError(f"{source}: not a DensePose R-CNN checkpoint ({kind}: no roi_heads.densepose_predictor.* weights)")
+    blocks = [0, 0, 0, 0]
+    for k in state:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            blocks[int(m.group(1)) - 2] = max(blocks[int(m.group(1)) - 2], int(m.group(2)) + 1)
+    if not all(blocks):
+        raise CheckpointError(f"{source}: no ResNet FPN backbone weights (backbone.bottom_up.res2..res5) in this checkpoint")
+    with torch.device("meta"):  # the expected names and shapes, without allocating 64M floats
+        expected = DensePoseRCNN(cfg, tuple(blocks)).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(np.shape(state[k]))} (model: {tuple(expected[k].shape)})" for k in expected
+             if k in state and tuple(np.shape(state[k])) != tuple(expected[k].shape)]
+
+    def first(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    if missing:
+        raise CheckpointError(f"{source}: missing keys: {first(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys: {first(unexpected)}")
+    if wrong:
+        raise CheckpointError(f"{source}: wrong shapes: {first(wrong)}")
+    return state, tuple(blocks)
