@@ -7,7 +7,7 @@ from theirs only in rounding: the order of accumulation in convolutions (channel
 kernels, thread count), FrozenBN folded into the convolutions, RoIAlign through ``grid_sample``
 (sample positions recomputed from normalised ones). Measured on this CPU (2 threads, stages_small
 and video_default): FPN p2..p6 <= 2.9e-6; proposals (matched, see ``_match``) <= 2.5e-6 of the
-box scale, logits <= 2.5e-6; box head logits <= 3.5e-7, deltas <= 9.6e-7; instance boxes <= 6e-7,
+box scale, logits <= 2.5e-6; box head logits <= 3.5e-7, deltas <= 9.6e-7; instance boxes <= 9e-7,
 scores <= 7.9e-7; DensePose 56x56 outputs <= 8.1e-6 (the 9-conv head amplifies pooled differences).
 FLOAT_TOL = 5e-4 is >= 170x the first group's errors, DP_TOL = 1e-3 >= 120x the DensePose ones.
 
@@ -43,8 +43,9 @@ FLOAT_TOL = 5e-4
 DP_TOL = 1e-3
 #: end to end, the share of a box's label pixels allowed to differ (argmax near-ties; see above)
 LABEL_FRACTION = 1e-3
-#: U/V where the labels agree: resampled outputs that are within ~2e-6 (measured <= 1.2e-6)
-UV_TOL = 1e-4
+#: U/V (values ~0.5) where the labels agree: resampled from outputs within ~2e-6 (measured <= 1.7e-6,
+#: 115x below; a pixel given another part's U/V is off by ~0.1)
+UV_TOL = 2e-4
 DP_NAMES = ("coarse_segm", "fine_segm", "u", "v")
 SMALL = DensePoseConfig(min_size=256, max_size=427)
 
