@@ -3,6 +3,10 @@
 Module names mirror detectron2's state dict (``backbone.bottom_up.res2.0.conv1.norm.running_var``...),
 so a checkpoint loads by name. FrozenBN is folded into the convolution after loading
 (:meth:`ConvNorm.fold`): the same affine map, one pass less over every activation.
+
+Sources (detectron2 02b5c4e): ``layers/batch_norm.py:45-66`` (FrozenBatchNorm2d),
+``modeling/backbone/resnet.py`` (``BasicStem`` :344-358, ``BottleneckBlock`` :86-96 and :147, ``make_stage``
+:638), ``modeling/backbone/fpn.py:140-167`` (``FPN.forward``) and :188-200 (``LastLevelMaxPool``).
 """
 
 from __future__ import annotations

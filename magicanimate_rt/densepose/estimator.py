@@ -1,5 +1,10 @@
 """The public entry point: frames in, one :class:`DensePoseResult` per frame out, as detectron2's
-``DefaultPredictor`` followed by ``DensePoseResultExtractor`` computes them."""
+``DefaultPredictor`` followed by ``DensePoseResultExtractor`` computes them.
+
+``predict`` is ``GeneralizedRCNN.inference`` (detectron2 02b5c4e ``modeling/meta_arch/rcnn.py``) for a batch:
+preprocess, backbone, proposals, ROI heads, then ``detector_postprocess`` (``modeling/postprocessing.py:41-58``:
+boxes scaled by float32 factors, clipped, empty ones dropped) and the extractor.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ detectron2 (``densepose/converters``): the box (x, y, w, h) is truncated to inte
 least 1; coarse and fine logits are bilinearly resampled (align_corners=False) straight to (h, w);
 labels = argmax(fine) * (argmax(coarse) > 0); U/V are resampled the same way and each pixel takes
 the U/V of its own part (0 on the background).
+
+Sources (detectron2 02b5c4e, ``projects/DensePose/densepose/``): ``vis/extractor.py:33-39, 88-106``,
+``converters/base.py:92-95`` (``make_int_box``), ``converters/segm_to_mask.py:34-64``,
+``converters/chart_output_to_chart_result.py:20-47, 165-191``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """The DensePose branch: Panoptic-FPN decoder, DensePoseV1ConvXHead and DensePoseChartPredictor
-(``projects/DensePose/densepose/modeling``), module names as in detectron2's state dict."""
+(``projects/DensePose/densepose/modeling``), module names as in detectron2's state dict.
+
+Sources (detectron2 02b5c4e, ``projects/DensePose/densepose/``): ``modeling/roi_heads/roi_head.py:28-86``
+(``Decoder``), :111-123 (the pooler) and :172-186 (``_forward_densepose``), ``modeling/roi_heads/v1convx.py``,
+``modeling/predictors/chart.py:50-95``.
+"""
 
 from __future__ import annotations
 

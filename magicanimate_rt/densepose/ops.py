@@ -5,6 +5,11 @@ Why our own: torchvision's wheels do not match the torch build here, and the nex
 graphs to ONNX, where a custom C++ op does not travel. RoIAlign is vectorised over boxes
 (one ``grid_sample`` per image); NMS loops only over a boolean IoU matrix (see :func:`nms`). Box coordinates, sample positions and
 IoUs are float32 whatever the feature dtype (float16 cannot hold 1333 px boxes to a pixel).
+
+Sources: torchvision 0.28 ``csrc/ops/cpu/roi_align_kernel.cpp`` (+ ``roi_align_common.h``,
+``pre_calc_for_bilinear_interpolate``), ``csrc/ops/cpu/nms_kernel.cpp`` (``nms_kernel_impl``),
+``ops/boxes.py`` (``batched_nms``); detectron2 ``modeling/box_regression.py:91-116`` (``apply_deltas``),
+``structures/boxes.py:183-197`` (``Boxes.clip``, ``nonempty``).
 """
 
 from __future__ import annotations

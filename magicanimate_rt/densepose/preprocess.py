@@ -1,5 +1,10 @@
 """detectron2's ``DefaultPredictor`` preprocessing: ResizeShortestEdge with PIL, BGR, mean, padding.
 
+Sources (detectron2 02b5c4e): ``engine/defaults.py:322-352`` (``DefaultPredictor.__call__``),
+``data/transforms/augmentation_impl.py:181-200`` (``get_output_shape``), ``data/transforms/transform.py:117-123``
+(``ResizeTransform.apply_image``), ``modeling/meta_arch/rcnn.py:228`` (normalisation),
+``structures/image_list.py:100-129`` (``ImageList.from_tensors`` padding).
+
 The resize is Pillow's own ``Image.resize(BILINEAR)`` (detectron2's ``ResizeTransform`` calls it):
 an antialiased triangle filter in fixed-point uint8 arithmetic that no torch/cv2 resize reproduces,
 and Pillow is already our dependency, so we call it rather than imitate it.

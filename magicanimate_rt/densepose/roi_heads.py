@@ -1,5 +1,10 @@
 """detectron2's StandardROIHeads box branch at test time: multi-level ROIAlign pooler,
-FastRCNNConvFCHead (2 fc), FastRCNNOutputLayers and ``fast_rcnn_inference``."""
+FastRCNNConvFCHead (2 fc), FastRCNNOutputLayers and ``fast_rcnn_inference``.
+
+Sources (detectron2 02b5c4e): ``modeling/roi_heads/roi_heads.py:780-815`` (``_forward_box``),
+``modeling/poolers.py:51-57`` (``assign_boxes_to_levels``) and :163-176, ``modeling/roi_heads/box_head.py``,
+``modeling/roi_heads/fast_rcnn.py:137-164`` (``fast_rcnn_inference_single_image``), :142 and :568 (softmax).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""detectron2's RPN at test time: StandardRPNHead, DefaultAnchorGenerator, ``find_top_rpn_proposals``."""
+"""detectron2's RPN at test time: StandardRPNHead, DefaultAnchorGenerator, ``find_top_rpn_proposals``.
+
+Sources (detectron2 02b5c4e): ``modeling/proposal_generator/rpn.py`` (``StandardRPNHead``, the output layout
+:458-465, ``_decode_proposals``), ``modeling/anchor_generator.py:40-50, 181-214``,
+``modeling/proposal_generator/proposal_utils.py:22-135``, ``modeling/box_regression.py:91-116``.
+"""
 
 from __future__ import annotations
 
