@@ -492,16 +492,17 @@ def cmd_check_models(args) -> int:
 
 def _check_densepose_weights(path: Path) -> tuple[bool, str]:
     """(usable, one line describing the DensePose checkpoint or its problem), for check-models."""
-    from .densepose.weights import CheckpointError, check_densepose_state, read_checkpoint
+    from .densepose.model import resnet_depth, validate_state_dict
+    from .densepose.weights import CheckpointError, read_checkpoint
 
     try:
         state = read_checkpoint(path)
-        depth = check_densepose_state(state, path)
+        depth = resnet_depth(validate_state_dict(state, path)[1])
     except CheckpointError as e:
         return False, f"densepose weights: problem: {e}"
     values = sum(int(v.size) for v in state.values())
     dtypes = ", ".join(sorted({str(v.dtype) for v in state.values()}))
-    return True, (f"densepose weights: {path}: DensePose R-CNN R-{depth} FPN, {len(state)} arrays, {values:,} values "
+    return True, (f"densepose weights: {path}: DensePose R-CNN {depth} FPN, {len(state)} arrays, {values:,} values "
                   f"({dtypes})")
 
 
@@ -549,7 +550,8 @@ def cmd_densepose(args) -> int:
     """Check every argument, the video (it opens and has a frame) and the weights (read safely: a
     DensePose R-CNN) before the model is built, then stream the video through it (densepose/video.py)."""
     from .densepose.video import PrepareSettings, prepare_driving_video
-    from .densepose.weights import check_densepose_state, read_checkpoint
+    from .densepose.model import resnet_depth, validate_state_dict
+    from .densepose.weights import read_checkpoint
     from .runtime.media import iter_video_frames
 
     settings = PrepareSettings(size=_densepose_size(args), fit=args.fit, fps=args.fps, start_frame=args.start_frame,
@@ -567,12 +569,13 @@ def cmd_densepose(args) -> int:
     next(frames)  # a non-video or a video with no frame fails here, in one line
     frames.close()
     t0 = time.perf_counter()
-    depth = check_densepose_state(read_checkpoint(args.weights), args.weights)
+    state = read_checkpoint(args.weights)  # read once; checked against the model before it is built
+    depth = resnet_depth(validate_state_dict(state, args.weights)[1])
 
     from .densepose.estimator import DensePoseEstimator
 
-    estimator = DensePoseEstimator.from_checkpoint(args.weights, device=args.device, dtype=args.dtype)
-    _log(f"loaded DensePose R-CNN R-{depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
+    estimator = DensePoseEstimator.from_state_dict(state, args.weights, device=args.device, dtype=args.dtype)
+    _log(f"loaded DensePose R-CNN {depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
     summary = prepare_driving_video(args.video, output, estimator, settings, save_iuv=args.save_iuv, progress=True)
     _log(f"wrote {output}" + (f" and {args.save_iuv}" if args.save_iuv else "") + f": {summary.describe()}")
     return 0

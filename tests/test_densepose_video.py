@@ -282,7 +282,7 @@ def test_cli_bad_inputs(tmp_path, capsys):
         ((empty, "--weights", other), "contains no frames"),
         ((tmp_path / "missing.mp4", "--weights", other), "no such file"),
         ((video, "--weights", tmp_path / "missing.pkl"), "missing.pkl: no such file"),
-        ((video, "--weights", other), "other.pkl: not DensePose R-CNN weights"),
+        ((video, "--weights", other), "other.pkl: not a DensePose R-CNN checkpoint"),
         ((video, "--weights", truncated), "truncated.pkl: truncated"),
         ((video, "--weights", evil), "evil.pkl: refused"),
         ((video, "--weights", other, "--fps", "0"), "--fps must be"),
@@ -323,7 +323,6 @@ def test_cli_end_to_end_real_estimator(tmp_path, shared_dir, densepose_weights):
     """The real command, defaults (the input's own size), on the conformance weights and the person
     video's first frame: the picture is detectron2's (video_default.npz frame 0) up to the port's float
     differences and H.264. ~55 s on 2 busy cores (the network runs at 1333x750)."""
-    pytest.importorskip("magicanimate_rt.densepose.estimator")
     out, iuv = tmp_path / "dp.mp4", tmp_path / "dp.npz"
     proc = subprocess.run([sys.executable, "-m", "magicanimate_rt.cli", "densepose",
                            str(shared_dir / "samples" / "person" / "input_video.mp4"), "--weights",

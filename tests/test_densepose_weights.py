@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from magicanimate_rt.densepose.weights import CheckpointError, check_densepose_state, read_checkpoint
+from magicanimate_rt.densepose.model import validate_state_dict
+from magicanimate_rt.densepose.weights import CheckpointError, read_checkpoint
 from magicanimate_rt.errors import ModelLoadError
 
 STATE = {"backbone.bottom_up.stem.conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
@@ -107,8 +108,8 @@ def test_bad_files(tmp_path):
 
 
 def test_weights_of_another_model(tmp_path):
-    with pytest.raises(CheckpointError, match=r"x\.pkl: not DensePose R-CNN weights \(no backbone\.bottom_up"):
-        check_densepose_state({"conv_in.weight": np.zeros(1)}, tmp_path / "x.pkl")
+    with pytest.raises(CheckpointError, match=r"x\.pkl: not a DensePose R-CNN checkpoint \(not a detectron2 model"):
+        validate_state_dict({"conv_in.weight": np.zeros(1)}, tmp_path / "x.pkl")
 
 
 def test_conformance_weights_round_trip(densepose_weights):
@@ -119,9 +120,4 @@ def test_conformance_weights_round_trip(densepose_weights):
         plain = pickle.load(f)["model"]
     assert len(state) == 335 and sum(v.size for v in state.values()) == 63_927_330
     _same(state, plain)
-    assert check_densepose_state(state, densepose_weights) == 50
-    # 23 res4 blocks
-    deeper = dict(state)
-    for b in range(6, 23):
-        deeper[f"backbone.bottom_up.res4.{b}.conv1.weight"] = state["backbone.bottom_up.res4.1.conv1.weight"]
-    assert check_densepose_state(deeper, densepose_weights) == 101
+    assert validate_state_dict(state, densepose_weights)[1] == (3, 4, 6, 3)  # R-50 (R-101: test_densepose_model)

@@ -5,6 +5,8 @@ computing what detectron2's ``DefaultPredictor`` + ``DensePoseResultExtractor`` 
 ``DensePoseResultsFineSegmentationVisualizer`` compute (vid2densepose's recipe), without detectron2.
 """
 
+from .estimator import DensePoseEstimator
 from .result import DensePoseResult
+from .weights import CheckpointError
 
-__all__ = ["DensePoseResult"]
+__all__ = ["CheckpointError", "DensePoseEstimator", "DensePoseResult"]

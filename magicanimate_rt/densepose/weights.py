@@ -11,7 +11,7 @@ Two formats, both read to ``{detectron2 state_dict name: numpy array}``:
 
 Every problem is a :class:`CheckpointError` whose message is one line naming the file: missing,
 a Git LFS pointer instead of the weights, truncated, a pickle that asks for code, not a checkpoint,
-no arrays in it, or (:func:`check_densepose_state`) the weights of another model.
+no arrays in it; whether they are DensePose R-CNN weights is the model's check (``model.validate_state_dict``).
 """
 
 from __future__ import annotations
@@ -41,18 +41,6 @@ _ALLOWED = {
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
-# Keys every DensePose R-CNN (R_50/R_101 FPN) state dict has, one per part of the network: a file
-# without them holds another model's weights.
-_SIGNATURE = (
-    "backbone.bottom_up.stem.conv1.weight",
-    "backbone.fpn_lateral2.weight",
-    "proposal_generator.rpn_head.conv.weight",
-    "roi_heads.box_predictor.cls_score.weight",
-    "roi_heads.densepose_head.body_conv_fcn1.weight",
-    "roi_heads.densepose_predictor.index_uv_lowres.weight",
-)
-#: ResNet depth by the number of res4 blocks (detectron2 resnet.py: 6 -> R-50, 23 -> R-101)
-_DEPTH_BY_RES4_BLOCKS = {6: 50, 23: 101}
 
 
 class CheckpointError(ModelLoadError, ValueError):
@@ -158,20 +146,3 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: empty checkpoint (no arrays in it)")
     return state
 
-
-def check_densepose_state(state: dict[str, np.ndarray], path: str | Path) -> int:
-    """The ResNet depth (50 or 101) of a DensePose R-CNN state dict; :class:`CheckpointError` naming
-    ``path`` and a missing key when it holds another model's weights. Cheap (names only), so a
-    command can refuse a wrong file before building any network; the estimator still checks every
-    key and shape when it loads."""
-    missing = [k for k in _SIGNATURE if k not in state]
-    if missing:
-        example = next(iter(state))
-        raise CheckpointError(f"{path}: not DensePose R-CNN weights (no {missing[0]}; {len(state)} arrays such as "
-                              f"{example})")
-    res4 = {k.split(".")[3] for k in state if k.startswith("backbone.bottom_up.res4.")}
-    depth = _DEPTH_BY_RES4_BLOCKS.get(len(res4))
-    if depth is None:
-        raise CheckpointError(f"{path}: a ResNet with {len(res4)} res4 blocks; DensePose R-CNN R_50 has 6, "
-                              f"R_101 23")
-    return depth

@@ -1,0 +1,103 @@
+"""The public entry point: frames in, one :class:`DensePoseResult` per frame out, as detectron2's
+``DefaultPredictor`` followed by ``DensePoseResultExtractor`` computes them.
+
+``predict`` is ``GeneralizedRCNN.inference`` (detectron2 02b5c4e ``modeling/meta_arch/rcnn.py``) for a batch:
+preprocess, backbone, proposals, ROI heads, then ``detector_postprocess`` (``modeling/postprocessing.py:41-58``:
+boxes scaled by float32 factors, clipped, empty ones dropped) and the extractor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DensePoseConfig
+from .extractor import extract
+from .head import upsample
+from .model import DensePoseRCNN
+from .ops import clip_boxes, nonempty
+from .preprocess import network_input, resize_frames
+from .result import DensePoseResult
+from .weights import read_checkpoint
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+class DensePoseEstimator:
+    """DensePose R-CNN on frames. Build with :meth:`from_checkpoint`; call :meth:`predict`.
+
+    The network computes in ``dtype`` (float32 on the CPU; float16/bfloat16 are meant for CUDA);
+    box decoding, softmax, NMS, RoIAlign sampling and the extractor are float32 whatever it is.
+    The estimator takes the model over (moves and casts it in place).
+    """
+
+    def __init__(self, model: DensePoseRCNN, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        self.model = model.to(self.device, self.dtype)
+        self.cfg = model.cfg
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                        min_size: int = 800, max_size: int = 1333) -> "DensePoseEstimator":
+        """Load detectron2's ``model_final_162be9.pkl`` (R_50) or an ``_R_101_FPN_s1x`` one: the depth
+        comes from the weights. ``min_size``/``max_size`` are ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``."""
+        return cls.from_state_dict(read_checkpoint(path), path, device, dtype, min_size, max_size)
+
+    @classmethod
+    def from_state_dict(cls, state, source: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "float32", min_size: int = 800,
+                        max_size: int = 1333) -> "DensePoseEstimator":
+        """:meth:`from_checkpoint` on a state dict already read (``read_checkpoint``), e.g. one a
+        command checked with ``validate_state_dict`` first; ``source`` names it in errors."""
+        cfg = DensePoseConfig(min_size=min_size, max_size=max_size)
+        return cls(DensePoseRCNN.from_state_dict(state, source, cfg), device, parse_dtype(dtype))
+
+    @torch.inference_mode()
+    def predict(self, frames: np.ndarray) -> list[DensePoseResult]:
+        """(H, W, 3) or (N, H, W, 3) uint8 RGB frames (one size) -> one result per frame, in one forward."""
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames: need (H, W, 3) or (N, H, W, 3) uint8 RGB, got {frames.dtype} {frames.shape}")
+        if frames.shape[0] == 0:
+            return []
+        height, width = frames.shape[1:3]
+        resized = resize_frames(frames, self.cfg)[..., ::-1]  # the network sees BGR
+        image_size = resized.shape[1:3]
+        x = network_input(resized, self.cfg, self.device, self.dtype)
+        m = self.model
+        feats = m.features(x)
+        dets = m.detect(feats, m.proposals(feats, image_size), image_size)
+        maps = upsample(m.densepose_lowres(feats, [d[0] for d in dets]))
+        # detector_postprocess: scale to the frame (float32 factors), clip, drop empty boxes
+        sx = torch.tensor(width / image_size[1], dtype=torch.float32)
+        sy = torch.tensor(height / image_size[0], dtype=torch.float32)
+        results, start = [], 0
+        for boxes, scores, _ in dets:
+            sl = slice(start, start + len(boxes))
+            start += len(boxes)
+            boxes = boxes.float().cpu() * torch.stack([sx, sy, sx, sy])
+            boxes = clip_boxes(boxes, height, width)
+            keep = nonempty(boxes)
+            boxes, scores = boxes[keep], scores.float().cpu()[keep]
+            labels, uv = extract(tuple(t[sl][keep.to(t.device)] for t in maps), boxes)
+            results.append(DensePoseResult(boxes=boxes.numpy(), scores=scores.numpy(), labels=labels, uv=uv))
+        return results
+
+    def render(self, result: DensePoseResult, height: int, width: int) -> np.ndarray:
+        """vid2densepose's picture of one result: (height, width, 3) uint8 RGB."""
+        from .render import render_frame
+
+        return render_frame(result, height, width)
