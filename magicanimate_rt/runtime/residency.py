@@ -38,16 +38,14 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
 from ..errors import InputError
+from ..stage_names import PHASE_WEIGHTS, WEIGHTS
 from .sampling import LoopPlan, loop_working_bytes, plan_loop
 from .stages import FF_CHUNK_TOKENS, MemoryModel
 
-#: the stages whose weights live on the device, and the phases that need each
-PHASE_STAGES = {
-    "reference": ("vae", "appearance_encoder"),
-    "loop": ("unet", "controlnet"),
-    "decode": ("vae",),
-}
-ALL_STAGES = ("vae", "appearance_encoder", "controlnet", "unet")
+#: the stages whose weights live on the device, and the phases that need each (the
+#: weights of ``stage_names.py``)
+PHASE_STAGES = PHASE_WEIGHTS
+ALL_STAGES = WEIGHTS
 GIB = 2**30
 #: the share of ``--gpu-memory-gb`` the plan's predicted tensors may take: the rest is for
 #: what the prediction does not see (the caching allocator's rounding and fragmentation,
