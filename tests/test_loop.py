@@ -188,3 +188,24 @@ def test_timings_and_compiled_calls_use_the_vocabulary():
     assert [x for x in labels if x[1] not in stage_names.TIMER_LABELS] == []
     calls = literal_calls("_call")
     assert len(calls) >= 6 and [x for x in calls if x[1] not in stage_names.CALLS] == []
+
+
+# --------------------------------------------------------------------------- one ladder
+def test_the_out_of_memory_step_downs_are_the_ladders_rungs():
+    from magicanimate_rt.runtime import pipeline, sampling
+    from magicanimate_rt.runtime.stages import FF_CHUNK_TOKENS
+
+    # the residency ladder ends with the UNet's lean rungs; the step-down takes the last
+    assert sampling.lean_unet_rungs(False) == [(False, None)]
+    assert sampling.lean_unet_rungs(True) == [(False, None), (True, None), (True, FF_CHUNK_TOKENS)]
+    down = LoopPlan(windows_per_call=3, decode_chunk=8).stepped_down(Capabilities(lean_unet=True))
+    assert (down.cfg_sequential, down.ff_chunk) == (True, FF_CHUNK_TOKENS)
+    plain = LoopPlan(windows_per_call=3, decode_chunk=8).stepped_down(Capabilities())
+    assert (plain.cfg_sequential, plain.ff_chunk, plain.windows_per_call) == (False, None, 1)
+    # the decode's step-down (pipeline._decode) reads the same function's decode chunk: a
+    # quarter, and at 1 nothing left to step down to
+    assert down.decode_chunk == 2 and LoopPlan(decode_chunk=1).stepped_down(Capabilities()).decode_chunk == 1
+    # "auto"'s limits: one table, plan_loop's defaults are its CUDA row
+    assert pipeline.AUTO_LIMITS is sampling.AUTO_LIMITS
+    assert sampling.plan_loop(64, 6, None, None) == LoopPlan(windows_per_call=sampling.AUTO_LIMITS["cuda"][0],
+                                                            decode_chunk=sampling.AUTO_LIMITS["cuda"][1])

@@ -39,8 +39,8 @@ from typing import Mapping, Optional
 
 from ..errors import InputError
 from ..stage_names import PHASE_WEIGHTS, WEIGHTS
-from .sampling import LoopPlan, loop_working_bytes, plan_loop
-from .stages import FF_CHUNK_TOKENS, MemoryModel
+from .sampling import LoopPlan, lean_unet_rungs, loop_working_bytes, plan_loop
+from .stages import MemoryModel
 
 #: the stages whose weights live on the device, and the phases that need each (the
 #: weights of ``stage_names.py``)
@@ -202,10 +202,8 @@ def plan_residency(
     small = min(chunk, LEAN_CONTROLNET_CHUNK)
     some = (True, ("appearance_encoder",)) if can_offload else (False, ())
     every = (True, ALL_STAGES) if can_offload else (False, ())
-    rungs = [(False, (), False, None, chunk), (*some, False, None, chunk), (*some, False, None, small),
-             (*every, False, None, small)]
-    if lean_unet:
-        rungs += [(*every, True, None, small), (*every, True, FF_CHUNK_TOKENS, small)]
+    rungs = [(False, (), False, None, chunk), (*some, False, None, chunk), (*some, False, None, small)]
+    rungs += [(*every, *unet, small) for unet in lean_unet_rungs(lean_unet)]
     best = None
     for banks_up_front, offload, cfg_sequential, ff_chunk, cn_chunk in dict.fromkeys(rungs):
         plan = ResidencyPlan(LoopPlan(deep_cache_bytes=deep), banks_up_front, offload, budget_bytes,

@@ -124,6 +124,13 @@ def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtyp
 
 
 # --------------------------------------------------------------------------- planning
+#: the most windows per UNet call and frames per decode call that "auto" picks, per device
+#: type (``plan_loop``'s defaults are CUDA's): larger calls do not pay on the CPU, where one
+#: window already fills both cores and bigger working sets fall out of the caches
+#: (docs/PERFORMANCE.md)
+AUTO_LIMITS = {"cpu": (1, 4), "cuda": (4, 16)}
+
+
 @dataclass(frozen=True)
 class LoopPlan:
     """How one request's work is batched (every plan gives the same result).
@@ -171,11 +178,11 @@ class LoopPlan:
         other and chunked feed-forwards; the ControlNet and decode chunks a quarter), or None when this
         plan is that already. Same function: what the loop does after a CUDA
         out-of-memory error instead of failing."""
-        lean = capabilities.lean_unet
+        cfg_sequential, ff_chunk = lean_unet_rungs(capabilities.lean_unet)[-1]  # the leanest
         down = replace(self, windows_per_call=1, controlnet_residuals="per_window",
                        decode_chunk=max(1, self.decode_chunk // 4), controlnet_chunk=max(1, self.controlnet_chunk // 4),
-                       cfg_sequential=self.cfg_sequential or lean,
-                       ff_chunk=self.ff_chunk if self.ff_chunk is not None or not lean else FF_CHUNK_TOKENS)
+                       cfg_sequential=self.cfg_sequential or cfg_sequential,
+                       ff_chunk=self.ff_chunk if self.ff_chunk is not None else ff_chunk)
         return None if down == self else down
 
     def describe(self) -> str:
@@ -188,6 +195,13 @@ class LoopPlan:
         if self.ff_chunk is not None:
             parts.append(f"feed-forward in chunks of {self.ff_chunk} tokens")
         return ", ".join(parts)
+
+
+def lean_unet_rungs(lean_unet: bool) -> list[tuple[bool, Optional[int]]]:
+    """The UNet's settings (``cfg_sequential``, ``ff_chunk``), cheapest first, on a backend
+    that offers ``set_unet_memory`` (``lean_unet``) or not: the rungs the residency ladder
+    ends with, and whose last the out-of-memory step-down takes."""
+    return [(False, None)] + ([(True, None), (True, FF_CHUNK_TOKENS)] if lean_unet else [])
 
 
 def loop_working_bytes(plan: LoopPlan, memory: MemoryModel, num_frames: int, window: int = 16,
@@ -219,8 +233,8 @@ def plan_loop(
     decode_chunk: Optional[int] = None,
     max_windows_per_call: Optional[int] = None,
     window: int = 16,
-    max_auto_windows: int = 4,
-    max_auto_decode: int = 16,
+    max_auto_windows: int = AUTO_LIMITS["cuda"][0],
+    max_auto_decode: int = AUTO_LIMITS["cuda"][1],
     embed_control: bool = False,
     max_controlnet_chunk: Optional[int] = None,
     max_decode_chunk: Optional[int] = None,
@@ -272,8 +286,15 @@ def plan_loop(
             decode_chunk=decode_chunk or max_auto_decode,
             embed_control_once=embed_control and residuals == "all",
         )
+    return _plan_within(budget_bytes, memory, num_frames, min(cap, max_auto_windows), max_auto_decode, window,
+                        windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk, embed_control)
 
-    m = memory
+
+def _plan_within(budget_bytes: float, m: MemoryModel, num_frames: int, max_windows: int, max_decode: int,
+                 window: int, windows_per_call: Optional[int], controlnet_residuals: str, controlnet_chunk: int,
+                 decode_chunk: Optional[int], embed_control: bool) -> LoopPlan:
+    """:func:`plan_loop`'s choices within a budget (its steps 1 to 3), the explicit settings
+    and the maxima already bounded by the backend's."""
     store_all = (m.residuals_per_frame + (m.control_embedding_per_frame if embed_control else 0)) * num_frames
     cn_call = m.controlnet_per_frame * controlnet_chunk
     if controlnet_residuals == "auto":
@@ -286,12 +307,12 @@ def plan_loop(
 
     if windows_per_call is None:
         windows_per_call = 1
-        for b in range(2, min(cap, max_auto_windows) + 1):
+        for b in range(2, max_windows + 1):
             if loop_bytes(b) <= budget_bytes:
                 windows_per_call = b
     if decode_chunk is None:
         allowed = min(budget_bytes, loop_bytes(windows_per_call))
-        decode_chunk = max(1, min(max_auto_decode, int(allowed // max(m.decode_per_frame, 1))))
+        decode_chunk = max(1, min(max_decode, int(allowed // max(m.decode_per_frame, 1))))
     return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk,
                     embed_control_once=embed_control and controlnet_residuals == "all")
 
