@@ -34,10 +34,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InputError, ModelLoadError
+from ..stage_names import ENGINES
 
 PRECISIONS = ("fp32", "fp16")
-#: the stages in the order a build exports them
-STAGE_NAMES = ("vae_encoder", "appearance_encoder", "controlnet", "unet", "vae_decoder")
+#: the stages in the order a build exports them (the engine files of ``stage_names.py``)
+STAGE_NAMES = ENGINES
 TIMESTEP_DTYPE = "float32"
 
 Dim = Union[int, str]

@@ -33,13 +33,16 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ..stage_names import CALLS
+
 log = logging.getLogger(__name__)
 
 #: the modes ``TorchOptions.compile_mode`` accepts (None: eager)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
-#: the stages a torch backend can compile (``TorchOptions.compile_stages``)
-STAGES = ("vae_encode", "appearance_encoder", "controlnet_embed", "controlnet", "unet", "vae_decode")
+#: the stages a torch backend can compile (``TorchOptions.compile_stages``): every call of
+#: ``stage_names.py``
+STAGES = CALLS
 
 #: the cache file format's version (part of every key)
 FORMAT = 1

@@ -89,9 +89,10 @@ class SamplingMode:
         """How many of the first steps use guidance: ceil(guidance_until * steps)."""
         return steps if self.guidance_until >= 1.0 else math.ceil(self.guidance_until * steps - 1e-9)
 
-    def full_step(self, i: int) -> bool:
-        """Whether step ``i`` runs the whole UNet (with deep-feature reuse, every N-th)."""
-        return self.cache_interval == 1 or i % self.cache_interval == 0
+    def policy(self, steps: int) -> "StepPolicy":
+        """What this mode decides at each of a request's ``steps`` steps."""
+        return StepPolicy(guided_steps=self.guided_steps(steps) if self.guidance_until < 1.0 else None,
+                          cache_interval=self.cache_interval, cache_depth=self.cache_depth)
 
     def describe(self) -> str:
         if self.is_exact and self.steps is None:
@@ -105,6 +106,36 @@ class SamplingMode:
         if self.guidance_until < 1.0:
             parts.append(f"guidance for the first {self.guidance_until:g} of the steps")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """A mode's decisions per step of the loop (``sampling.denoise`` asks them; at the
+    defaults every step is guided and whole: the exact path).
+
+    Fields:
+        guided_steps: steps 0 .. guided_steps - 1 use guidance, the rest the conditional
+            half alone (None: every step; partial guidance, ``guidance_until``).
+        cache_interval: steps ``i % cache_interval == 0`` run the whole UNet and keep each
+            call's deep feature; the others run its shallow part on it (deep-feature reuse).
+        cache_depth: the up blocks the shallow part runs.
+    """
+
+    guided_steps: Optional[int] = None
+    cache_interval: int = 1
+    cache_depth: int = 1
+
+    @property
+    def reuses_deep_features(self) -> bool:
+        return self.cache_interval > 1
+
+    def guided(self, i: int) -> bool:
+        """Whether step ``i`` uses guidance (when the request's guidance is not 1)."""
+        return self.guided_steps is None or i < self.guided_steps
+
+    def whole(self, i: int) -> bool:
+        """Whether step ``i`` runs the whole UNet (else the shallow part on kept features)."""
+        return self.cache_interval <= 1 or i % self.cache_interval == 0
 
 
 PRESETS = {

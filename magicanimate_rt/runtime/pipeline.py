@@ -36,16 +36,10 @@ from .media import FITS, Box, crop_frames, driving_frames, load_source_image
 from .modes import SamplingMode, make_sampler, resolve_mode
 from .cache import ReferenceCache
 from .residency import HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
-from .sampling import LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise, plan_loop
+from .sampling import AUTO_LIMITS, LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise, plan_loop
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
-
-
-#: the most windows per UNet call and frames per decode call that "auto" picks, per device
-#: type: larger calls do not pay on the CPU, where one window already fills both cores and
-#: bigger working sets fall out of the caches (docs/PERFORMANCE.md)
-AUTO_LIMITS = {"cpu": (1, 4), "cuda": (4, 16)}
 
 
 @dataclass(frozen=True)
@@ -515,11 +509,13 @@ class AnimationPipeline:
                 try:
                     part = decode(i, chunk)
                 except torch.OutOfMemoryError:
-                    # out of device memory: a quarter of the chunk, once (each frame decodes alone,
-                    # so the chunking changes nothing but rounding)
-                    if stepped or chunk == 1:
+                    # out of device memory: the decode's plan one rung down, once (the loop's
+                    # step-down, LoopPlan.stepped_down: a quarter of the chunk; each frame
+                    # decodes alone, so the chunking changes nothing but rounding)
+                    lean = None if stepped else LoopPlan(decode_chunk=chunk).stepped_down(self.stages.capabilities)
+                    if lean is None or lean.decode_chunk == chunk:
                         raise
-                    stepped, chunk = True, max(1, chunk // 4)
+                    stepped, chunk = True, lean.decode_chunk
                     empty_device_cache(self.stages.device)
                     continue
                 emit(i, part)

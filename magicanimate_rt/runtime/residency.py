@@ -38,16 +38,14 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
 from ..errors import InputError
-from .sampling import LoopPlan, loop_working_bytes, plan_loop
-from .stages import FF_CHUNK_TOKENS, MemoryModel
+from ..stage_names import PHASE_WEIGHTS, WEIGHTS
+from .sampling import LoopPlan, lean_unet_rungs, loop_working_bytes, plan_loop
+from .stages import MemoryModel
 
-#: the stages whose weights live on the device, and the phases that need each
-PHASE_STAGES = {
-    "reference": ("vae", "appearance_encoder"),
-    "loop": ("unet", "controlnet"),
-    "decode": ("vae",),
-}
-ALL_STAGES = ("vae", "appearance_encoder", "controlnet", "unet")
+#: the stages whose weights live on the device, and the phases that need each (the
+#: weights of ``stage_names.py``)
+PHASE_STAGES = PHASE_WEIGHTS
+ALL_STAGES = WEIGHTS
 GIB = 2**30
 #: the share of ``--gpu-memory-gb`` the plan's predicted tensors may take: the rest is for
 #: what the prediction does not see (the caching allocator's rounding and fragmentation,
@@ -204,10 +202,8 @@ def plan_residency(
     small = min(chunk, LEAN_CONTROLNET_CHUNK)
     some = (True, ("appearance_encoder",)) if can_offload else (False, ())
     every = (True, ALL_STAGES) if can_offload else (False, ())
-    rungs = [(False, (), False, None, chunk), (*some, False, None, chunk), (*some, False, None, small),
-             (*every, False, None, small)]
-    if lean_unet:
-        rungs += [(*every, True, None, small), (*every, True, FF_CHUNK_TOKENS, small)]
+    rungs = [(False, (), False, None, chunk), (*some, False, None, chunk), (*some, False, None, small)]
+    rungs += [(*every, *unet, small) for unet in lean_unet_rungs(lean_unet)]
     best = None
     for banks_up_front, offload, cfg_sequential, ff_chunk, cn_chunk in dict.fromkeys(rungs):
         plan = ResidencyPlan(LoopPlan(deep_cache_bytes=deep), banks_up_front, offload, budget_bytes,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .ddim import DDIMSampler
+from .modes import StepPolicy
 from .stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
 from .timing import StageTimer
 from .windows import context_windows
@@ -123,6 +124,13 @@ def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtyp
 
 
 # --------------------------------------------------------------------------- planning
+#: the most windows per UNet call and frames per decode call that "auto" picks, per device
+#: type (``plan_loop``'s defaults are CUDA's): larger calls do not pay on the CPU, where one
+#: window already fills both cores and bigger working sets fall out of the caches
+#: (docs/PERFORMANCE.md)
+AUTO_LIMITS = {"cpu": (1, 4), "cuda": (4, 16)}
+
+
 @dataclass(frozen=True)
 class LoopPlan:
     """How one request's work is batched (every plan gives the same result).
@@ -170,11 +178,11 @@ class LoopPlan:
         other and chunked feed-forwards; the ControlNet and decode chunks a quarter), or None when this
         plan is that already. Same function: what the loop does after a CUDA
         out-of-memory error instead of failing."""
-        lean = capabilities.lean_unet
+        cfg_sequential, ff_chunk = lean_unet_rungs(capabilities.lean_unet)[-1]  # the leanest
         down = replace(self, windows_per_call=1, controlnet_residuals="per_window",
                        decode_chunk=max(1, self.decode_chunk // 4), controlnet_chunk=max(1, self.controlnet_chunk // 4),
-                       cfg_sequential=self.cfg_sequential or lean,
-                       ff_chunk=self.ff_chunk if self.ff_chunk is not None or not lean else FF_CHUNK_TOKENS)
+                       cfg_sequential=self.cfg_sequential or cfg_sequential,
+                       ff_chunk=self.ff_chunk if self.ff_chunk is not None else ff_chunk)
         return None if down == self else down
 
     def describe(self) -> str:
@@ -187,6 +195,13 @@ class LoopPlan:
         if self.ff_chunk is not None:
             parts.append(f"feed-forward in chunks of {self.ff_chunk} tokens")
         return ", ".join(parts)
+
+
+def lean_unet_rungs(lean_unet: bool) -> list[tuple[bool, Optional[int]]]:
+    """The UNet's settings (``cfg_sequential``, ``ff_chunk``), cheapest first, on a backend
+    that offers ``set_unet_memory`` (``lean_unet``) or not: the rungs the residency ladder
+    ends with, and whose last the out-of-memory step-down takes."""
+    return [(False, None)] + ([(True, None), (True, FF_CHUNK_TOKENS)] if lean_unet else [])
 
 
 def loop_working_bytes(plan: LoopPlan, memory: MemoryModel, num_frames: int, window: int = 16,
@@ -218,8 +233,8 @@ def plan_loop(
     decode_chunk: Optional[int] = None,
     max_windows_per_call: Optional[int] = None,
     window: int = 16,
-    max_auto_windows: int = 4,
-    max_auto_decode: int = 16,
+    max_auto_windows: int = AUTO_LIMITS["cuda"][0],
+    max_auto_decode: int = AUTO_LIMITS["cuda"][1],
     embed_control: bool = False,
     max_controlnet_chunk: Optional[int] = None,
     max_decode_chunk: Optional[int] = None,
@@ -271,8 +286,15 @@ def plan_loop(
             decode_chunk=decode_chunk or max_auto_decode,
             embed_control_once=embed_control and residuals == "all",
         )
+    return _plan_within(budget_bytes, memory, num_frames, min(cap, max_auto_windows), max_auto_decode, window,
+                        windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk, embed_control)
 
-    m = memory
+
+def _plan_within(budget_bytes: float, m: MemoryModel, num_frames: int, max_windows: int, max_decode: int,
+                 window: int, windows_per_call: Optional[int], controlnet_residuals: str, controlnet_chunk: int,
+                 decode_chunk: Optional[int], embed_control: bool) -> LoopPlan:
+    """:func:`plan_loop`'s choices within a budget (its steps 1 to 3), the explicit settings
+    and the maxima already bounded by the backend's."""
     store_all = (m.residuals_per_frame + (m.control_embedding_per_frame if embed_control else 0)) * num_frames
     cn_call = m.controlnet_per_frame * controlnet_chunk
     if controlnet_residuals == "auto":
@@ -285,12 +307,12 @@ def plan_loop(
 
     if windows_per_call is None:
         windows_per_call = 1
-        for b in range(2, min(cap, max_auto_windows) + 1):
+        for b in range(2, max_windows + 1):
             if loop_bytes(b) <= budget_bytes:
                 windows_per_call = b
     if decode_chunk is None:
         allowed = min(budget_bytes, loop_bytes(windows_per_call))
-        decode_chunk = max(1, min(max_auto_decode, int(allowed // max(m.decode_per_frame, 1))))
+        decode_chunk = max(1, min(max_decode, int(allowed // max(m.decode_per_frame, 1))))
     return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk,
                     embed_control_once=embed_control and controlnet_residuals == "all")
 
@@ -321,6 +343,222 @@ def check_deep_cache(stages: Stages, cache_interval: int, cache_depth: int,
     return stages.shallow_skips(cache_depth)
 
 
+def call_windows(num_windows: int, windows_per_call: int, share: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """The UNet calls of every step: each call's windows (indices into the request's
+    windows, consecutive and in order), ``windows_per_call`` at a time over this process's
+    ``share`` of them (all when None). The same every step; a plan that steps down
+    regroups them."""
+    mine = list(range(num_windows) if share is None else share)
+    return [mine[g : g + windows_per_call] for g in range(0, len(mine), windows_per_call)]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One UNet call of a step. Fields: windows (indices into the request's windows);
+    members (their frame indices, device tensors, in order); rows (the members
+    concatenated, B*F indices: a frame of two windows of one call appears twice); with
+    per-window residuals, distinct (the call's frames, each once) and where (where each row
+    finds its residual among them)."""
+
+    windows: tuple[int, ...]
+    members: tuple[Tensor, ...]
+    rows: Tensor
+    distinct: Optional[Tensor] = None
+    where: Optional[Tensor] = None
+
+
+class WindowSchedule:
+    """The windows of one request (``runtime/windows.py``) on the loop's device: each
+    window's frame indices, each frame's visit count, and the UNet calls that run them."""
+
+    def __init__(self, num_frames: int, window: int, overlap: int, device: torch.device, dtype: torch.dtype):
+        self.lists = context_windows(num_frames, window, overlap)
+        self.frames = len(self.lists[0])  # F: frames per window
+        self.windows = [torch.tensor(w, device=device) for w in self.lists]
+        counts = torch.zeros(num_frames, device=device, dtype=dtype)
+        for idx in self.windows:
+            counts.index_add_(0, idx, torch.ones(len(idx), device=device, dtype=dtype))
+        self.counts = counts.view(1, 1, num_frames, 1, 1)
+        self.num_frames = num_frames
+
+    def needed(self, share: Sequence[int]) -> Tensor:
+        """The frames the windows ``share`` read, a boolean (N,) mask on the host (choosing
+        ControlNet chunks from it never syncs the device)."""
+        mask = torch.zeros(self.num_frames, dtype=torch.bool)
+        for k in share:
+            mask[self.lists[k]] = True
+        return mask
+
+    def calls(self, plan: LoopPlan, share: Optional[Sequence[int]] = None) -> list[Call]:
+        """This process's UNet calls under ``plan`` (see :func:`call_windows`)."""
+        out = []
+        for ks in call_windows(len(self.windows), plan.windows_per_call, share):
+            members = tuple(self.windows[k] for k in ks)
+            rows = torch.cat(members)
+            distinct, where = (torch.unique(rows, return_inverse=True)
+                               if plan.controlnet_residuals == "per_window" else (None, None))
+            out.append(Call(tuple(ks), members, rows, distinct, where))
+        return out
+
+
+class OneProcess:
+    """Execution in one process: every window here, each call's predictions added into the
+    running sums window by window as the call returns them."""
+
+    ranks = None
+    share = None
+    needed = None
+
+    def add(self, call: Call, eps_u: Optional[Tensor], eps_c: Tensor, sum_u: Optional[Tensor], sum_c: Tensor):
+        for k, idx in enumerate(call.members):
+            if sum_u is not None:
+                sum_u.index_add_(2, idx, eps_u[k : k + 1].to(sum_u.dtype))
+            sum_c.index_add_(2, idx, eps_c[k : k + 1].to(sum_c.dtype))
+
+    def gather(self, sum_u: Optional[Tensor], sum_c: Tensor, like: Tensor, timer: StageTimer) -> None:
+        """Nothing to gather: the sums are complete."""
+
+    def settle(self, latents: Tensor, timer: StageTimer) -> Tensor:
+        return latents
+
+
+class SplitOverRanks:
+    """Execution over several processes (:class:`~.distributed.Ranks`): this rank runs its
+    contiguous share of the windows and keeps their predictions; after the calls every
+    rank's are all-gathered and added on every rank in window order, one window at a time,
+    as one process adds them; after the update rank 0's latents are kept on every rank."""
+
+    def __init__(self, ranks: "Ranks", schedule: WindowSchedule):
+        self.ranks, self.schedule = ranks, schedule
+        self.share = ranks.share(len(schedule.windows))
+        self.needed = schedule.needed(self.share)  # the ControlNet runs on these frames only
+        self.local: list[Tensor] = []  # this step's predictions, (halves, 4, F, h, w) per window
+
+    def add(self, call: Call, eps_u: Optional[Tensor], eps_c: Tensor, sum_u: Optional[Tensor], sum_c: Tensor):
+        for k in range(len(call.members)):
+            self.local.append(torch.cat([eps_u[k : k + 1], eps_c[k : k + 1]]) if sum_u is not None else eps_c[k : k + 1])
+
+    def gather(self, sum_u: Optional[Tensor], sum_c: Tensor, like: Tensor, timer: StageTimer) -> None:
+        halves = 2 if sum_u is not None else 1
+        with timer.stage("gather"):
+            c, (h, w) = like.shape[1], like.shape[3:]
+            mine = torch.stack(self.local) if self.local else like.new_empty((0, halves, c, self.schedule.frames, h, w))
+            everyone = self.ranks.gather_windows(mine, len(self.schedule.windows))
+        for k, idx in enumerate(self.schedule.windows):  # window order, one window at a time
+            if sum_u is not None:
+                sum_u.index_add_(2, idx, everyone[k, 0:1].to(sum_u.dtype))
+            sum_c.index_add_(2, idx, everyone[k, halves - 1 : halves].to(sum_c.dtype))
+        self.local = []
+
+    def settle(self, latents: Tensor, timer: StageTimer) -> Tensor:
+        with timer.stage("gather"):
+            return self.ranks.broadcast(latents)
+
+
+class DenoiseLoop:
+    """One request's loop state: the stages, the window schedule and its calls under the
+    current plan, the execution (one process or split over ranks), the mode's per-step
+    decisions (:class:`~.modes.StepPolicy`) and, with deep-feature reuse, each call's kept
+    deep feature. :meth:`step` runs one step; :meth:`step_down` regroups after an
+    out-of-memory error. Built once per request: nothing is planned per step."""
+
+    def __init__(self, stages: Stages, control: Tensor, stage_dtype: torch.dtype, schedule: WindowSchedule,
+                 sampler: DDIMSampler, guidance_scale: float, plan: LoopPlan, bank_fn: BankFn,
+                 policy: StepPolicy, execution: Union[OneProcess, SplitOverRanks], timer: StageTimer):
+        self.stages, self.stage_dtype, self.schedule = stages, stage_dtype, schedule
+        self.sampler, self.guidance_scale, self.plan, self.bank_fn = sampler, guidance_scale, plan, bank_fn
+        self.policy, self.execution, self.timer = policy, execution, timer
+        self.guided = guidance_scale != 1.0
+        self.shallow = check_deep_cache(stages, policy.cache_interval, policy.cache_depth, execution.ranks)
+        self.kept: dict[int, Tensor] = {}  # deep-feature reuse: each call's deep feature
+        self.calls = schedule.calls(plan, execution.share)
+        self.stepped = False
+        needed = execution.needed
+        self.embedded = plan.embed_control_once and stages.capabilities.controlnet_in_two_parts
+        if self.embedded and (needed is None or bool(needed.any())):  # the driving frames' embedding, once
+            with timer.stage("controlnet"):
+                control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype, needed)
+        self.control = control
+
+    def residuals(self, call: Call, latents: Tensor, t: Tensor, every: Optional[list[Tensor]],
+                  skips: Optional[int]) -> list[Tensor]:
+        """The ControlNet residuals of ``call``'s rows: picked from ``every`` frame's, or
+        (per-window residuals) computed now for the call's distinct frames."""
+        if every is not None:
+            return [r.index_select(0, call.rows) for r in every]
+        with self.timer.stage("controlnet"):
+            own = controlnet_frames(self.stages, latents, t, self.control, call.distinct, self.plan.controlnet_chunk,
+                                    self.embedded, skips)
+            return [r.index_select(0, call.where) for r in own]
+
+    def unet(self, c: int, call: Call, latents: Tensor, t: Tensor, res: list[Tensor], bank: Sequence[Tensor],
+             guided: bool, whole: bool) -> tuple[Optional[Tensor], Tensor]:
+        """Call ``c``'s UNet predictions (eps_u or None, eps_c), each (B, 4, F, h, w)."""
+        # (1, 4, B*F, h, w) -> (B, 4, F, h, w): window k of the call is batch row k
+        lat = latents.index_select(2, call.rows)[0].unflatten(1, (len(call.members), self.schedule.frames))
+        lat = lat.transpose(0, 1)
+        if self.policy.reuses_deep_features:
+            eps_u, eps_c, self.kept[c] = self.stages.unet_cached(
+                lat, t, res, bank, self.policy.cache_depth, None if whole else self.kept[c], guided)
+            return eps_u, eps_c
+        if guided:
+            return self.stages.unet_guided(lat, t, res, bank)
+        return None, self.stages.unet_cond(lat, t, res, bank)
+
+    def step(self, i: int, t: Tensor, latents: Tensor) -> Tensor:
+        """Step i on ``latents`` -> the next latents (the input is left as it was, so a step
+        that fails for lack of memory can run again)."""
+        timer, execution = self.timer, self.execution
+        guided = self.guided and self.policy.guided(i)
+        whole = self.policy.whole(i)
+        skips = None if whole else self.shallow  # the shallow steps need only the first residuals
+        with timer.stage("appearance_encoder"):
+            bank = self.bank_fn(i, t)
+        stage_latents = latents.to(self.stage_dtype)  # the stages' inputs, cast once per step
+        every = None
+        if self.plan.controlnet_residuals != "per_window" and self.calls:
+            with timer.stage("controlnet"):
+                every = controlnet_all_frames(self.stages, stage_latents, t, self.control, self.plan.controlnet_chunk,
+                                              self.embedded, execution.needed, skips)
+        sum_c = torch.zeros_like(latents)
+        sum_u = torch.zeros_like(latents) if guided else None
+        for c, call in enumerate(self.calls):
+            res = self.residuals(call, stage_latents, t, every, skips)
+            with timer.stage("unet"):
+                eps_u, eps_c = self.unet(c, call, stage_latents, t, res, bank, guided, whole)
+                execution.add(call, eps_u, eps_c, sum_u, sum_c)
+        del every
+        execution.gather(sum_u, sum_c, stage_latents, timer)
+        with timer.stage("scheduler"):
+            eps = sum_c / self.schedule.counts
+            if guided:
+                eps_u = sum_u / self.schedule.counts
+                eps = eps_u + self.guidance_scale * (eps - eps_u)
+            latents = self.sampler.step(i, latents, eps)
+        return execution.settle(latents, timer)
+
+    def step_down(self, on_plan_change: Optional[Callable[[LoopPlan, LoopPlan], None]] = None) -> bool:
+        """After an out-of-memory error: the leanest plan (:meth:`LoopPlan.stepped_down`),
+        its calls and lean UNet settings; False when there is none to go to. Once per
+        request; not with several ranks (the others would wait in a gather), nor with
+        deep-feature reuse (its kept features belong to the old calls)."""
+        if self.stepped or self.execution.ranks is not None or self.policy.reuses_deep_features:
+            return False
+        lean = self.plan.stepped_down(self.stages.capabilities)
+        if lean is None:
+            return False
+        self.stepped = True
+        self.kept.clear()
+        empty_device_cache(self.schedule.counts.device)
+        if on_plan_change is not None:
+            on_plan_change(self.plan, lean)
+        self.plan = lean
+        if lean.cfg_sequential or lean.ff_chunk is not None:
+            self.stages.set_unet_memory(lean.cfg_sequential, lean.ff_chunk)
+        self.calls = self.schedule.calls(lean, self.execution.share)
+        return True
+
+
 def denoise(
     stages: Stages,
     ref_latent: Tensor,
@@ -343,176 +581,54 @@ def denoise(
     """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window, in
     the stages' dtype; returns the final latents in float32 (float64 for float64 stages).
 
-    Per step t: (1) the bank from the reference latent (``bank_fn(i, t)`` when given, e.g.
-    a cache lookup); (2) ControlNet residuals for all frames; (3) for each window the
-    UNet's two CFG halves (one guided call), added into per-frame running sums, then
-    divided by each frame's visit count; (4) guidance eps = eps_u + g (eps_c - eps_u);
-    (5) one DDIM update. With g == 1 only the conditional half is computed (the guidance
-    formula then gives eps_c).
+    Per step t (:meth:`DenoiseLoop.step`): (1) the bank from the reference latent
+    (``bank_fn(i, t)`` when given, e.g. a cache lookup); (2) ControlNet residuals for all
+    frames; (3) for each window the UNet's two CFG halves (one guided call), added into
+    per-frame running sums, then divided by each frame's visit count; (4) guidance
+    eps = eps_u + g (eps_c - eps_u); (5) one DDIM update. With g == 1 only the conditional
+    half is computed (the guidance formula then gives eps_c).
 
     ``control`` (N, 3, H, W) is in [0, 1] or uint8 (see :func:`control_slice`). ``plan``
     batches the work (default: one window per call, residuals of all frames, chunks of
     ``controlnet_chunk``); every plan gives the same sums: each window's predictions are
     added in window order, one window at a time, whatever call computed them.
 
-    ``ranks`` (:class:`~.distributed.Ranks`, several processes on one clip): this process
-    runs only its share of the windows (and the ControlNet only on the frames they need);
-    every rank's predictions are gathered and added on every rank in window order, as one
-    process adds them, and rank 0's latents are kept on every rank after each step.
+    ``ranks`` (:class:`~.distributed.Ranks`, several processes on one clip): the loop runs
+    :class:`SplitOverRanks` instead of :class:`OneProcess` (same sums, same latents).
 
-    Opt-in approximations (``runtime/modes.py``; at their defaults the loop is exactly the
-    path above): ``guided_steps``: only the first that many steps use guidance, the rest
-    the conditional half alone; ``cache_interval`` > 1: steps ``i % cache_interval != 0``
-    run the UNet's shallow part (depth ``cache_depth``) on each call's deep feature kept
-    from the last whole step, and the ControlNet only up to the residuals it reads.
-    ``sampler`` may be any object with DDIMSampler's ``timestep_tensors`` and ``step``.
+    Opt-in approximations (``runtime/modes.py``, :class:`~.modes.StepPolicy`; at their
+    defaults the loop is exactly the path above): ``guided_steps``: only the first that many
+    steps use guidance; ``cache_interval`` > 1: steps ``i % cache_interval != 0`` run the
+    UNet's shallow part (depth ``cache_depth``) on each call's deep feature kept from the
+    last whole step, and the ControlNet only up to the residuals it reads. ``sampler`` may
+    be any object with DDIMSampler's ``timestep_tensors`` and ``step``.
 
     Out of device memory (``torch.OutOfMemoryError``) in a step, the loop steps the plan
-    down once (:meth:`LoopPlan.stepped_down`), tells ``on_plan_change(old, new)`` and runs
+    down once (:meth:`DenoiseLoop.step_down`), tells ``on_plan_change(old, new)`` and runs
     the step again; a second one propagates.
     """
     timer = timer or StageTimer(latents.device)
-    plan = plan or LoopPlan(controlnet_chunk=controlnet_chunk)
     # The step state (latents, running sums, guidance) is at least float32 whatever the
     # stages' dtype: guidance multiplies (eps_c - eps_u) by g, which would amplify
     # half-precision rounding. Only the stage inputs are cast.
     stage_dtype = latents.dtype
     latents = latents.to(torch.promote_types(stage_dtype, torch.float32))
-    n = latents.shape[2]
-    device = latents.device
-    win = context_windows(n, stages.window, overlap)
-    f = len(win[0])
-    windows = [torch.tensor(w, device=device) for w in win]
-    counts = torch.zeros(n, device=device, dtype=latents.dtype)
-    for idx in windows:
-        counts.index_add_(0, idx, torch.ones(len(idx), device=device, dtype=latents.dtype))
-    counts = counts.view(1, 1, n, 1, 1)
-    guided = guidance_scale != 1.0
-    reuse = cache_interval > 1
-    shallow = check_deep_cache(stages, cache_interval, cache_depth, ranks)
-    kept: dict[int, Tensor] = {}  # deep-feature reuse: each call's (group's) deep feature
-
-    # Calls: groups of consecutive windows, their frames concatenated (B*F indices; a frame
-    # of two windows of one group appears twice), and for per-window residuals the group's
-    # distinct frames and where each row finds its residual among them.
-    share = range(len(windows)) if ranks is None else ranks.share(len(windows))
-    mine = [windows[k] for k in share]
-
-    def call_groups(plan: LoopPlan):
-        per_window = plan.controlnet_residuals == "per_window"
-        groups = []
-        for g in range(0, len(mine), plan.windows_per_call):
-            members = mine[g : g + plan.windows_per_call]
-            rows = torch.cat(members)
-            distinct, where = (torch.unique(rows, return_inverse=True) if per_window else (None, None))
-            groups.append((members, rows, distinct, where))
-        return groups
-
-    groups = call_groups(plan)
-    needed = None  # with several ranks: the frames this rank's windows read
-    if ranks is not None:
-        # on the host, from the window lists: choosing chunks from it never syncs the device
-        needed = torch.zeros(n, dtype=torch.bool)
-        for k in share:
-            needed[list(win[k])] = True
-    embedded = plan.embed_control_once and stages.capabilities.controlnet_in_two_parts
-    if embedded and (needed is None or bool(needed.any())):  # the driving frames' embedding, once for all steps
-        with timer.stage("controlnet"):
-            control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype, needed)
-
+    schedule = WindowSchedule(latents.shape[2], stages.window, overlap, latents.device, latents.dtype)
     if bank_fn is None:
         def bank_fn(i: int, t: Tensor) -> Sequence[Tensor]:
             return stages.bank(ref_latent, t)
 
-    def one_step(i: int, t: Tensor, latents: Tensor, plan: LoopPlan, groups) -> Tensor:
-        """Step i on ``latents`` -> the next latents (the input is left as it was, so a
-        step that fails for lack of memory can run again)."""
-        guided = all_guided and (guided_steps is None or i < guided_steps)
-        halves = 2 if guided else 1
-        whole = not reuse or i % cache_interval == 0
-        skips = None if whole else shallow  # the shallow steps need only the first residuals
-        per_window = plan.controlnet_residuals == "per_window"
-        with timer.stage("appearance_encoder"):
-            bank = bank_fn(i, t)
-        stage_latents = latents.to(stage_dtype)  # the stages' inputs, cast once per step
-        residuals = None
-        if not per_window and mine:
-            with timer.stage("controlnet"):
-                residuals = controlnet_all_frames(stages, stage_latents, t, control, plan.controlnet_chunk, embedded,
-                                                  needed, skips)
-        sum_c = torch.zeros_like(latents)
-        sum_u = torch.zeros_like(latents) if guided else None
-        local: list[Tensor] = []  # with several ranks: this rank's predictions, (halves, 4, F, h, w) per window
-        for g_index, (members, rows, distinct, where) in enumerate(groups):
-            b = len(members)
-            if per_window:
-                with timer.stage("controlnet"):
-                    own = controlnet_frames(stages, stage_latents, t, control, distinct, plan.controlnet_chunk,
-                                            embedded, skips)
-                    res = [r.index_select(0, where) for r in own]
-            else:
-                res = [r.index_select(0, rows) for r in residuals]
-            with timer.stage("unet"):
-                # (1, 4, B*F, h, w) -> (B, 4, F, h, w): window k of the call is batch row k
-                lat = stage_latents.index_select(2, rows)[0].unflatten(1, (b, f)).transpose(0, 1)
-                if reuse:
-                    eps_u, eps_c, kept[g_index] = stages.unet_cached(
-                        lat, t, res, bank, cache_depth, None if whole else kept[g_index], guided)
-                elif guided:
-                    eps_u, eps_c = stages.unet_guided(lat, t, res, bank)
-                else:
-                    eps_c = stages.unet_cond(lat, t, res, bank)
-                for k, idx in enumerate(members):
-                    if ranks is not None:
-                        local.append(torch.cat([eps_u[k : k + 1], eps_c[k : k + 1]]) if guided else eps_c[k : k + 1])
-                        continue
-                    if guided:
-                        sum_u.index_add_(2, idx, eps_u[k : k + 1].to(sum_u.dtype))
-                    sum_c.index_add_(2, idx, eps_c[k : k + 1].to(sum_c.dtype))
-        del residuals
-        if ranks is not None:
-            with timer.stage("gather"):
-                c, (h, w) = latents.shape[1], latents.shape[3:]
-                mine_eps = torch.stack(local) if local else stage_latents.new_empty((0, halves, c, f, h, w))
-                everyone = ranks.gather_windows(mine_eps, len(windows))
-            for k, idx in enumerate(windows):  # window order, one window at a time: as one process adds them
-                if guided:
-                    sum_u.index_add_(2, idx, everyone[k, 0:1].to(sum_u.dtype))
-                sum_c.index_add_(2, idx, everyone[k, halves - 1 : halves].to(sum_c.dtype))
-            del everyone, local
-        with timer.stage("scheduler"):
-            eps = sum_c / counts
-            if guided:
-                eps_u = sum_u / counts
-                eps = eps_u + guidance_scale * (eps - eps_u)
-            latents = sampler.step(i, latents, eps)
-        if ranks is not None:
-            with timer.stage("gather"):
-                latents = ranks.broadcast(latents)
-        return latents
-
-    all_guided = guided
-    stepped = False
+    loop = DenoiseLoop(stages, control, stage_dtype, schedule, sampler, guidance_scale,
+                       plan or LoopPlan(controlnet_chunk=controlnet_chunk), bank_fn,
+                       StepPolicy(guided_steps, cache_interval, cache_depth),
+                       OneProcess() if ranks is None else SplitOverRanks(ranks, schedule), timer)
     for i, t in enumerate(sampler.timestep_tensors):
         try:
-            latents = one_step(i, t, latents, plan, groups)
+            latents = loop.step(i, t, latents)
         except torch.OutOfMemoryError:
-            # Out of device memory: step down once to the leanest plan and run the step again
-            # (same function). Not with several ranks (the others would wait in a gather),
-            # nor with deep-feature reuse (its kept features belong to the old groups).
-            lean = None if stepped or ranks is not None or reuse else plan.stepped_down(stages.capabilities)
-            if lean is None:
+            if not loop.step_down(on_plan_change):
                 raise
-            stepped = True
-            kept.clear()
-            empty_device_cache(device)
-            if on_plan_change is not None:
-                on_plan_change(plan, lean)
-            plan = lean
-            if plan.cfg_sequential or plan.ff_chunk is not None:
-                stages.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
-            groups = call_groups(plan)
-            latents = one_step(i, t, latents, plan, groups)
+            latents = loop.step(i, t, latents)  # same function, leaner plan: the step again
         if on_step is not None:
             on_step(i)
     return latents  # the step state's dtype (float32, or float64 for float64 stages)

@@ -2,7 +2,8 @@
 
 On the CPU a stage's time is wall-clock around the call. On CUDA the helper records
 events on the current stream and resolves them once, at the end (``totals()``), so timing
-never synchronises the host inside the denoising loop.
+never synchronises the host inside the denoising loop. Stages are labelled with the one
+vocabulary of ``stage_names.py`` (:data:`LABELS`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+
+from ..stage_names import TIMER_LABELS
+
+#: the labels ``StageTimer.stage`` is called with (tests/test_loop.py checks every call site)
+LABELS = TIMER_LABELS
 
 
 class StageTimer:

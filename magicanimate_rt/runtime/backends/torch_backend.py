@@ -19,6 +19,7 @@ from torch import Tensor
 from ...errors import InputError
 from ...models import ModelSet, load_model_set
 from ...models.layers import ORIGINAL, Arithmetic
+from ...stage_names import WEIGHTS
 from ..compiled import (COMPILE_MODES, STAGES, CompileCache, CompiledCall, CompileKey, backend_name,
                         default_cache_dir, detached_from_graph, environment)
 from ..dtypes import float_torch_dtype
@@ -344,9 +345,7 @@ class TorchStages(Stages):
 
     # ------------------------------------------------------------------ memory
     def _stage_modules(self) -> dict[str, torch.nn.Module]:
-        m = self.models
-        return {"vae": m.vae, "appearance_encoder": m.appearance_encoder, "controlnet": m.controlnet,
-                "unet": m.unet}
+        return {name: getattr(self.models, name) for name in WEIGHTS}  # the model set's modules of those names
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of each stage's parameters and buffers (the text encoder is not here: it
