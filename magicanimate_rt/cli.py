@@ -534,11 +534,12 @@ def cmd_check_models(args) -> int:
     problem loading would raise; exit 0 when the set would load, 2 otherwise. Headers only:
     no weights are read."""
     from .command_line import fail
-    from .models.loading import check_model_set
+    from .models.loading import model_set_report, problems_summary
 
-    ok, lines = check_model_set(args.models)
+    ok, lines, problems = model_set_report(args.models)
     print("\n".join(lines), flush=True)
-    return 0 if ok else fail(PROG, f"{args.models}: the models would not load (problems above)")
+    # the error line names the problem itself: stdout (the report) may be redirected
+    return 0 if ok else fail(PROG, f"{args.models}: the models would not load: {problems_summary(problems)}")
 
 
 def _compare_mode(args):

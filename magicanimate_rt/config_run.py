@@ -81,6 +81,25 @@ KNOWN = set(DEFAULTS) | set(MODEL_KEYS) | {
 
 
 # --------------------------------------------------------------------------- inference_config
+#: the inference_config path of the original's shipped animation.yaml (relative to its repository)
+ORIGINAL_INFERENCE_PATH = "configs/inference/inference.yaml"
+#: the values of the original's shipped configs/inference/inference.yaml (this runtime's fixed
+#: temporal UNet and DDIM settings; REFERENCE): used when a config names that default path and
+#: the file is absent, as when animation.yaml is copied out of the original's repository
+ORIGINAL_INFERENCE: dict[str, Any] = {
+    "unet_additional_kwargs": {
+        "unet_use_cross_frame_attention": False, "unet_use_temporal_attention": False, "use_motion_module": True,
+        "motion_module_resolutions": [1, 2, 4, 8], "motion_module_mid_block": False,
+        "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
+        "motion_module_kwargs": {
+            "num_attention_heads": 8, "num_transformer_block": 1,
+            "attention_block_types": ["Temporal_Self", "Temporal_Self"], "temporal_position_encoding": True,
+            "temporal_position_encoding_max_len": 24, "temporal_attention_dim_div": 1},
+    },
+    "noise_scheduler_kwargs": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"},
+}
+
+
 class _Absent:
     def __repr__(self) -> str:
         return "absent"
@@ -333,8 +352,7 @@ class _Reader:
         """``text`` resolved: absolute as it is, relative against the current directory
         first, then the config's folder; InputError if it is in neither or not a ``kind``."""
         given = Path(os.path.expanduser(text))
-        places = [given] if given.is_absolute() else [Path.cwd() / given, self.folder / given]
-        for place in places:
+        for place in self.places(text):
             if place.exists():
                 found = Path(os.path.abspath(place))
                 ok = found.is_dir() if kind == "directory" else found.is_file()
@@ -343,6 +361,11 @@ class _Reader:
                 return found
         where = "" if given.is_absolute() else f" (looked in {Path.cwd()} and {self.folder})"
         raise self.fail(key, f"{text!r} not found{where}")
+
+    def places(self, text: str) -> list[Path]:
+        """Where a path of the config is looked for, in order (:meth:`existing`)."""
+        given = Path(os.path.expanduser(text))
+        return [given] if given.is_absolute() else [Path.cwd() / given, self.folder / given]
 
     def optional_path(self, key: str) -> Optional[str]:
         value = self.data.get(key)
@@ -489,7 +512,13 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     # the models and the sampler
     inference = r.optional_path("inference_config")
     inference_path = None
-    if inference is not None:
+    if inference is not None and os.path.normpath(inference) == os.path.normpath(ORIGINAL_INFERENCE_PATH) \
+            and not any(p.exists() for p in r.places(inference)):
+        # animation.yaml copied out of the original's repository: its shipped file's values
+        warnings.append(f"config {path}: inference_config {inference!r} not found; using the values of the "
+                        "original's shipped file (this runtime's fixed settings)")
+        warnings += check_inference_config(Path(inference), ORIGINAL_INFERENCE)
+    elif inference is not None:
         inference_path = r.existing("inference_config", inference)
         warnings += check_inference_config(inference_path, read_yaml(inference_path, "inference_config"))
     if models is not None:
