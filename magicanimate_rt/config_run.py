@@ -45,7 +45,7 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -54,6 +54,8 @@ import numpy as np
 from .command_line import EXIT_INTERRUPTED
 from .errors import DistributedError, InputError, user_message
 from .layout import MOTION_CKPT, SD_DIR, VAE_MSE_DIR, component_dirs
+from .runtime.request import DEFAULT_STEPS, AnimationRequest
+from .runtime.request import DEFAULTS as REQUEST_DEFAULTS
 
 #: where runs go without --output-dir (the original writes to samples/ under its cwd)
 DEFAULT_OUTPUT_DIR = Path("samples")
@@ -63,9 +65,12 @@ TIME_FORMAT = "%Y-%m-%dT%H-%M-%S"
 EXIT_SOME_FAILED = 1
 
 #: the defaults of keys a config leaves out: the values of the original's shipped
-#: configs/prompts/animation.yaml (seed: the original's own default, [-1])
+#: configs/prompts/animation.yaml, which are the request's defaults (runtime/request.py;
+#: seed: the original's own default, [-1])
 DEFAULTS: dict[str, Any] = {
-    "seed": [-1], "steps": 25, "guidance_scale": 7.5, "size": 512, "offset": 0, "max_length": None,
+    "seed": [-1], "steps": DEFAULT_STEPS, "guidance_scale": REQUEST_DEFAULTS["guidance_scale"],
+    "size": REQUEST_DEFAULTS["size"], "offset": REQUEST_DEFAULTS["start_frame"],
+    "max_length": REQUEST_DEFAULTS["max_frames"],
     "savename": None, "save_individual_videos": False, "L": 16, "S": 1, "fusion_blocks": "midup",
     "I": 0, "clip": 0, "video_type": "condition", "invert_video": False,
 }
@@ -277,17 +282,35 @@ class Batch:
 
     config_path: Path
     pairs: list[Pair]
-    size: int
-    steps: int
-    guidance_scale: float
-    start_frame: int  #: offset where max_length is set, else 0 (the original's rule)
-    max_length: Optional[int]
+    #: every pair's settings (its inputs and seed are the pair's); start_frame: offset where
+    #: max_length is set, else 0 (the original's rule); max_frames: max_length
+    request: AnimationRequest
     save_individual_videos: bool
     models: Path  #: the models directory (real layout)
     output: Path  #: <output-dir>/<savename or stem-time>
     raw: dict  #: the config as read
     inference_config: Optional[Path] = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.request.size
+
+    @property
+    def steps(self) -> int:
+        return self.request.num_steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.request.guidance_scale
+
+    @property
+    def start_frame(self) -> int:
+        return self.request.start_frame
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return self.request.max_frames
 
     def resolved_config(self, seeds: list[int]) -> dict:
         """The config as run: paths resolved, the models directory's parts, the seeds used."""
@@ -433,7 +456,6 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     """Read and check a config of the original's animation.yaml format (module docstring);
     nothing is loaded or written. ``models`` replaces the config's model paths."""
     from .runtime.backends import PRETRAINED_BACKENDS
-    from .runtime.pipeline import validate_settings
     from .runtime.stages import Stages
 
     path = Path(config)
@@ -463,10 +485,6 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     size, steps, guidance = r.get("size"), r.get("steps"), r.get("guidance_scale")
     if isinstance(guidance, bool):
         raise r.fail("guidance_scale", f"expected a number, got {guidance!r}")
-    try:
-        validate_settings(size, steps, guidance)
-    except InputError as e:
-        raise InputError(f"config {path}: {e}") from None
     actual = data.get("num_actual_inference_steps")
     if actual is not None and not _same_value(actual, steps):
         raise r.fail("num_actual_inference_steps", f"{actual!r} differs from steps ({steps}): skipping the first "
@@ -476,6 +494,11 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     if max_length is None and offset:
         warnings.append(f"config {path}: offset {offset} is ignored without max_length, as in the original "
                         "(set max_length to use it)")
+    try:
+        request = AnimationRequest(size=size, steps=steps, guidance_scale=guidance,
+                                   start_frame=offset if max_length is not None else 0, max_frames=max_length)
+    except InputError as e:
+        raise InputError(f"config {path}: {e}") from None
     individual = r.get("save_individual_videos")
     if not isinstance(individual, bool):
         raise r.fail("save_individual_videos", f"expected true or false, got {individual!r}")
@@ -535,8 +558,7 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     for p in (base, out, out / "videos"):
         if p.exists() and not p.is_dir():
             raise InputError(f"output {p}: exists and is not a directory")
-    return Batch(config_path=path, pairs=pairs, size=size, steps=steps, guidance_scale=float(guidance),
-                 start_frame=offset if max_length is not None else 0, max_length=max_length,
+    return Batch(config_path=path, pairs=pairs, request=replace(request, guidance_scale=float(guidance)),
                  save_individual_videos=individual, models=root, output=out, raw=dict(data),
                  inference_config=inference_path, warnings=warnings)
 
@@ -582,6 +604,7 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, writer: bool, log: 
 
     source = read_source(pair.source, batch.size)
     driving = read_video(pair.video, size=batch.size, start_frame=batch.start_frame, max_frames=batch.max_length)
+    request = replace(batch.request, source=source, driving=driving, seed=seed, start_frame=0, max_frames=None)
     videos = batch.output / "videos"
     folder = videos / pair.name
     made = writer and not folder.exists()
@@ -591,8 +614,7 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, writer: bool, log: 
         except OSError as e:
             raise InputError(f"output {folder}: cannot create it ({e.strerror or e})") from None
     try:
-        animate_to_files(pipe, source, driving, batch.size, batch.steps, batch.guidance_scale, seed,
-                         videos / f"{pair.name}.mp4", folder / "grid.mp4", log=log)
+        animate_to_files(pipe, request, videos / f"{pair.name}.mp4", folder / "grid.mp4", log=log)
         if writer and batch.save_individual_videos:
             write_video(folder / "ctrl.mp4", driving)
             write_video(folder / "orig.mp4", np.broadcast_to(source, driving.shape))

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import record_writes
+
 from magicanimate_rt import cli
 from magicanimate_rt.config_run import ORIGINAL_INFERENCE, check_inference_config, load_batch
 from magicanimate_rt.runtime.media import read_video
@@ -67,24 +69,6 @@ def write(folder: Path, name: str, cfg) -> Path:
     path = folder / name
     path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def record_writes(mp: pytest.MonkeyPatch) -> dict[Path, list[np.ndarray]]:
-    """The frames every VideoWriter is given, by output path. x264 does not always encode
-    the same frames to the same bytes (its threads: a mean difference of ~0.5/255 on the
-    noise-like frames of the random tiny set), so "the same video" is checked on the frames
-    given to the writer, and on the decoded files within that noise."""
-    from magicanimate_rt.runtime.media import VideoWriter
-
-    given: dict[Path, list[np.ndarray]] = {}
-    write = VideoWriter.write
-
-    def recording(self, frames):
-        given.setdefault(self.path.resolve(), []).append(np.array(frames))
-        return write(self, frames)
-
-    mp.setattr(VideoWriter, "write", recording)
-    return given
 
 
 @pytest.fixture(scope="module")
