@@ -451,6 +451,77 @@ def output_name(source_text: str, video_text: str) -> str:
     return f"{os.path.basename(source_text).split('.')[0]}_{Path(video_text).stem}"
 
 
+def _request(r: _Reader, warnings: list[str]) -> AnimationRequest:
+    """Every pair's settings (size, steps, guidance_scale, offset / max_length) as one
+    request, checked as every surface checks it; notes go to ``warnings``."""
+    path, data = r.path, r.data
+    size, steps, guidance = r.get("size"), r.get("steps"), r.get("guidance_scale")
+    if isinstance(guidance, bool):
+        raise r.fail("guidance_scale", f"expected a number, got {guidance!r}")
+    actual = data.get("num_actual_inference_steps")
+    if actual is not None and not _same_value(actual, steps):
+        raise r.fail("num_actual_inference_steps", f"{actual!r} differs from steps ({steps}): skipping the first "
+                     "steps needs inverted latents (the original's img2img), which this runtime does not take")
+    offset = r.integer("offset", 0)
+    max_length = r.integer("max_length", 1, optional=True)
+    if max_length is None and offset:
+        warnings.append(f"config {path}: offset {offset} is ignored without max_length, as in the original "
+                        "(set max_length to use it)")
+    try:
+        request = AnimationRequest(size=size, steps=steps, guidance_scale=guidance,
+                                   start_frame=offset if max_length is not None else 0, max_frames=max_length)
+    except InputError as e:
+        raise InputError(f"config {path}: {e}") from None
+    return replace(request, guidance_scale=float(guidance))
+
+
+def _pairs(r: _Reader, warnings: list[str]) -> list[Pair]:
+    """The (source image, driving video) pairs and their seeds, every file found."""
+    path = r.path
+    sources, videos = r.path_list("source_image"), r.path_list("video_path")
+    if len(sources) != len(videos):
+        raise InputError(f"config {path}: source_image lists {len(sources)} paths but video_path {len(videos)}: "
+                         "they are paired in order and must be as long")
+    seeds = r.get("seed")
+    seeds = [seeds] if not isinstance(seeds, list) else seeds
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise r.fail("seed", f"expected a whole number (-1 draws one) or a list of them, got {s!r}")
+    if len(seeds) == 1:
+        seeds = seeds * len(sources)
+    elif len(seeds) != len(sources):
+        raise r.fail("seed", f"{len(seeds)} seeds for {len(sources)} pairs: give one seed for all or one per pair")
+    pairs = []
+    for i, (s, v, seed) in enumerate(zip(sources, videos, seeds), 1):
+        pairs.append(Pair(i, s, v, r.existing("source_image", s), r.existing("video_path", v), seed,
+                          output_name(s, v)))
+    first: dict[str, int] = {}
+    for p in pairs:
+        if p.name in first:
+            warnings.append(f"config {path}: pairs {first[p.name]} and {p.index} both write videos/{p.name}.mp4; "
+                            "the later replaces the earlier, as in the original")
+        first.setdefault(p.name, p.index)
+    return pairs
+
+
+def _inference_config(r: _Reader, warnings: list[str]) -> Optional[Path]:
+    """The inference_config file found and checked (None: none, or the original's default
+    path absent: its shipped values, with a note); notes go to ``warnings``."""
+    inference = r.optional_path("inference_config")
+    if inference is None:
+        return None
+    if os.path.normpath(inference) == os.path.normpath(ORIGINAL_INFERENCE_PATH) \
+            and not any(p.exists() for p in r.places(inference)):
+        # animation.yaml copied out of the original's repository: its shipped file's values
+        warnings.append(f"config {r.path}: inference_config {inference!r} not found; using the values of the "
+                        "original's shipped file (this runtime's fixed settings)")
+        warnings += check_inference_config(Path(inference), ORIGINAL_INFERENCE)
+        return None
+    found = r.existing("inference_config", inference)
+    warnings += check_inference_config(found, read_yaml(found, "inference_config"))
+    return found
+
+
 def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path] = None,
                backend: str = "torch", now: Optional[datetime.datetime] = None) -> Batch:
     """Read and check a config of the original's animation.yaml format (module docstring);
@@ -482,23 +553,7 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
         if key in data and not _same_value(data[key], DEFAULTS[key]):
             warnings.append(f"config {path}: {key}: {data[key]!r} has no effect (the original never uses it)")
 
-    size, steps, guidance = r.get("size"), r.get("steps"), r.get("guidance_scale")
-    if isinstance(guidance, bool):
-        raise r.fail("guidance_scale", f"expected a number, got {guidance!r}")
-    actual = data.get("num_actual_inference_steps")
-    if actual is not None and not _same_value(actual, steps):
-        raise r.fail("num_actual_inference_steps", f"{actual!r} differs from steps ({steps}): skipping the first "
-                     "steps needs inverted latents (the original's img2img), which this runtime does not take")
-    offset = r.integer("offset", 0)
-    max_length = r.integer("max_length", 1, optional=True)
-    if max_length is None and offset:
-        warnings.append(f"config {path}: offset {offset} is ignored without max_length, as in the original "
-                        "(set max_length to use it)")
-    try:
-        request = AnimationRequest(size=size, steps=steps, guidance_scale=guidance,
-                                   start_frame=offset if max_length is not None else 0, max_frames=max_length)
-    except InputError as e:
-        raise InputError(f"config {path}: {e}") from None
+    request = _request(r, warnings)
     individual = r.get("save_individual_videos")
     if not isinstance(individual, bool):
         raise r.fail("save_individual_videos", f"expected true or false, got {individual!r}")
@@ -507,43 +562,8 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
                                  or str(savename) in ("", ".", "..") or Path(str(savename)).is_absolute()):
         raise r.fail("savename", f"expected a folder name or null, got {savename!r}")
 
-    # the pairs
-    sources, videos = r.path_list("source_image"), r.path_list("video_path")
-    if len(sources) != len(videos):
-        raise InputError(f"config {path}: source_image lists {len(sources)} paths but video_path {len(videos)}: "
-                         "they are paired in order and must be as long")
-    seeds = r.get("seed")
-    seeds = [seeds] if not isinstance(seeds, list) else seeds
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise r.fail("seed", f"expected a whole number (-1 draws one) or a list of them, got {s!r}")
-    if len(seeds) == 1:
-        seeds = seeds * len(sources)
-    elif len(seeds) != len(sources):
-        raise r.fail("seed", f"{len(seeds)} seeds for {len(sources)} pairs: give one seed for all or one per pair")
-    pairs = []
-    for i, (s, v, seed) in enumerate(zip(sources, videos, seeds), 1):
-        pairs.append(Pair(i, s, v, r.existing("source_image", s), r.existing("video_path", v), seed,
-                          output_name(s, v)))
-    first: dict[str, int] = {}
-    for p in pairs:
-        if p.name in first:
-            warnings.append(f"config {path}: pairs {first[p.name]} and {p.index} both write videos/{p.name}.mp4; "
-                            "the later replaces the earlier, as in the original")
-        first.setdefault(p.name, p.index)
-
-    # the models and the sampler
-    inference = r.optional_path("inference_config")
-    inference_path = None
-    if inference is not None and os.path.normpath(inference) == os.path.normpath(ORIGINAL_INFERENCE_PATH) \
-            and not any(p.exists() for p in r.places(inference)):
-        # animation.yaml copied out of the original's repository: its shipped file's values
-        warnings.append(f"config {path}: inference_config {inference!r} not found; using the values of the "
-                        "original's shipped file (this runtime's fixed settings)")
-        warnings += check_inference_config(Path(inference), ORIGINAL_INFERENCE)
-    elif inference is not None:
-        inference_path = r.existing("inference_config", inference)
-        warnings += check_inference_config(inference_path, read_yaml(inference_path, "inference_config"))
+    pairs = _pairs(r, warnings)
+    inference_path = _inference_config(r, warnings)
     if models is not None:
         if not Path(models).is_dir():
             raise InputError(f"--models {models}: directory not found")
@@ -558,8 +578,7 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     for p in (base, out, out / "videos"):
         if p.exists() and not p.is_dir():
             raise InputError(f"output {p}: exists and is not a directory")
-    return Batch(config_path=path, pairs=pairs, request=replace(request, guidance_scale=float(guidance)),
-                 save_individual_videos=individual, models=root, output=out, raw=dict(data),
+    return Batch(config_path=path, pairs=pairs, request=request, save_individual_videos=individual, models=root, output=out, raw=dict(data),
                  inference_config=inference_path, warnings=warnings)
 
 
