@@ -381,7 +381,7 @@ class AnimationPipeline:
         the reference was cached, the plan's step-downs)."""
         st, o, m = self.stages, self.options, request.mode
         plan = residency.loop
-        if st.capabilities.lean_unet:  # this request's settings (restored when it ends)
+        if st.capabilities.lean_unet:  # this request's settings (restored if it fails)
             st.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
         st.begin_request(*request.shape, plan)  # compiled stages: this shape's compile cache
         key = ReferenceCache.key(request.source, st.device, st.dtype)
@@ -445,16 +445,16 @@ class AnimationPipeline:
             self.stages.set_resident(residency.resident(phase))
 
     def _end_request(self, failed: bool) -> None:
-        """The backend's per-request state back to a fresh pipeline's: the compile key ends
-        (what compiled is saved), the lean UNet settings are the backend's own, and after a
-        failed or stopped request every stage's weights are back on the device (after a
-        request that ran to its end they stay where its plan left them: the next request's
-        plan places them, and moving all back could exceed ``gpu_memory_gb``)."""
+        """The end of a request: the compile key ends (what compiled is saved); after a
+        failed or stopped request the backend is as a fresh one: its own lean UNet settings
+        and every stage's weights on the device. After a request that ran to its end they
+        stay as its plan left them (the next request's plan sets both before its first
+        call, and moving every stage back could exceed ``gpu_memory_gb``)."""
         st = self.stages
         try:
             st.end_request()
         finally:
-            if st.capabilities.lean_unet:
+            if failed and st.capabilities.lean_unet:
                 st.set_unet_memory(False, None)
             if failed and st.capabilities.residency:
                 st.set_resident(ALL_STAGES)
