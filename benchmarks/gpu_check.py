@@ -873,10 +873,10 @@ def main(argv=None) -> int:
         print("gpu_check.py: error: torch sees no CUDA GPU here (use --dry-run to check the script on a CPU)",
               file=sys.stderr)
         return 2
-    from magicanimate_rt import demo
+    from magicanimate_rt.layout import cache_dir
 
     shared = args.shared or ROOT.parent / "shared"
-    cache = args.cache or demo.cache_dir() / "gpu-check"
+    cache = args.cache or cache_dir() / "gpu-check"
     cache.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     c = Check(environment("cpu" if args.dry_run else "cuda"), [], [], [], [], [])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from magicanimate_rt.demo import cache_dir
+from magicanimate_rt.layout import cache_dir
 from magicanimate_rt.models.loading import MOTION_CKPT
 from magicanimate_rt.models.presets import PRESETS, preset_configs
 

@@ -144,19 +144,17 @@ def http_job(client, source: Path, driving: Path, fields: dict, deadline: float)
 def measure_overhead(models: Path, client, source: Path, driving: Path, a) -> dict:
     from magicanimate_rt import AnimationPipeline
     from magicanimate_rt.render import animate_to_files
-    from magicanimate_rt.runtime.media import driving_frames, load_source_image
+    from magicanimate_rt.runtime.request import AnimationRequest
 
     fields = {"size": a.size, "steps": a.steps, "max_frames": a.frames, "seed": 0}
-    shape = (a.size, a.size)
+    request = AnimationRequest(source, driving, size=a.size, steps=a.steps, max_frames=a.frames, seed=0)
     out = Path(tempfile.mkdtemp(prefix="overhead-"))
     api, http = [], []
     try:
         with AnimationPipeline.from_pretrained(models) as pipe:
             def api_job():
                 t0 = time.perf_counter()
-                src = load_source_image(source, shape)
-                ctl, _ = driving_frames(driving, shape, 0, a.frames)
-                animate_to_files(pipe, src, ctl, shape, a.steps, 7.5, 0, out / "api.mp4", progress=False)
+                animate_to_files(pipe, request.read_inputs(), out / "api.mp4", progress=False)
                 return time.perf_counter() - t0
 
             api_job(), http_job(client, source, driving, fields, time.monotonic() + 600)  # warm-ups

@@ -5,7 +5,7 @@ so that ``import magicanimate_rt.errors`` (or the CLI's ``--help``) stays cheap.
 """
 
 __version__ = "0.1.0"
-__all__ = ["AnimationPipeline", "AnimationResult", "__version__"]
+__all__ = ["AnimationPipeline", "AnimationRequest", "AnimationResult", "__version__"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from .runtime import pipeline
 
         return getattr(pipeline, name)
+    if name == "AnimationRequest":
+        from .runtime.request import AnimationRequest
+
+        return AnimationRequest
     raise AttributeError(f"module 'magicanimate_rt' has no attribute {name!r}")

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .command_line import OneLineParser, run_command
@@ -44,8 +45,7 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--engines", type=Path, help="engine directory from build_engines.py (instead of --models)")
     src.add_argument("--source", type=Path, required=True, help="source image (any format PIL reads)")
     src.add_argument("--driving", type=Path, required=True, help="DensePose driving video (any format ffmpeg reads)")
-    src.add_argument("--start-frame", type=_positive_int, default=0, help="first driving frame to use (default 0)")
-    src.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
+    add_request_arguments(src, ("start_frame", "max_frames"))
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -105,18 +105,43 @@ def _backend_options(args):
     return _compile_options(args.compile, args)
 
 
-def _add_sampling_mode(parser: argparse.ArgumentParser, title: str, preset_help: str) -> None:
-    """``--preset`` and the knobs of ``runtime/modes.py``, as ``animate`` and ``compare`` take
-    them (read by :func:`_sampling_mode`; None: not given)."""
-    f = parser.add_argument_group(title)
-    f.add_argument("--preset", default=None, help=preset_help)
-    f.add_argument("--sampler", default=None, help="ddim (default, the original) or dpmpp-2m")
-    f.add_argument("--cache-interval", type=_positive_int, default=None,
-                   help="every N-th step runs the whole UNet, the others reuse its deep features (default 1: off)")
-    f.add_argument("--cache-depth", type=_positive_int, default=None,
-                   help="how many of the UNet's last up blocks the reusing steps run (default 1)")
-    f.add_argument("--guidance-until", type=float, default=None,
-                   help="guidance for this fraction of the steps, then the conditional half alone (default 1.0)")
+def add_request_arguments(group, names) -> None:
+    """A flag for each of the request fields ``names``, declared from the field
+    (``runtime/request.py``): its flag (``--<field>``, or the field's own), type, choices,
+    default and help, which ends with the default (``(default ...)``). The parsed value is
+    at the field's name; :func:`_request` makes the request of them."""
+    from .runtime.request import default_text, settings_fields
+
+    declared = {f.name: f for f in settings_fields()}
+    for name in names:
+        f = declared[name]
+        meta = f.metadata
+        flag = meta["flag"] or "--" + name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, dest=name, action="store_true", default=f.default, help=meta["help"])
+            continue
+        kind = int if "int" in f.type else float if "float" in f.type else str
+        # choices are the request's to check (its words on every surface), not argparse's
+        group.add_argument(flag, dest=name, type=kind, default=f.default,
+                           metavar=None if meta["choices"] is None else "{" + ",".join(meta["choices"]) + "}",
+                           help=f"{meta['help']} (default {default_text(f)})")
+
+
+#: the request's fields each surface that animates takes as flags (``--grid`` is a file there)
+SHAPE_FIELDS = ("size", "width", "height", "fit", "crop_output")
+SAMPLING_FIELDS = ("steps", "guidance_scale", "seed")
+MODE_FIELDS = ("preset", "sampler", "cache_interval", "cache_depth", "guidance_until")
+
+
+def _request(args, **inputs):
+    """The :class:`~.runtime.request.AnimationRequest` of the parsed flags (those a command
+    has; the others keep their defaults). Shape errors name the flags (--size, ...)."""
+    from .engines.specs import output_shape
+    from .runtime.request import AnimationRequest, settings_fields
+
+    output_shape(args.size, args.width, args.height, names=("--size", "--width", "--height"))
+    given = {f.name: getattr(args, f.name) for f in settings_fields() if f.metadata["cli"] and hasattr(args, f.name)}
+    return AnimationRequest(**inputs, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,23 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = a.add_argument_group("outputs")
     out.add_argument("--output", type=Path, required=True, help="animation, H.264 mp4 at 25 fps")
     out.add_argument("--grid", type=Path, help="also write the original's [source | driving | result] grid video")
-    s = a.add_argument_group("sampling")
-    s.add_argument("--size", type=int, default=512,
-                   help="output side of a square video in pixels, a multiple of 64 up to 2048 (default 512)")
-    s.add_argument("--width", type=int, default=None,
-                   help="output width in pixels, with --height, instead of --size (e.g. portrait: --width 512 "
-                        "--height 768)")
-    s.add_argument("--height", type=int, default=None, help="output height in pixels, with --width")
-    s.add_argument("--fit", choices=("stretch", "crop", "pad"), default="stretch",
-                   help="inputs of another aspect ratio: stretch (resize, the original; default), crop (the centre, "
-                        "resized) or pad (with edge values, resized)")
-    s.add_argument("--crop-output", action="store_true",
-                   help="with --fit pad: crop the output back to where the driving video's content lies")
-    s.add_argument("--steps", type=int, default=None, help="denoising steps (default 25, or the preset's)")
-    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale >= 1 (default 7.5)")
-    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    _add_sampling_mode(a, "faster, approximately (README 'Faster, approximately'; off by default: the original's "
-                          "function)", "exact (default) or fast; any knob below given overrides it")
+    add_request_arguments(a.add_argument_group("shape and sampling"), SHAPE_FIELDS + SAMPLING_FIELDS)
+    add_request_arguments(a.add_argument_group("faster, approximately (README 'Faster, approximately'; off by "
+                                               "default: the original's function)"), MODE_FIELDS)
     _add_runtime(a)
     a.set_defaults(func=cmd_animate)
 
@@ -176,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("warmup", help="compile the torch stages for one request shape and save them in the compile "
                                       "cache, so later processes at that shape start warm")
     w.add_argument("--models", type=Path, required=True, help="model directory in the real layout (README 'Weights')")
-    w.add_argument("--size", type=int, default=512, help="output side of a square video (default 512)")
-    w.add_argument("--width", type=int, default=None, help="output width in pixels, with --height, instead of --size")
-    w.add_argument("--height", type=int, default=None, help="output height in pixels, with --width")
+    add_request_arguments(w, ("size", "width", "height"))
     w.add_argument("--frames", type=int, default=16,
                    help="driving frames of the requests to warm up for (default 16): with the shape they set the "
                         "plan, whose batches are the compiled shapes")
@@ -212,20 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output-dir", type=Path, required=True,
                      help="gets exact.mp4, other.mp4, side_by_side.mp4 ([exact | other | 4x difference]), "
                           "compare.json and compare.md (created if missing; its parent must exist)")
-    s = k.add_argument_group("the request")
-    s.add_argument("--size", type=int, default=512, help="output side of a square video, a multiple of 64 (default 512)")
-    s.add_argument("--width", type=int, default=None, help="output width in pixels, with --height, instead of --size")
-    s.add_argument("--height", type=int, default=None, help="output height in pixels, with --width")
-    s.add_argument("--steps", type=int, default=None, help="steps of the exact render (default 25)")
-    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale >= 1 (default 7.5)")
-    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    s = k.add_argument_group("the request (--steps: the exact render's)")
+    add_request_arguments(s, ("size", "width", "height") + SAMPLING_FIELDS)
     s.add_argument("--other-steps", type=int, default=None,
                    help="steps of the other render (default: its preset's, else --steps)")
     s.add_argument("--no-warmup", action="store_true",
                    help="skip the short untimed render of each mode before the timed ones (then the exact "
                         "render, first, also pays one-time start-up costs)")
-    _add_sampling_mode(k, "the other settings (README 'Faster, approximately'; give a preset and/or knobs)",
-                       "exact or fast; any knob below given overrides it")
+    add_request_arguments(k.add_argument_group("the other settings (README 'Faster, approximately'; give a preset "
+                                               "and/or knobs)"), MODE_FIELDS)
     _add_runtime(k)
     k.set_defaults(func=cmd_compare)
     return p
@@ -248,24 +252,11 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _run(pipe, source, driving, size, steps, guidance, seed, output: Path, grid: Path | None, box=None, mode=None):
+def _run(pipe, request, output: Path, grid: Path | None, box=None):
     """Animate and write the mp4 (and the grid) with the progress bar and notes (render.py)."""
     from .render import animate_to_files
 
-    return animate_to_files(pipe, source, driving, size, steps, guidance, seed, output, grid, box, log=_log,
-                            mode=mode)
-
-
-def _sampling_mode(args):
-    """The sampling mode of ``--preset`` (default exact) with each knob given overriding it
-    (``runtime/modes.py``; every value is checked there: InputError naming it)."""
-    from dataclasses import replace
-
-    from .runtime.modes import SamplingMode
-
-    knobs = {"sampler": args.sampler, "cache_interval": args.cache_interval, "cache_depth": args.cache_depth,
-             "guidance_until": args.guidance_until}
-    return replace(SamplingMode.preset(args.preset or "exact"), **{k: v for k, v in knobs.items() if v is not None})
+    return animate_to_files(pipe, request, output, grid, box, log=_log)
 
 
 def _check_model_dirs(args) -> None:
@@ -294,13 +285,8 @@ def _load_pipeline(args, backend_options=None):
 
 
 def cmd_animate(args) -> int:
-    from .runtime.media import driving_frames, load_source_image
-    from .runtime.pipeline import validate_settings
-
-    mode = _sampling_mode(args)
-    steps = mode.request_steps(args.steps)
-    shape = validate_settings(args.size, steps, args.guidance, args.width, args.height, args.fit,
-                              args.crop_output, names=("--size", "--width", "--height"))
+    request = _request(args, source=args.source, driving=args.driving)
+    shape = request.shape
     _check_model_dirs(args)
     backend_options = _backend_options(args)
     _check_output(args.output, "--output")
@@ -309,9 +295,8 @@ def cmd_animate(args) -> int:
         if args.grid.resolve() == args.output.resolve():
             raise InputError("--grid must differ from --output")
     # read the inputs before loading any model, so bad input fails fast
-    source = load_source_image(args.source, shape, args.fit)
-    driving, box = driving_frames(args.driving, shape, args.start_frame, args.max_frames, args.fit)
-    box = box if args.crop_output and box != (0, 0, *shape) else None
+    request, box = request.read_inputs_and_box()
+    box = request.crop_box(box)
 
     t0 = time.perf_counter()
     pipe = _load_pipeline(args, backend_options)
@@ -319,30 +304,30 @@ def cmd_animate(args) -> int:
         writer = pipe.writes_outputs  # rank 0 of a torchrun job (or the only process)
         if writer:
             _log(f"loaded in {time.perf_counter() - t0:.1f} s")
-        result = _run(pipe, source, driving, shape, steps, args.guidance, args.seed, args.output, args.grid,
-                      box, mode)
+        result = _run(pipe, request, args.output, args.grid, box)
     if writer:
         _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
-             f" ({driving.shape[0]} frames, {result.timings['total']:.1f} s)")
+             f" ({request.driving.shape[0]} frames, {result.timings['total']:.1f} s)")
     return 0
 
 
 def cmd_demo(args) -> int:
     from . import demo
-    from .runtime.pipeline import AnimationPipeline, validate_settings
+    from .runtime.pipeline import AnimationPipeline
+    from .runtime.request import AnimationRequest
 
     size = 128
-    validate_settings(size, args.steps, 7.5)
+    request = AnimationRequest(size=size, steps=args.steps)  # checks --steps
     if args.frames < 1:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
     _check_output(args.output, "--output")
     t0 = time.perf_counter()
     models = demo.demo_models()
     _log(f"tiny random model set: {models}")
-    source, driving = demo.source_image(size), demo.driving_clip(args.frames, size)
+    request = replace(request, source=demo.source_image(size), driving=demo.driving_clip(args.frames, size))
     grid = args.output.with_name(args.output.stem + "-grid.mp4")
     with AnimationPipeline.from_pretrained(models) as pipe:
-        _run(pipe, source, driving, size, args.steps, 7.5, 0, args.output, grid)
+        _run(pipe, request, args.output, grid)
     print(f"demo animation: {args.output.resolve()}")
     print(f"side by side [source | driving | result]: {grid.resolve()}")
     print(f"({time.perf_counter() - t0:.0f} s.) The demo's weights are random, so the video shows the pipeline "
@@ -358,10 +343,11 @@ def cmd_warmup(args) -> int:
     line per phase."""
     from . import demo
     from .runtime.compiled import graph_cache_counts
-    from .runtime.pipeline import AnimationPipeline, PipelineOptions, validate_settings
+    from .runtime.pipeline import AnimationPipeline, PipelineOptions
 
-    width, height = validate_settings(args.size, 1, 7.5, args.width, args.height,
-                                      names=("--size", "--width", "--height"))
+    # 1 step with guidance: every compiled call, at the shapes of the plan of this shape
+    request = replace(_request(args), steps=1)
+    width, height = request.shape
     if args.frames < 1:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
     if not args.models.is_dir():
@@ -377,9 +363,10 @@ def cmd_warmup(args) -> int:
         cache = pipe.stages.compile_cache
         _log(f"loaded {args.models} in {time.perf_counter() - t0:.1f} s (compile mode {args.compile_mode}, "
              f"cache {cache.directory})")
-        source, driving = demo.source_image(width, height), demo.driving_clip(args.frames, width, height)
+        request = replace(request, source=demo.source_image(width, height),
+                          driving=demo.driving_clip(args.frames, width, height))
         t1 = time.perf_counter()
-        result = pipe.animate(source, driving, width=width, height=height, steps=1, guidance_scale=7.5, seed=0)
+        result = pipe.run(request)
         for path, count in cache.loaded.items():
             _log(f"loaded {count} compile artifacts from {path}")
         p, graphs = result.plan, graph_cache_counts()
@@ -476,18 +463,19 @@ def cmd_check_models(args) -> int:
         raise InputError("give a models directory, --densepose-weights FILE, or both")
     problems = []
     if args.models is not None:
-        from .models.loading import check_model_set
+        from .models.loading import model_set_report, problems_summary
 
-        ok, lines = check_model_set(args.models)
+        ok, lines, found = model_set_report(args.models)
         print("\n".join(lines), flush=True)
-        if not ok:
-            problems.append(f"{args.models}: the models would not load")
+        if not ok:  # the error line names the problem itself: stdout (the report) may be redirected
+            problems.append(f"{args.models}: the models would not load: {problems_summary(found)}")
     if args.densepose_weights is not None:
         ok, line = _check_densepose_weights(args.densepose_weights)
         print(line, flush=True)
         if not ok:
-            problems.append(f"{args.densepose_weights}: the DensePose weights would not load")
-    return fail(PROG, "; ".join(problems) + " (problems above)") if problems else 0
+            problems.append(f"{args.densepose_weights}: the DensePose weights would not load: "
+                            f"{line.split('problem: ', 1)[-1]}")
+    return fail(PROG, "; ".join(problems)) if problems else 0
 
 
 def _check_densepose_weights(path: Path) -> tuple[bool, str]:
@@ -581,30 +569,28 @@ def cmd_densepose(args) -> int:
     return 0
 
 
-def _compare_mode(args):
-    """The other settings of ``compare``, as ``animate`` reads them (:func:`_sampling_mode`);
-    neither ``--preset`` nor any knob given is an error: there would be nothing to compare."""
-    knobs = (args.sampler, args.cache_interval, args.cache_depth, args.guidance_until)
-    if args.preset is None and all(v is None for v in knobs):
+def _compare_request(args):
+    """The request of ``compare``, its preset and knobs the other settings (as ``animate``
+    reads them); neither ``--preset`` nor any knob given is an error: there would be nothing
+    to compare."""
+    request = _request(args, source=args.source, driving=args.driving)
+    if all(getattr(args, k) is None for k in MODE_FIELDS):
         raise InputError("compare needs the settings to compare with exact: --preset NAME, or any of --sampler, "
                          "--cache-interval, --cache-depth, --guidance-until")
-    return _sampling_mode(args)
+    return request
 
 
 def cmd_compare(args) -> int:
     """Render the request exact and with the other settings, write the videos and the report
     into --output-dir (compare.py) and print the table. Every argument and input is checked
     before a model loads."""
-    from .compare import DEFAULT_STEPS, compare, require_scikit_image, summary_table
-    from .runtime.media import driving_frames, load_source_image
-    from .runtime.pipeline import validate_settings
+    from .compare import compare, require_scikit_image, summary_table
 
     require_scikit_image()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("compare runs in one process, not under torchrun")
-    shape = validate_settings(args.size, DEFAULT_STEPS if args.steps is None else args.steps, args.guidance,
-                              args.width, args.height, names=("--size", "--width", "--height"))
-    mode = _compare_mode(args)
+    request = _compare_request(args)
+    shape = request.shape
     if args.other_steps is not None and args.other_steps < 1:
         raise InputError(f"--other-steps must be >= 1, got {args.other_steps}")
     _check_model_dirs(args)
@@ -613,17 +599,16 @@ def cmd_compare(args) -> int:
         raise InputError(f"--output-dir {args.output_dir}: is not a directory")
     if not args.output_dir.parent.is_dir():
         raise InputError(f"--output-dir {args.output_dir}: directory {args.output_dir.parent} does not exist")
-    source = load_source_image(args.source, shape)
-    driving, _ = driving_frames(args.driving, shape, args.start_frame, args.max_frames)
+    request = request.read_inputs()
 
     t0 = time.perf_counter()
     pipe = _load_pipeline(args, backend_options)
     inputs = {"source": str(args.source), "driving": str(args.driving), "start_frame": args.start_frame}
     with pipe:
-        _log(f"loaded in {time.perf_counter() - t0:.1f} s; {driving.shape[0]} frames at {shape[0]}x{shape[1]}")
-        report = compare(pipe, source, driving, shape, args.steps, args.guidance, args.seed, mode, args.output_dir,
-                         other_steps=args.other_steps, warmup=not args.no_warmup, progress=True, inputs=inputs,
-                         log=_log).report
+        _log(f"loaded in {time.perf_counter() - t0:.1f} s; {request.driving.shape[0]} frames at "
+             f"{shape[0]}x{shape[1]}")
+        report = compare(pipe, request, args.output_dir, other_steps=args.other_steps, warmup=not args.no_warmup,
+                         progress=True, inputs=inputs, log=_log).report
     print(summary_table(report))
     print(f"\n{report['note']}\nwrote exact.mp4, other.mp4, side_by_side.mp4, compare.json and compare.md "
           f"into {args.output_dir}", flush=True)

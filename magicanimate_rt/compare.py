@@ -37,7 +37,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -45,10 +45,7 @@ import numpy as np
 
 from .errors import InputError
 from .runtime.media import VideoWriter
-from .runtime.modes import SamplingMode, resolve_mode
-
-#: the steps of the exact render when the request names none (the original's default)
-DEFAULT_STEPS = 25
+from .runtime.request import AnimationRequest
 #: how much the difference panel of ``side_by_side.mp4`` is amplified
 DIFF_GAIN = 4
 #: files ``compare`` writes into its output directory
@@ -128,70 +125,63 @@ class Comparison:
     other: object  #: the other render's
 
 
-def _describe(mode) -> str:
-    """The mode's settings without its step count (the report gives the steps each render
-    ran, which a request may have changed)."""
-    return resolve_mode(mode).with_steps(None).describe()
+def _describe(request) -> str:
+    """The request's sampling without its step count (the report gives the steps each
+    render ran, which a request may have changed)."""
+    return request.mode.with_steps(None).describe()
 
 
-def _render(pipe, source, driving, width: int, height: int, steps: int, guidance: float, seed: int, mode,
-            progress) -> tuple[object, float]:
+def _render(pipe, request, progress) -> tuple[object, float]:
     """One render from an empty reference cache, timed: (AnimationResult, seconds)."""
     pipe.reference_cache.clear()
     t0 = time.perf_counter()
-    result = pipe.animate(source, driving, width=width, height=height, steps=steps, guidance_scale=guidance,
-                          seed=seed, mode=mode, progress=progress)
+    result = pipe.run(request, progress=progress)
     return result, time.perf_counter() - t0
 
 
-def compare(pipe, source: np.ndarray, driving: np.ndarray, size: Union[int, tuple[int, int]], steps: Optional[int],
-            guidance: float, seed: int, mode: Union[str, SamplingMode], out_dir: Path, *,
-            other_steps: Optional[int] = None, warmup: bool = True,
-            progress: Union[bool, Callable[[int, int], None]] = False, inputs: Optional[dict] = None,
-            log: Optional[Callable[[str], None]] = None) -> Comparison:
-    """Render the request with ``mode="exact"`` and with ``mode``, write the five
-    :data:`OUTPUTS` into ``out_dir`` (created if missing) and return the report and both
-    renders.
+def compare(pipe, request: AnimationRequest, out_dir: Path, *, other_steps: Optional[int] = None,
+            warmup: bool = True, progress: Union[bool, Callable[[int, int], None]] = False,
+            inputs: Optional[dict] = None, log: Optional[Callable[[str], None]] = None) -> Comparison:
+    """Render ``request`` with the original's sampling (:meth:`AnimationRequest.exact`) and
+    with its own preset and knobs, write the five :data:`OUTPUTS` into ``out_dir`` (created
+    if missing) and return the report and both renders.
 
-    ``source`` (H, W, 3) / ``driving`` (F, H, W, 3): uint8, already ``size`` (the side, or
-    (width, height)), as ``load_source_image`` and ``driving_frames`` make them.
-    ``steps``: the exact render's (None: 25). ``other_steps``: the other's (None: its
-    mode's own, a preset's, else ``steps``). ``warmup``: first render each mode once,
-    untimed, at up to 3 steps on the first window of frames (see the module docstring;
-    the other first, so settings the backend cannot run fail before any long render).
-    ``inputs``: what the report says the inputs were (e.g. their file names). ``log``:
-    progress notes."""
+    ``request``: its inputs read (:meth:`AnimationRequest.read_inputs`); its ``steps`` are
+    the exact render's (None: 25). ``other_steps``: the other's (None: its preset's own,
+    else the request's). ``warmup``: first render each once, untimed, at up to 3 steps on
+    the first window of frames (see the module docstring; the other first, so settings the
+    backend cannot run fail before any long render). ``inputs``: what the report says the
+    inputs were (e.g. their file names). ``log``: progress notes."""
     require_scikit_image()
     if pipe.world_size > 1:
         raise InputError("compare runs in one process, not under torchrun")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output directory {out_dir}: is not a directory")
-    other_mode = resolve_mode(mode)
-    width, height = (size, size) if isinstance(size, int) else size
-    exact_steps = DEFAULT_STEPS if steps is None else steps
+    exact = request.exact()
     if other_steps is None:
-        other_steps = other_mode.steps if other_mode.steps is not None else exact_steps
-    runs = (("exact", "exact", exact_steps), ("other", other_mode, other_steps))
+        other_steps = request.mode.steps if request.mode.steps is not None else exact.num_steps
+    other = replace(request, steps=other_steps)
+    runs = (("exact", exact), ("other", other))
     say = log or (lambda msg: None)
     if warmup:
         say("warm-up renders (untimed) ...")
-        for label, m, n in reversed(runs):
-            _render(pipe, source, driving[: pipe.stages.window], width, height, min(n, 3), guidance, seed, m, False)
+        for label, r in reversed(runs):
+            _render(pipe, replace(r, driving=r.driving[: pipe.stages.window], steps=min(r.num_steps, 3)), False)
     results, seconds = {}, {}
-    for label, m, n in runs:
-        say(f"rendering {label}: {_describe(m)}, {n} steps ...")
-        results[label], seconds[label] = _render(pipe, source, driving, width, height, n, guidance, seed, m,
-                                                 progress)
-    exact, other = results["exact"].frames, results["other"].frames
+    for label, r in runs:
+        say(f"rendering {label}: {_describe(r)}, {r.num_steps} steps ...")
+        results[label], seconds[label] = _render(pipe, r, progress)
+    width, height = request.shape
+    frames_exact, frames_other = results["exact"].frames, results["other"].frames
     say("measuring ...")
-    psnr, ssim = frame_metrics(exact, other)
-    t_exact, t_other = temporal_difference(exact), temporal_difference(other)
+    psnr, ssim = frame_metrics(frames_exact, frames_other)
+    t_exact, t_other = temporal_difference(frames_exact), temporal_difference(frames_other)
     report = {
-        "request": {"width": width, "height": height, "frames": int(exact.shape[0]), "guidance": guidance,
-                    "seed": seed, **(inputs or {})},
-        "exact": {"mode": _describe("exact"), "steps": exact_steps, "seconds": seconds["exact"]},
-        "other": {"mode": _describe(other_mode), "steps": other_steps, "seconds": seconds["other"]},
+        "request": {"width": width, "height": height, "frames": int(frames_exact.shape[0]),
+                    "guidance": request.guidance_scale, "seed": request.seed, **(inputs or {})},
+        "exact": {"mode": _describe(exact), "steps": exact.num_steps, "seconds": seconds["exact"]},
+        "other": {"mode": _describe(other), "steps": other.num_steps, "seconds": seconds["other"]},
         "speedup": seconds["exact"] / seconds["other"],
         "warmup": warmup,
         "psnr_db": _summary(psnr),
@@ -201,7 +191,7 @@ def compare(pipe, source: np.ndarray, driving: np.ndarray, size: Union[int, tupl
                      "ratio": None if t_exact is None or t_exact == 0 else t_other / t_exact},
         "note": WARNING,
     }
-    write_outputs(out_dir, exact, other, report)
+    write_outputs(out_dir, frames_exact, frames_other, report)
     return Comparison(report, results["exact"], results["other"])
 
 

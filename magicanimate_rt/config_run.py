@@ -45,7 +45,7 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -54,6 +54,8 @@ import numpy as np
 from .command_line import EXIT_INTERRUPTED
 from .errors import DistributedError, InputError, user_message
 from .layout import MOTION_CKPT, SD_DIR, VAE_MSE_DIR, component_dirs
+from .runtime.request import DEFAULT_STEPS, AnimationRequest
+from .runtime.request import DEFAULTS as REQUEST_DEFAULTS
 
 #: where runs go without --output-dir (the original writes to samples/ under its cwd)
 DEFAULT_OUTPUT_DIR = Path("samples")
@@ -63,9 +65,12 @@ TIME_FORMAT = "%Y-%m-%dT%H-%M-%S"
 EXIT_SOME_FAILED = 1
 
 #: the defaults of keys a config leaves out: the values of the original's shipped
-#: configs/prompts/animation.yaml (seed: the original's own default, [-1])
+#: configs/prompts/animation.yaml, which are the request's defaults (runtime/request.py;
+#: seed: the original's own default, [-1])
 DEFAULTS: dict[str, Any] = {
-    "seed": [-1], "steps": 25, "guidance_scale": 7.5, "size": 512, "offset": 0, "max_length": None,
+    "seed": [-1], "steps": DEFAULT_STEPS, "guidance_scale": REQUEST_DEFAULTS["guidance_scale"],
+    "size": REQUEST_DEFAULTS["size"], "offset": REQUEST_DEFAULTS["start_frame"],
+    "max_length": REQUEST_DEFAULTS["max_frames"],
     "savename": None, "save_individual_videos": False, "L": 16, "S": 1, "fusion_blocks": "midup",
     "I": 0, "clip": 0, "video_type": "condition", "invert_video": False,
 }
@@ -81,6 +86,25 @@ KNOWN = set(DEFAULTS) | set(MODEL_KEYS) | {
 
 
 # --------------------------------------------------------------------------- inference_config
+#: the inference_config path of the original's shipped animation.yaml (relative to its repository)
+ORIGINAL_INFERENCE_PATH = "configs/inference/inference.yaml"
+#: the values of the original's shipped configs/inference/inference.yaml (this runtime's fixed
+#: temporal UNet and DDIM settings; REFERENCE): used when a config names that default path and
+#: the file is absent, as when animation.yaml is copied out of the original's repository
+ORIGINAL_INFERENCE: dict[str, Any] = {
+    "unet_additional_kwargs": {
+        "unet_use_cross_frame_attention": False, "unet_use_temporal_attention": False, "use_motion_module": True,
+        "motion_module_resolutions": [1, 2, 4, 8], "motion_module_mid_block": False,
+        "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
+        "motion_module_kwargs": {
+            "num_attention_heads": 8, "num_transformer_block": 1,
+            "attention_block_types": ["Temporal_Self", "Temporal_Self"], "temporal_position_encoding": True,
+            "temporal_position_encoding_max_len": 24, "temporal_attention_dim_div": 1},
+    },
+    "noise_scheduler_kwargs": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"},
+}
+
+
 class _Absent:
     def __repr__(self) -> str:
         return "absent"
@@ -258,17 +282,35 @@ class Batch:
 
     config_path: Path
     pairs: list[Pair]
-    size: int
-    steps: int
-    guidance_scale: float
-    start_frame: int  #: offset where max_length is set, else 0 (the original's rule)
-    max_length: Optional[int]
+    #: every pair's settings (its inputs and seed are the pair's); start_frame: offset where
+    #: max_length is set, else 0 (the original's rule); max_frames: max_length
+    request: AnimationRequest
     save_individual_videos: bool
     models: Path  #: the models directory (real layout)
     output: Path  #: <output-dir>/<savename or stem-time>
     raw: dict  #: the config as read
     inference_config: Optional[Path] = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.request.size
+
+    @property
+    def steps(self) -> int:
+        return self.request.num_steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.request.guidance_scale
+
+    @property
+    def start_frame(self) -> int:
+        return self.request.start_frame
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return self.request.max_frames
 
     def resolved_config(self, seeds: list[int]) -> dict:
         """The config as run: paths resolved, the models directory's parts, the seeds used."""
@@ -333,8 +375,7 @@ class _Reader:
         """``text`` resolved: absolute as it is, relative against the current directory
         first, then the config's folder; InputError if it is in neither or not a ``kind``."""
         given = Path(os.path.expanduser(text))
-        places = [given] if given.is_absolute() else [Path.cwd() / given, self.folder / given]
-        for place in places:
+        for place in self.places(text):
             if place.exists():
                 found = Path(os.path.abspath(place))
                 ok = found.is_dir() if kind == "directory" else found.is_file()
@@ -343,6 +384,11 @@ class _Reader:
                 return found
         where = "" if given.is_absolute() else f" (looked in {Path.cwd()} and {self.folder})"
         raise self.fail(key, f"{text!r} not found{where}")
+
+    def places(self, text: str) -> list[Path]:
+        """Where a path of the config is looked for, in order (:meth:`existing`)."""
+        given = Path(os.path.expanduser(text))
+        return [given] if given.is_absolute() else [Path.cwd() / given, self.folder / given]
 
     def optional_path(self, key: str) -> Optional[str]:
         value = self.data.get(key)
@@ -405,12 +451,82 @@ def output_name(source_text: str, video_text: str) -> str:
     return f"{os.path.basename(source_text).split('.')[0]}_{Path(video_text).stem}"
 
 
+def _request(r: _Reader, warnings: list[str]) -> AnimationRequest:
+    """Every pair's settings (size, steps, guidance_scale, offset / max_length) as one
+    request, checked as every surface checks it; notes go to ``warnings``."""
+    path, data = r.path, r.data
+    size, steps, guidance = r.get("size"), r.get("steps"), r.get("guidance_scale")
+    if isinstance(guidance, bool):
+        raise r.fail("guidance_scale", f"expected a number, got {guidance!r}")
+    actual = data.get("num_actual_inference_steps")
+    if actual is not None and not _same_value(actual, steps):
+        raise r.fail("num_actual_inference_steps", f"{actual!r} differs from steps ({steps}): skipping the first "
+                     "steps needs inverted latents (the original's img2img), which this runtime does not take")
+    offset = r.integer("offset", 0)
+    max_length = r.integer("max_length", 1, optional=True)
+    if max_length is None and offset:
+        warnings.append(f"config {path}: offset {offset} is ignored without max_length, as in the original "
+                        "(set max_length to use it)")
+    try:
+        request = AnimationRequest(size=size, steps=steps, guidance_scale=guidance,
+                                   start_frame=offset if max_length is not None else 0, max_frames=max_length)
+    except InputError as e:
+        raise InputError(f"config {path}: {e}") from None
+    return replace(request, guidance_scale=float(guidance))
+
+
+def _pairs(r: _Reader, warnings: list[str]) -> list[Pair]:
+    """The (source image, driving video) pairs and their seeds, every file found."""
+    path = r.path
+    sources, videos = r.path_list("source_image"), r.path_list("video_path")
+    if len(sources) != len(videos):
+        raise InputError(f"config {path}: source_image lists {len(sources)} paths but video_path {len(videos)}: "
+                         "they are paired in order and must be as long")
+    seeds = r.get("seed")
+    seeds = [seeds] if not isinstance(seeds, list) else seeds
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise r.fail("seed", f"expected a whole number (-1 draws one) or a list of them, got {s!r}")
+    if len(seeds) == 1:
+        seeds = seeds * len(sources)
+    elif len(seeds) != len(sources):
+        raise r.fail("seed", f"{len(seeds)} seeds for {len(sources)} pairs: give one seed for all or one per pair")
+    pairs = []
+    for i, (s, v, seed) in enumerate(zip(sources, videos, seeds), 1):
+        pairs.append(Pair(i, s, v, r.existing("source_image", s), r.existing("video_path", v), seed,
+                          output_name(s, v)))
+    first: dict[str, int] = {}
+    for p in pairs:
+        if p.name in first:
+            warnings.append(f"config {path}: pairs {first[p.name]} and {p.index} both write videos/{p.name}.mp4; "
+                            "the later replaces the earlier, as in the original")
+        first.setdefault(p.name, p.index)
+    return pairs
+
+
+def _inference_config(r: _Reader, warnings: list[str]) -> Optional[Path]:
+    """The inference_config file found and checked (None: none, or the original's default
+    path absent: its shipped values, with a note); notes go to ``warnings``."""
+    inference = r.optional_path("inference_config")
+    if inference is None:
+        return None
+    if os.path.normpath(inference) == os.path.normpath(ORIGINAL_INFERENCE_PATH) \
+            and not any(p.exists() for p in r.places(inference)):
+        # animation.yaml copied out of the original's repository: its shipped file's values
+        warnings.append(f"config {r.path}: inference_config {inference!r} not found; using the values of the "
+                        "original's shipped file (this runtime's fixed settings)")
+        warnings += check_inference_config(Path(inference), ORIGINAL_INFERENCE)
+        return None
+    found = r.existing("inference_config", inference)
+    warnings += check_inference_config(found, read_yaml(found, "inference_config"))
+    return found
+
+
 def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path] = None,
                backend: str = "torch", now: Optional[datetime.datetime] = None) -> Batch:
     """Read and check a config of the original's animation.yaml format (module docstring);
     nothing is loaded or written. ``models`` replaces the config's model paths."""
     from .runtime.backends import PRETRAINED_BACKENDS
-    from .runtime.pipeline import validate_settings
     from .runtime.stages import Stages
 
     path = Path(config)
@@ -437,22 +553,7 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
         if key in data and not _same_value(data[key], DEFAULTS[key]):
             warnings.append(f"config {path}: {key}: {data[key]!r} has no effect (the original never uses it)")
 
-    size, steps, guidance = r.get("size"), r.get("steps"), r.get("guidance_scale")
-    if isinstance(guidance, bool):
-        raise r.fail("guidance_scale", f"expected a number, got {guidance!r}")
-    try:
-        validate_settings(size, steps, guidance)
-    except InputError as e:
-        raise InputError(f"config {path}: {e}") from None
-    actual = data.get("num_actual_inference_steps")
-    if actual is not None and not _same_value(actual, steps):
-        raise r.fail("num_actual_inference_steps", f"{actual!r} differs from steps ({steps}): skipping the first "
-                     "steps needs inverted latents (the original's img2img), which this runtime does not take")
-    offset = r.integer("offset", 0)
-    max_length = r.integer("max_length", 1, optional=True)
-    if max_length is None and offset:
-        warnings.append(f"config {path}: offset {offset} is ignored without max_length, as in the original "
-                        "(set max_length to use it)")
+    request = _request(r, warnings)
     individual = r.get("save_individual_videos")
     if not isinstance(individual, bool):
         raise r.fail("save_individual_videos", f"expected true or false, got {individual!r}")
@@ -461,37 +562,8 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
                                  or str(savename) in ("", ".", "..") or Path(str(savename)).is_absolute()):
         raise r.fail("savename", f"expected a folder name or null, got {savename!r}")
 
-    # the pairs
-    sources, videos = r.path_list("source_image"), r.path_list("video_path")
-    if len(sources) != len(videos):
-        raise InputError(f"config {path}: source_image lists {len(sources)} paths but video_path {len(videos)}: "
-                         "they are paired in order and must be as long")
-    seeds = r.get("seed")
-    seeds = [seeds] if not isinstance(seeds, list) else seeds
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise r.fail("seed", f"expected a whole number (-1 draws one) or a list of them, got {s!r}")
-    if len(seeds) == 1:
-        seeds = seeds * len(sources)
-    elif len(seeds) != len(sources):
-        raise r.fail("seed", f"{len(seeds)} seeds for {len(sources)} pairs: give one seed for all or one per pair")
-    pairs = []
-    for i, (s, v, seed) in enumerate(zip(sources, videos, seeds), 1):
-        pairs.append(Pair(i, s, v, r.existing("source_image", s), r.existing("video_path", v), seed,
-                          output_name(s, v)))
-    first: dict[str, int] = {}
-    for p in pairs:
-        if p.name in first:
-            warnings.append(f"config {path}: pairs {first[p.name]} and {p.index} both write videos/{p.name}.mp4; "
-                            "the later replaces the earlier, as in the original")
-        first.setdefault(p.name, p.index)
-
-    # the models and the sampler
-    inference = r.optional_path("inference_config")
-    inference_path = None
-    if inference is not None:
-        inference_path = r.existing("inference_config", inference)
-        warnings += check_inference_config(inference_path, read_yaml(inference_path, "inference_config"))
+    pairs = _pairs(r, warnings)
+    inference_path = _inference_config(r, warnings)
     if models is not None:
         if not Path(models).is_dir():
             raise InputError(f"--models {models}: directory not found")
@@ -506,9 +578,7 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     for p in (base, out, out / "videos"):
         if p.exists() and not p.is_dir():
             raise InputError(f"output {p}: exists and is not a directory")
-    return Batch(config_path=path, pairs=pairs, size=size, steps=steps, guidance_scale=float(guidance),
-                 start_frame=offset if max_length is not None else 0, max_length=max_length,
-                 save_individual_videos=individual, models=root, output=out, raw=dict(data),
+    return Batch(config_path=path, pairs=pairs, request=request, save_individual_videos=individual, models=root, output=out, raw=dict(data),
                  inference_config=inference_path, warnings=warnings)
 
 
@@ -553,6 +623,7 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, writer: bool, log: 
 
     source = read_source(pair.source, batch.size)
     driving = read_video(pair.video, size=batch.size, start_frame=batch.start_frame, max_frames=batch.max_length)
+    request = replace(batch.request, source=source, driving=driving, seed=seed, start_frame=0, max_frames=None)
     videos = batch.output / "videos"
     folder = videos / pair.name
     made = writer and not folder.exists()
@@ -562,8 +633,7 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, writer: bool, log: 
         except OSError as e:
             raise InputError(f"output {folder}: cannot create it ({e.strerror or e})") from None
     try:
-        animate_to_files(pipe, source, driving, batch.size, batch.steps, batch.guidance_scale, seed,
-                         videos / f"{pair.name}.mp4", folder / "grid.mp4", log=log)
+        animate_to_files(pipe, request, videos / f"{pair.name}.mp4", folder / "grid.mp4", log=log)
         if writer and batch.save_individual_videos:
             write_video(folder / "ctrl.mp4", driving)
             write_video(folder / "orig.mp4", np.broadcast_to(source, driving.shape))

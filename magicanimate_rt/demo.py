@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .layout import cache_dir
 
 DEMO_SET = "demo-tiny-v1"
 
@@ -23,15 +24,6 @@ PART_COLOURS = {
     "upper_arm_r": (200, 90, 200), "lower_arm_r": (240, 130, 150), "thigh_l": (80, 170, 90),
     "shin_l": (170, 220, 80), "thigh_r": (230, 120, 50), "shin_r": (250, 180, 90),
 }
-
-
-def cache_dir() -> Path:
-    """``$MAGICANIMATE_RT_CACHE``, else ``$XDG_CACHE_HOME/magicanimate-rt``, else
-    ``~/.cache/magicanimate-rt``."""
-    if os.environ.get("MAGICANIMATE_RT_CACHE"):
-        return Path(os.environ["MAGICANIMATE_RT_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "magicanimate-rt"
 
 
 def demo_models(root: Path | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""The on-disk layout of a model set (REFERENCE section 1): names and which file is read.
+"""The on-disk layout of a model set (REFERENCE section 1): names and which file is read;
+and where the project keeps what it writes for later runs (:func:`cache_dir`).
 
 One home for it: the PyTorch loader (``models/loading.py``) reads these files and the
 engine manifest (``engines/manifest.py``) fingerprints them; this module needs only the
@@ -7,6 +8,7 @@ standard library, so ``engines/`` can use it without pulling in the PyTorch mode
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -24,6 +26,16 @@ DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.fp16.bin",
 )
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+
+def cache_dir() -> Path:
+    """The project's cache directory: ``$MAGICANIMATE_RT_CACHE``, else
+    ``$XDG_CACHE_HOME/magicanimate-rt``, else ``~/.cache/magicanimate-rt``. The demo's and
+    the benchmarks' model sets go there, and the compile cache under ``compile/``."""
+    if os.environ.get("MAGICANIMATE_RT_CACHE"):
+        return Path(os.environ["MAGICANIMATE_RT_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "magicanimate-rt"
+
 
 #: the components' directory names as the loader knows them (``ModelPaths`` fields)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "appearance_encoder", "controlnet")

@@ -24,6 +24,7 @@ from magicanimate_rt import compare as cmp  # noqa: E402
 from magicanimate_rt.cli import main  # noqa: E402
 from magicanimate_rt.runtime.media import driving_frames, load_source_image, read_video  # noqa: E402
 from magicanimate_rt.runtime.modes import SamplingMode  # noqa: E402
+from magicanimate_rt.runtime.request import AnimationRequest  # noqa: E402
 
 SIZE, FRAMES, STEPS = 128, 16, 2
 
@@ -52,13 +53,15 @@ def pipe(tiny_models):
 def same(pipe, inputs, tmp_path_factory):
     """exact against exact, without compare's own warm-up (checked on its own below)."""
     out = tmp_path_factory.mktemp("same")
-    return cmp.compare(pipe, *inputs, SIZE, STEPS, 7.5, 0, "exact", out, warmup=False), out
+    request = AnimationRequest(*inputs, size=SIZE, steps=STEPS, preset="exact")
+    return cmp.compare(pipe, request, out, warmup=False), out
 
 
 @pytest.fixture(scope="module")
 def fast(pipe, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("fast")
-    return cmp.compare(pipe, *inputs, SIZE, STEPS, 7.5, 0, "fast", out, other_steps=STEPS, warmup=False), out
+    request = AnimationRequest(*inputs, size=SIZE, steps=STEPS, preset="fast")
+    return cmp.compare(pipe, request, out, other_steps=STEPS, warmup=False), out
 
 
 def test_fast_numbers_are_scikit_image_and_numpy_on_the_rendered_frames(fast):
@@ -155,11 +158,12 @@ class RecordingPipe:
     def clear(self):
         self.calls.append("clear")
 
-    def animate(self, source, driving, steps, mode, **kw):
+    def run(self, request, **kw):
         from magicanimate_rt.runtime.pipeline import AnimationResult
         import torch
 
-        self.calls.append((driving.shape[0], steps, mode))
+        driving, steps = request.driving, request.num_steps
+        self.calls.append((driving.shape[0], steps, "exact" if request.is_exact else request.mode))
         frames = np.full((driving.shape[0], 8, 8, 3), 10 * steps, np.uint8)
         return AnimationResult(frames=frames, latents=torch.full((1, 4, driving.shape[0], 1, 1), float(steps)))
 
@@ -167,14 +171,15 @@ class RecordingPipe:
 def test_warmup_renders_each_mode_briefly_first_and_every_render_starts_cold(tmp_path):
     fake = RecordingPipe()
     source, driving = np.zeros((8, 8, 3), np.uint8), np.zeros((10, 8, 8, 3), np.uint8)
-    c = cmp.compare(fake, source, driving, 8, 5, 7.5, 0, SamplingMode(steps=4), tmp_path / "out")
-    m = SamplingMode(steps=4)
+    request = AnimationRequest(source, driving, size=64, steps=5, sampler="dpmpp-2m")
+    c = cmp.compare(fake, request, tmp_path / "out", other_steps=4)
+    m = SamplingMode(sampler="dpmpp-2m")
     assert fake.calls == ["clear", (4, 3, m), "clear", (4, 3, "exact"),  # warm-up: the other first, <= 3 steps
                           "clear", (10, 5, "exact"), "clear", (10, 4, m)]
     assert c.report["latent_rel_l2"] == pytest.approx(1 / 5)  # latents 5 vs 4 everywhere
     assert c.report["psnr_db"]["mean"] == pytest.approx(10 * np.log10(255**2 / 10**2))  # frames 50 vs 40
     fake.calls.clear()  # a preset's own steps, unless the request names others; the exact's default 25
-    cmp.compare(fake, source, driving, 8, None, 7.5, 0, "fast", tmp_path / "out", warmup=False)
+    cmp.compare(fake, AnimationRequest(source, driving, size=64, preset="fast"), tmp_path / "out", warmup=False)
     assert fake.calls == ["clear", (10, 25, "exact"), "clear", (10, 15, SamplingMode.preset("fast"))]
 
 

@@ -17,25 +17,17 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import record_writes
+
 from magicanimate_rt import cli
-from magicanimate_rt.config_run import load_batch
+from magicanimate_rt.config_run import ORIGINAL_INFERENCE, check_inference_config, load_batch
 from magicanimate_rt.runtime.media import read_video
 
 SIZE, STEPS, OFFSET, LENGTH = 64, 1, 2, 8
 
-#: our own file of the original's configs/inference/inference.yaml shape and values
-INFERENCE = {
-    "unet_additional_kwargs": {
-        "unet_use_cross_frame_attention": False, "unet_use_temporal_attention": False, "use_motion_module": True,
-        "motion_module_resolutions": [1, 2, 4, 8], "motion_module_mid_block": False,
-        "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
-        "motion_module_kwargs": {
-            "num_attention_heads": 8, "num_transformer_block": 1,
-            "attention_block_types": ["Temporal_Self", "Temporal_Self"], "temporal_position_encoding": True,
-            "temporal_position_encoding_max_len": 24, "temporal_attention_dim_div": 1},
-    },
-    "noise_scheduler_kwargs": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"},
-}
+#: the original's configs/inference/inference.yaml (its values are checked against the
+#: runtime's DDIMSettings and MotionModuleConfig by check_inference_config)
+INFERENCE = ORIGINAL_INFERENCE
 DROP = object()
 
 
@@ -77,24 +69,6 @@ def write(folder: Path, name: str, cfg) -> Path:
     path = folder / name
     path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def record_writes(mp: pytest.MonkeyPatch) -> dict[Path, list[np.ndarray]]:
-    """The frames every VideoWriter is given, by output path. x264 does not always encode
-    the same frames to the same bytes (its threads: a mean difference of ~0.5/255 on the
-    noise-like frames of the random tiny set), so "the same video" is checked on the frames
-    given to the writer, and on the decoded files within that noise."""
-    from magicanimate_rt.runtime.media import VideoWriter
-
-    given: dict[Path, list[np.ndarray]] = {}
-    write = VideoWriter.write
-
-    def recording(self, frames):
-        given.setdefault(self.path.resolve(), []).append(np.array(frames))
-        return write(self, frames)
-
-    mp.setattr(VideoWriter, "write", recording)
-    return given
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +273,27 @@ def test_warnings_name_what_has_no_effect(inputs):
     assert "I: 3 has no effect" in text
     assert "pairs 1 and 2 both write videos/monalisa_running.mp4" in text
     assert "steps_offset 0 is replaced by 1" in text and "clip_sample True is replaced by False" in text
+
+
+def test_the_originals_default_inference_config_may_be_absent(inputs, monkeypatch):
+    """animation.yaml copied out of the original's repository names its
+    configs/inference/inference.yaml: absent, its shipped values are used with one note; any
+    other missing path stays an error."""
+    from magicanimate_rt.errors import InputError
+
+    assert check_inference_config(Path("shipped"), ORIGINAL_INFERENCE) == []  # the runtime's own values, no note
+    monkeypatch.chdir(inputs / "elsewhere")
+    batch = load_batch(write(inputs, "copied.yaml", animation_yaml(
+        inference_config="configs/inference/inference.yaml", seed=1,
+        source_image=["inputs/source_image/monalisa.png"], video_path=["inputs/driving/running.mp4"])))
+    notes = [w for w in batch.warnings if "inference_config" in w]
+    assert notes == [f"config {inputs / 'copied.yaml'}: inference_config 'configs/inference/inference.yaml' not "
+                     "found; using the values of the original's shipped file (this runtime's fixed settings)"]
+    assert batch.inference_config is None
+    with pytest.raises(InputError, match="inference_config: 'configs/inference/other.yaml' not found"):
+        load_batch(write(inputs, "copied-other.yaml", animation_yaml(
+            inference_config="configs/inference/other.yaml", source_image=["inputs/source_image/monalisa.png"],
+            video_path=["inputs/driving/running.mp4"], seed=1)))
 
 
 def test_exponent_floats_are_numbers_as_in_omegaconf(inputs):

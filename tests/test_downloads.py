@@ -355,5 +355,7 @@ def test_check_models_lists_every_problem_of_a_broken_set(models, capsys):
     assert "'conv_in.weight' has shape (1, 1) but the temporal UNet expects" in problems[3]
     assert "sd-vae-ft-mse/ is absent: SD's own vae/ is used" in out
     assert captured.err.strip().count("\n") == 0 and "would not load" in captured.err
+    # stderr alone (stdout redirected) names the count and the first problem
+    assert "would not load: 4 problems, the first: " in captured.err and problems[0].strip() in captured.err
     assert main(["check-models", str(models / "nope")]) == 2
     assert "models directory not found" in capsys.readouterr().err

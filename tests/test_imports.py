@@ -177,13 +177,13 @@ def test_only_the_command_line_reads_the_service(graph):
 
 
 def test_only_the_command_line_reads_compare(graph):
-    # `magicanimate-rt compare` sits on the pipeline and its modes: nothing below it needs
+    # `magicanimate-rt compare` sits on the pipeline and its requests: nothing below it needs
     # scikit-image, and it needs neither the command line nor the service
     bad = [(m, e) for m, edges in graph.items() for e in edges
            if e == "magicanimate_rt.compare" and m != "magicanimate_rt.cli"]
     assert bad == []
     assert "magicanimate_rt.compare" in graph["magicanimate_rt.cli"]
-    assert {"magicanimate_rt.runtime.modes", "magicanimate_rt.runtime.media"} <= graph["magicanimate_rt.compare"]
+    assert {"magicanimate_rt.runtime.request", "magicanimate_rt.runtime.media"} <= graph["magicanimate_rt.compare"]
     assert not any(under(e, "magicanimate_rt.serve", "magicanimate_rt.cli") for e in graph["magicanimate_rt.compare"])
 
 

@@ -471,7 +471,7 @@ def test_cli_pad_and_crop_output(tiny_models, clip, tmp_path):
     (["--width", 192], "--width needs --height: give both --width and --height, or --size for a square"),
     (["--height", 192], "--height needs --width"),
     (["--width", 192, "--height", 128, "--crop-output"], "needs fit 'pad' (--fit pad)"),
-    (["--fit", "zoom"], "--fit"),
+    (["--fit", "zoom"], "fit must be one of stretch, crop, pad, got 'zoom'"),
 ])
 def test_cli_bad_shapes_are_one_line(tiny_models, clip, tmp_path, args, needle):
     out = tmp_path / "out.mp4"

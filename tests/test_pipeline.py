@@ -186,3 +186,49 @@ def test_original_schedule_is_the_same_function(shared_dir, case_c):
     assert work_r.flops["unet"] > 1.15 * work_f.flops["unet"]
     assert work_r.calls["unet"] == work_f.calls["unet"] == 1
     assert work_r.flops["controlnet"] == work_f.flops["controlnet"] > 0
+
+
+class Stop(Exception):
+    """What a client's progress callback raises to stop a request (the service's cancel)."""
+
+
+def _request_state(st) -> tuple:
+    """The torch backend's per-request state: its UNet arithmetic (lean settings) and compile key."""
+    return st._arithmetic, st._compile_key
+
+
+def test_a_stopped_or_failed_request_leaves_the_pipeline_as_a_fresh_one(shared_dir):
+    """Issue 26 item 5: a request stopped at step 2 (or failing in its decode) restores the
+    backend's per-request state in ``finally``; the same request then gives a fresh
+    pipeline's output bit for bit (float64, tiny set; the budget makes the plan lean, so the
+    stopped request did change the UNet's settings)."""
+    from magicanimate_rt import demo
+    from magicanimate_rt.runtime.pipeline import PipelineOptions
+    from magicanimate_rt.runtime.request import AnimationRequest
+
+    models, options = shared_dir / "conformance" / "tiny-models", PipelineOptions(gpu_memory_gb=0.12)
+    request = AnimationRequest(demo.source_image(64), demo.driving_clip(16, 64), size=64, steps=3, seed=5)
+    with AnimationPipeline.from_pretrained(models, dtype="float64", options=options, ranks=None) as fresh:
+        want = fresh.run(request)
+    assert want.plan.cfg_sequential  # the request runs lean: set on the backend, to be restored after it
+    steps_seen = []
+
+    def stop_at_2(step, steps):
+        steps_seen.append(step)
+        if step == 2:
+            raise Stop()
+
+    def failing_sink(first, frames):
+        raise Stop()
+
+    with AnimationPipeline.from_pretrained(models, dtype="float64", options=options, ranks=None) as pipe:
+        before = _request_state(pipe.stages)
+        with pytest.raises(Stop):
+            pipe.run(request, progress=stop_at_2)
+        assert steps_seen == [1, 2] and _request_state(pipe.stages) == before
+        with pytest.raises(Stop):
+            pipe.run(request, frame_sink=failing_sink)
+        assert _request_state(pipe.stages) == before
+        got = pipe.run(request)
+    assert got.latents.dtype == torch.float32 and torch.equal(got.latents, want.latents)
+    assert np.array_equal(got.frames, want.frames)

@@ -264,7 +264,7 @@ class Gate:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def animate(self, *args, progress=None, **kwargs):
+    def run(self, request, progress=None, **kwargs):
         def gated(step, steps):
             if step == 1:
                 self.entered.set()
@@ -272,7 +272,7 @@ class Gate:
             if callable(progress):
                 progress(step, steps)
 
-        return self.pipe.animate(*args, progress=gated, **kwargs)
+        return self.pipe.run(request, progress=gated, **kwargs)
 
 
 def settings_for(tiny_models, tmp_path, **kw):

@@ -1009,8 +1009,21 @@ def report_lines(plan: ModelSetPlan) -> list[str]:
 
 def check_model_set(models_dir) -> tuple[bool, list[str]]:
     """(whether the set would load, the report lines): headers only, no weights read."""
+    ok, lines, _ = model_set_report(models_dir)
+    return ok, lines
+
+
+def model_set_report(models_dir) -> tuple[bool, list[str], list[str]]:
+    """:func:`check_model_set` and the problems alone (one line each, none when it would load)."""
     plan = plan_model_set(models_dir)
     try:
-        return plan.ok, report_lines(plan)
+        return plan.ok, report_lines(plan), plan.all_problems()
     finally:
         plan.close()
+
+
+def problems_summary(problems: list[str]) -> str:
+    """One line for an error message: the only problem, or the count and the first."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems, the first: {problems[0]}"

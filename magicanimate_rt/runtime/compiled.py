@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ..layout import cache_dir
 from ..stage_names import CALLS
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,8 @@ def detached_from_graph(out):
 # --------------------------------------------------------------------------- the key
 def default_cache_dir() -> Path:
     """``compile/`` under the project's cache directory (``$MAGICANIMATE_RT_CACHE``, else
-    ``$XDG_CACHE_HOME/magicanimate-rt``, else ``~/.cache/magicanimate-rt``: where the demo's
-    model set goes too)."""
-    from ..demo import cache_dir
-
+    ``$XDG_CACHE_HOME/magicanimate-rt``, else ``~/.cache/magicanimate-rt``;
+    :func:`~magicanimate_rt.layout.cache_dir`)."""
     return cache_dir() / "compile"
 
 

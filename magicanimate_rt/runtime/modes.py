@@ -30,6 +30,9 @@ from typing import Optional, Union
 from ..errors import InputError
 
 SAMPLERS = ("ddim", "dpmpp-2m")
+#: the original's step count, when neither a request nor its mode names one (here, beside
+#: the presets' own counts; ``runtime/request.py`` declares the request's steps with it)
+DEFAULT_STEPS = 25
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,9 @@ class SamplingMode:
         return replace(self, steps=steps)
 
     def request_steps(self, steps: Optional[int]) -> int:
-        """The step count of a request: its own, else this mode's, else 25 (the original's)."""
-        return steps if steps is not None else (self.steps if self.steps is not None else 25)
+        """The step count of a request: its own, else this mode's, else the original's
+        (:data:`DEFAULT_STEPS`)."""
+        return steps if steps is not None else (self.steps if self.steps is not None else DEFAULT_STEPS)
 
     def guided_steps(self, steps: int) -> int:
         """How many of the first steps use guidance: ceil(guidance_until * steps)."""

@@ -17,7 +17,6 @@ ratio become W x H (runtime/media.py ``fit_image``).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,15 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engines.specs import output_shape
 from ..errors import InputError, MagicAnimateError
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSettings
 from .distributed import Ranks, request_digest
-from .media import FITS, Box, crop_frames, driving_frames, load_source_image
-from .modes import SamplingMode, make_sampler, resolve_mode
+from .media import Box, crop_frames
+from .modes import SamplingMode, make_sampler
 from .cache import ReferenceCache
-from .residency import HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
+from .request import DEFAULTS, AnimationRequest
+from .residency import ALL_STAGES, HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
 from .sampling import AUTO_LIMITS, LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise, plan_loop
 from .stages import Stages
 from .timing import StageTimer
@@ -144,23 +143,6 @@ class AnimationResult:
     stepped_down: Optional[tuple[LoopPlan, LoopPlan]] = None
 
 
-def validate_settings(size, steps, guidance_scale, width=None, height=None, fit="stretch", crop_output=False,
-                      names: tuple[str, str, str] = ("size", "width", "height")) -> tuple[int, int]:
-    """Check a request's settings (InputError naming the first bad one); returns the output
-    (width, height) (:func:`~magicanimate_rt.engines.specs.output_shape`; ``names``: how
-    size, width and height are called in its messages)."""
-    shape = output_shape(size, width, height, names)
-    if fit not in FITS:
-        raise InputError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-    if crop_output and fit != "pad":
-        raise InputError(f"cropping the output back needs fit 'pad' (--fit pad), not {fit!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
-        raise InputError(f"guidance scale must be a number >= 1, got {guidance_scale!r}")
-    return shape
-
-
 class AnimationPipeline:
     """Drives one backend's stages through MagicAnimate's sampling (REFERENCE 2 and 4).
 
@@ -252,27 +234,28 @@ class AnimationPipeline:
         self.close()
 
     # ------------------------------------------------------------------ the call
-    @torch.inference_mode()
     def animate(
         self,
         source: Union[str, Path, np.ndarray, "PIL.Image.Image"],  # noqa: F821
         driving: Union[str, Path, np.ndarray],
-        size: int = 512,
-        steps: Optional[int] = None,
-        guidance_scale: float = 7.5,
-        seed: int = 0,
+        size: int = DEFAULTS["size"],
+        steps: Optional[int] = DEFAULTS["steps"],
+        guidance_scale: float = DEFAULTS["guidance_scale"],
+        seed: int = DEFAULTS["seed"],
         progress: Union[bool, Callable[[int, int], None]] = False,
-        start_frame: int = 0,
-        max_frames: Optional[int] = None,
+        start_frame: int = DEFAULTS["start_frame"],
+        max_frames: Optional[int] = DEFAULTS["max_frames"],
         frame_sink: Optional[FrameSink] = None,
-        width: Optional[int] = None,
-        height: Optional[int] = None,
-        fit: str = "stretch",
-        crop_output: bool = False,
+        width: Optional[int] = DEFAULTS["width"],
+        height: Optional[int] = DEFAULTS["height"],
+        fit: str = DEFAULTS["fit"],
+        crop_output: bool = DEFAULTS["crop_output"],
         mode: Union[str, SamplingMode, None] = None,
     ) -> AnimationResult:
         """Animate ``source`` (a path, PIL image or HxWx3 uint8 array) with ``driving`` (a
-        video path or (F, H, W, 3) uint8 DensePose frames).
+        video path or (F, H, W, 3) uint8 DensePose frames): :meth:`run` of the
+        :class:`~.request.AnimationRequest` these keywords make (its fields say each one's
+        meaning and default).
 
         The output is ``size`` x ``size`` (default 512, the original's square), or
         ``width`` x ``height`` when both are given (multiples of 64 up to 2048, e.g.
@@ -287,42 +270,47 @@ class AnimationPipeline:
         ``mode``: "exact" (default: the original's function), "fast", or a
         :class:`~.modes.SamplingMode` (opt-in approximations: another sampler, deep-feature
         reuse, guidance for part of the steps; README "Faster, approximately").
+        ``progress`` and ``frame_sink``: as :meth:`run`.
+        """
+        settings = dict(source=source, driving=driving, size=size, steps=steps, guidance_scale=guidance_scale,
+                        seed=seed, start_frame=start_frame, max_frames=max_frames, width=width, height=height,
+                        fit=fit, crop_output=crop_output)
+        return self._run(lambda: AnimationRequest.with_mode(mode, **settings), progress, frame_sink)
 
-        ``progress``: True for a tqdm bar over the steps, or a callback(step, steps).
-        ``frame_sink``: called with each decoded chunk of frames, in order, as soon as it
-        is decoded (e.g. a :class:`~.media.VideoWriter`'s ``write``); the result then holds
-        no frames, so the decoded video is never in memory whole (long clips).
+    def run(self, request: AnimationRequest, progress: Union[bool, Callable[[int, int], None]] = False,
+            frame_sink: Optional[FrameSink] = None) -> AnimationResult:
+        """Animate one :class:`~.request.AnimationRequest` (its ``source`` and ``driving``
+        given). ``request.grid`` is for the writers of files (``render.py``); it changes
+        nothing here.
+
+        ``progress``: True for a tqdm bar over the steps, or a callback(step, steps), which
+        may raise to stop the request at that step boundary. ``frame_sink``: called with
+        each decoded chunk of frames, in order, as soon as it is decoded (e.g. a
+        :class:`~.media.VideoWriter`'s ``write``); the result then holds no frames, so the
+        decoded video is never in memory whole (long clips).
+
+        A request that fails or is stopped at any point leaves the pipeline as a fresh one
+        (the backend's per-request state is restored in ``finally``: :meth:`_end_request`);
+        the reference cache keeps only complete latents and banks.
 
         Under torchrun every rank must call this with the same request (checked before any
         work: a rank whose inputs fail, or that was given another request, stops every rank
         with one line); rank 0 gets the frames (and calls ``frame_sink``), the others the
         same latents and ``frames=None``.
         """
+        return self._run(lambda: request, progress, frame_sink)
+
+    @torch.inference_mode()
+    def _run(self, make_request: Callable[[], AnimationRequest], progress, frame_sink) -> AnimationResult:
         if self.stages is None:
             raise InputError("this pipeline is closed")
         t_start = time.perf_counter()
         st = self.stages
         timer = StageTimer(st.device)
-        error = None
-        try:
-            m = resolve_mode(mode)
-            steps = m.request_steps(steps)
-            shape = validate_settings(size, steps, guidance_scale, width, height, fit, crop_output)
-            check_deep_cache(st, m.cache_interval, m.cache_depth, self.ranks)  # before any work
-            st.check_shape(*shape)
-            with timer.stage("read_inputs"):
-                src = load_source_image(source, shape, fit)
-                ctl, box = driving_frames(driving, shape, start_frame, max_frames, fit)
-        except MagicAnimateError as e:
-            if self.ranks is None:
-                raise
-            error = str(e)
-        if self.ranks is not None:  # the same request on every rank, or every rank stops here
-            digest = None if error is not None else request_digest(
-                src, ctl, shape, steps, float(guidance_scale), int(seed), self.options, self.ddim, st.name, st.dtype,
-                fit, crop_output, m)
-            self.ranks.agree(digest, error)
-        crop = crop_output and box != (0, 0, *shape)  # else the frames are the driving content whole
+        request, box = self._read_request(make_request, timer)
+        m, steps, shape = request.mode, request.num_steps, request.shape
+        src, ctl = request.source, request.driving
+        crop = request.crop_output and box != (0, 0, *shape)  # else the frames are the driving content whole
         if crop and frame_sink is not None:
             sink = frame_sink
             frame_sink = lambda first, frames: sink(first, np.ascontiguousarray(crop_frames(frames, box)))  # noqa: E731
@@ -332,29 +320,92 @@ class AnimationPipeline:
         if n > f0:  # pad by repeating the last frame (np.pad mode="edge" in the original)
             ctl = np.concatenate([ctl, np.repeat(ctl[-1:], n - f0, axis=0)], axis=0)
 
-        o = self.options
         with timer.stage("prepare"):
             image = torch.from_numpy(src).to(st.device).permute(2, 0, 1)[None].to(st.dtype)
             control = torch.from_numpy(ctl).to(st.device).permute(0, 3, 1, 2)
-            if not o.control_uint8:
+            if not self.options.control_uint8:
                 control = control.to(st.dtype) / 255.0
-            latents = initial_noise(seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device, st.dtype)
-            residency = self.plan_request(shape, n, m, steps, guidance_scale != 1.0, frame_sink is not None)
-            plan = residency.loop
-        caps = st.capabilities
-        place = st.set_resident if caps.residency else (lambda stages: None)
-        if caps.lean_unet:  # this request's settings (a step-down of an earlier one does not persist)
+            latents = initial_noise(request.seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device,
+                                                                                                    st.dtype)
+            residency = self.plan_request(shape, n, m, steps, request.guidance_scale != 1.0, frame_sink is not None)
+        done = False
+        try:
+            latents, plan, cached, changes = self._sample(request, image, control, latents, sampler, residency,
+                                                          timer, progress)
+            self._place(residency, "decode")
+            with timer.stage("vae_decode"):
+                frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
+                if frames is not None and crop:
+                    frames = np.ascontiguousarray(crop_frames(frames, box))
+            done = True
+        finally:
+            self._end_request(failed=not done)
+        timings = timer.totals()
+        timings["total"] = time.perf_counter() - t_start
+        return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
+                               reference_cached=cached, content_box=box, mode=m, residency=residency,
+                               stepped_down=changes[0] if changes else None)
+
+    def _read_request(self, make_request, timer: StageTimer) -> tuple[AnimationRequest, Box]:
+        """The request with its inputs read and checked, and the driving content's box; under
+        torchrun, after every rank has agreed it has the same request (or every rank stops)."""
+        st, error, request, box = self.stages, None, None, None
+        try:
+            request = make_request()
+            check_deep_cache(st, request.mode.cache_interval, request.mode.cache_depth, self.ranks)  # before any work
+            st.check_shape(*request.shape)
+            with timer.stage("read_inputs"):
+                request, box = request.read_inputs_and_box()
+        except MagicAnimateError as e:
+            if self.ranks is None:
+                raise
+            error = str(e)
+        if self.ranks is not None:  # the same request on every rank, or every rank stops here
+            r = request
+            digest = None if error is not None else request_digest(
+                r.source, r.driving, r.shape, r.num_steps, float(r.guidance_scale), int(r.seed), self.options,
+                self.ddim, st.name, st.dtype, r.fit, r.crop_output, r.mode)
+            self.ranks.agree(digest, error)
+        return request, box
+
+    def _sample(self, request: AnimationRequest, image: Tensor, control: Tensor, latents: Tensor, sampler,
+                residency: ResidencyPlan, timer: StageTimer, progress):
+        """The backend set up for the request, the reference encoded (or taken from the
+        cache), the banks and the denoising loop: (latents, the loop plan that ran, whether
+        the reference was cached, the plan's step-downs)."""
+        st, o, m = self.stages, self.options, request.mode
+        plan = residency.loop
+        if st.capabilities.lean_unet:  # this request's settings (restored if it fails)
             st.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
-        st.begin_request(shape[0], shape[1], plan)  # compiled stages: this shape's compile cache
-        key = ReferenceCache.key(src, st.device, st.dtype)
+        st.begin_request(*request.shape, plan)  # compiled stages: this shape's compile cache
+        key = ReferenceCache.key(request.source, st.device, st.dtype)
         entry = self.reference_cache.lookup(key)
         cached = entry is not None
         if not cached or residency.banks_up_front:
-            place(residency.resident("reference"))
+            self._place(residency, "reference")
         with timer.stage("vae_encode"):
             if entry is None:
                 entry = self.reference_cache.insert(key, st.encode_reference(image))
-        cache = self.reference_cache
+        bank_fn = self._bank_source(key, entry, sampler, residency, timer)
+        self._place(residency, "loop")
+        on_step, bar = self._step_callback(progress, request.num_steps)
+        changes: list[tuple[LoopPlan, LoopPlan]] = []
+        try:
+            latents = denoise(st, entry.latent, control, latents, sampler, float(request.guidance_scale), o.overlap,
+                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks,
+                              guided_steps=m.guided_steps(request.num_steps) if m.guidance_until < 1.0 else None,
+                              cache_interval=m.cache_interval, cache_depth=m.cache_depth,
+                              on_plan_change=lambda old, new: changes.append((old, new)))
+        finally:
+            if bar is not None:
+                bar.close()
+        return latents, (changes[-1][1] if changes else plan), cached, changes
+
+    def _bank_source(self, key, entry, sampler, residency: ResidencyPlan, timer: StageTimer):
+        """The loop's ``bank_fn(i, t)``: each timestep's reference bank, from the cache or
+        computed (and offered to the cache); with ``banks_up_front`` every timestep's now,
+        so the appearance encoder can leave the device before the loop."""
+        st, cache = self.stages, self.reference_cache
         banks: dict[int, list[Tensor]] = {}  # banks up front: every timestep's, whatever the cache keeps
 
         def bank_fn(i: int, t: Tensor):
@@ -365,47 +416,43 @@ class AnimationPipeline:
                 cache.add_bank(key, entry, ts, bank)
             return bank
 
-        if residency.banks_up_front:  # every timestep's bank now, so the appearance encoder can leave
+        if residency.banks_up_front:
             with timer.stage("appearance_encoder"):
                 for i, t in enumerate(sampler.timestep_tensors):
                     banks[sampler.timesteps[i]] = bank_fn(i, t)
-        place(residency.resident("loop"))
+        return bank_fn
 
-        bar = None
+    def _step_callback(self, progress, steps: int):
+        """(the loop's on_step, the tqdm bar to close or None) of ``progress``."""
         if progress is True and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc="denoising", unit="step")
-            on_step = lambda i: bar.update(1)  # noqa: E731
-        elif callable(progress):
-            on_step = lambda i: progress(i + 1, steps)  # noqa: E731
-        else:
-            on_step = None
-        changes: list[tuple[LoopPlan, LoopPlan]] = []
-        try:
-            latents = denoise(st, entry.latent, control, latents, sampler, float(guidance_scale), o.overlap,
-                              o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks,
-                              guided_steps=m.guided_steps(steps) if m.guidance_until < 1.0 else None,
-                              cache_interval=m.cache_interval, cache_depth=m.cache_depth,
-                              on_plan_change=lambda old, new: changes.append((old, new)))
-        finally:
-            if bar is not None:
-                bar.close()
-        del banks
-        if changes:
-            plan = changes[-1][1]
-        place(residency.resident("decode"))
+            return (lambda i: bar.update(1)), bar
+        if callable(progress):
+            return (lambda i: progress(i + 1, steps)), None
+        return None, None
 
-        with timer.stage("vae_decode"):
-            frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
-            if frames is not None and crop:
-                frames = np.ascontiguousarray(crop_frames(frames, box))
-        st.end_request()
-        timings = timer.totals()
-        timings["total"] = time.perf_counter() - t_start
-        return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
-                               reference_cached=cached, content_box=box, mode=m, residency=residency,
-                               stepped_down=changes[0] if changes else None)
+    def _place(self, residency: ResidencyPlan, phase: str) -> None:
+        """The stages ``phase`` needs on the device, the others off it (where the backend can)."""
+        if self.stages.capabilities.residency:
+            self.stages.set_resident(residency.resident(phase))
+
+    def _end_request(self, failed: bool) -> None:
+        """The end of a request: the compile key ends (what compiled is saved); after a
+        failed or stopped request the backend is as a fresh one: its own lean UNet settings
+        and every stage's weights on the device. After a request that ran to its end they
+        stay as its plan left them (the next request's plan sets both before its first
+        call, and moving every stage back could exceed ``gpu_memory_gb``)."""
+        st = self.stages
+        try:
+            st.end_request()
+        finally:
+            if failed and st.capabilities.lean_unet:
+                st.set_unet_memory(False, None)
+            if failed and st.capabilities.residency:
+                st.set_resident(ALL_STAGES)
+
 
     def plan(self, size: Union[int, tuple[int, int]], num_frames: int,
              mode: Optional[SamplingMode] = None) -> LoopPlan:

@@ -1,9 +1,9 @@
 """The HTTP API and the page (FastAPI). ``create_app(settings, manager)``; README "Serving".
 
-    POST   /v1/animations              multipart: source | reference_id, driving, size | width+height, steps,
-                                       guidance, seed, start_frame, max_frames, fit, grid  -> 202 {id, status,
-                                       queue_position}; 429 + Retry-After when the queue is full; 503 while
-                                       the models load
+    POST   /v1/animations              multipart: source | reference_id, driving, and the request's
+                                       settings (serve/form.py: size | width+height, steps, guidance, seed,
+                                       preset and the sampling knobs, ...) -> 202 {id, status, queue_position};
+                                       429 + Retry-After when the queue is full; 503 while the models load
     GET    /v1/animations?limit=N      recent jobs, newest first
     GET    /v1/animations/{id}         the status object
     GET    /v1/animations/{id}/events  text/event-stream of status objects until the job ends
@@ -11,6 +11,7 @@
     DELETE /v1/animations/{id}         cancel (queued: at once; running: at the next step boundary)
     POST   /v1/references              multipart: image -> {reference_id}
     GET    /v1/examples                example photos and motions the page offers
+    GET    /v1/presets                 the sampling presets, what each costs, and the request's defaults
     GET    /healthz, /readyz, /metrics, /docs (OpenAPI), / (the page)
 
 Every error is ``{"error": {"message": "...", "field": "..."}}``; the message is the line the
@@ -38,18 +39,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
 from .errors import ServiceError
+from .form import JOB_FILES, form_fields, job_request, openapi_body, presets
 from .jobs import JobManager, new_id, valid_id
 from .metrics import CONTENT_TYPE
 from .settings import ServeSettings
 from .store import FINAL
-from .uploads import Form, read_form, replace_path
+from .uploads import read_form, replace_path
 
 log = logging.getLogger("magicanimate_rt.serve")
 
-#: what POST /v1/animations takes
-JOB_FILES = ("source", "driving")
-JOB_FIELDS = ("reference_id", "size", "width", "height", "steps", "guidance", "seed", "start_frame", "max_frames",
-              "fit", "grid")
 #: paths that need no key: liveness, and the page's static files (they hold no data; the
 #: page asks for the key and sends it with every API call)
 OPEN_PATHS = ("/healthz", "/", "/favicon.ico")
@@ -59,22 +57,6 @@ KEEPALIVE_S = 15.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 
-MULTIPART_DOC = {
-    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["driving"],
-        "properties": {
-            "source": {"type": "string", "format": "binary", "description": "the photo (or give reference_id)"},
-            "reference_id": {"type": "string", "description": "a photo uploaded to /v1/references"},
-            "driving": {"type": "string", "format": "binary", "description": "the DensePose motion video"},
-            "size": {"type": "integer", "default": 512, "description": "square output side, a multiple of 64"},
-            "width": {"type": "integer", "description": "output width, with height, instead of size"},
-            "height": {"type": "integer", "description": "output height, with width"},
-            "steps": {"type": "integer", "default": 25}, "guidance": {"type": "number", "default": 7.5},
-            "seed": {"type": "integer", "default": 0, "description": "-1 draws one (recorded in settings)"},
-            "start_frame": {"type": "integer", "default": 0}, "max_frames": {"type": "integer"},
-            "fit": {"type": "string", "enum": ["stretch", "crop", "pad"], "default": "stretch"},
-            "grid": {"type": "boolean", "default": False,
-                     "description": "also write the [source | driving | result] grid video"}}}}}}}
 IMAGE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}}}}}}
 
@@ -83,84 +65,7 @@ def error_response(e: ServiceError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-# --------------------------------------------------------------------------- request values
-def _int(form: Form, name: str, default: Optional[int]) -> Optional[int]:
-    text = form.fields.get(name, "")
-    if text == "":
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ServiceError(422, f"{name}: expected a whole number, got {text!r}", name) from None
-
-
-def _bool(form: Form, name: str, default: bool) -> bool:
-    text = form.fields.get(name, "").lower()
-    if text == "":
-        return default
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ServiceError(422, f"{name}: expected true or false, got {text!r}", name)
-
-
-def _field_of(message: str, names) -> Optional[str]:
-    """The field a validation message is about: the one it starts with, else the first it names."""
-    for n in names:
-        if message.startswith(n):
-            return n
-    for n in names:
-        if f" {n} " in message:
-            return n
-    return None
-
-
-def job_settings(form: Form, s: ServeSettings) -> dict:
-    """The job's settings from the form, checked as the CLI checks them plus the server's
-    limits (422 naming the field)."""
-    from ..runtime.pipeline import validate_settings
-
-    size, width, height = _int(form, "size", None), _int(form, "width", None), _int(form, "height", None)
-    steps, seed = _int(form, "steps", 25), _int(form, "seed", 0)
-    start, max_frames = _int(form, "start_frame", 0), _int(form, "max_frames", None)
-    text = form.fields.get("guidance", "")
-    try:
-        guidance = 7.5 if text == "" else float(text)
-    except ValueError:
-        raise ServiceError(422, f"guidance: expected a number, got {text!r}", "guidance") from None
-    fit = form.fields.get("fit") or "stretch"
-    try:
-        shape = validate_settings(512 if size is None else size, steps, guidance, width, height, fit,
-                                  names=("size", "width", "height"))
-    except InputError as e:
-        raise ServiceError(422, str(e), _field_of(str(e), ("size", "width", "height", "steps", "guidance", "fit"))
-                           or "size") from None
-    if size is not None and width is not None:
-        raise ServiceError(422, "give size or width and height, not both", "size")
-    if max(shape) > s.max_side:
-        raise ServiceError(422, f"{'size' if width is None else 'width and height'} {shape[0]}x{shape[1]}: larger "
-                                f"than this server's limit of {s.max_side} px a side (--max-side)",
-                           "size" if width is None else ("width" if shape[0] > s.max_side else "height"))
-    if steps > s.max_steps:
-        raise ServiceError(422, f"steps {steps}: more than this server's limit of {s.max_steps} (--max-steps)", "steps")
-    if start < 0:
-        raise ServiceError(422, f"start_frame must not be negative, got {start}", "start_frame")
-    if max_frames is not None and max_frames < 1:
-        raise ServiceError(422, f"max_frames must be >= 1, got {max_frames}", "max_frames")
-    if max_frames is not None and max_frames > s.max_frames:
-        raise ServiceError(422, f"max_frames {max_frames}: more than this server's limit of {s.max_frames} "
-                                "(--max-frames)", "max_frames")
-    if seed == -1:
-        import secrets
-
-        seed = secrets.randbelow(2**32)
-    elif not 0 <= seed < 2**63:
-        raise ServiceError(422, f"seed must be in 0 .. 2^63-1 (or -1 to draw one), got {seed}", "seed")
-    return {"width": shape[0], "height": shape[1], "steps": steps, "guidance": guidance, "seed": seed,
-            "start_frame": start, "max_frames": max_frames, "fit": fit, "grid": _bool(form, "grid", False)}
-
-
+# --------------------------------------------------------------------------- inputs
 def check_image(path: Path, display: str, field: str) -> None:
     """400 unless ``path`` is an image PIL reads within the decoder's pixel limit."""
     from ..runtime.media import load_source_image
@@ -287,15 +192,15 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
                                     f"{settings.keep_hours:g} hours)")
         return row
 
-    @app.post("/v1/animations", status_code=202, summary="Submit an animation job", openapi_extra=MULTIPART_DOC)
+    @app.post("/v1/animations", status_code=202, summary="Submit an animation job", openapi_extra=openapi_body())
     async def submit(request: Request):
         manager._check_accepting()
         job_id = new_id()
         form = await read_form(request, data / ".incoming" / job_id, settings.max_upload_bytes, JOB_FILES,
-                               JOB_FIELDS)
+                               form_fields())
         try:
-            params = job_settings(form, settings)
-            ref = form.fields.get("reference_id") or None
+            job, ref = job_request(form.fields, settings)
+            params = job.settings()
             if "driving" not in form.files:
                 raise ServiceError(422, "driving: missing (the DensePose motion video, a file field)", "driving")
             if ("source" in form.files) == (ref is not None):
@@ -318,7 +223,7 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
             raise
         try:
             position = manager.submit(job_id, params, f"uploads/{job_id}/source" if ref is None else None, ref,
-                                      f"uploads/{job_id}/driving", params["grid"])
+                                      f"uploads/{job_id}/driving", job.grid)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -412,6 +317,10 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
         return JSONResponse({"reference_id": ref_id}, status_code=201)
 
     # ------------------------------------------------------------------ examples and the page
+    @app.get("/v1/presets", summary="The sampling presets (what each is and costs) and the request's defaults")
+    async def sampling_presets():
+        return presets()
+
     @app.get("/v1/examples", summary="Example photos and motions for the page")
     async def examples():
         listing, _ = await run_in_threadpool(_examples, settings)

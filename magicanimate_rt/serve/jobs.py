@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import MagicAnimateError, user_message
+from ..runtime.request import AnimationRequest
 from .errors import ServiceError
 from .metrics import Metrics
 from .settings import ServeSettings
@@ -77,6 +78,11 @@ class Live:
     step_times: list[float] = field(default_factory=list)
 
 
+#: a job's settings the status always shows; the request's others (SETTINGS) when they are set
+SHOWN = ("width", "height", "steps", "guidance", "seed", "start_frame", "max_frames", "fit", "grid")
+SETTINGS = tuple(AnimationRequest().settings())
+
+
 @dataclass
 class Worker:
     name: str
@@ -89,20 +95,31 @@ class Worker:
 
 @dataclass(frozen=True)
 class JobFiles:
-    """What an executor gets for one job: its settings, its input files, where its results go."""
+    """What an executor gets for one job: its request (its source and driving: the job's
+    input files), where its results go, and what the client called the files."""
 
     id: str
-    params: dict
-    source: Path
-    driving: Path
-    out: Path  #: results go to ``out/video.mp4`` (and ``out/grid.mp4`` with ``grid``)
-    grid: bool
+    request: AnimationRequest
+    out: Path  #: results go to ``out/video.mp4`` (and ``out/grid.mp4`` with ``request.grid``)
+    source_name: str = "source"
+    driving_name: str = "driving"
+
+    @property
+    def source(self) -> Path:
+        return Path(self.request.source)
+
+    @property
+    def driving(self) -> Path:
+        return Path(self.request.driving)
+
+    @property
+    def grid(self) -> bool:
+        return self.request.grid
 
     @property
     def names(self) -> tuple[tuple[Path, str], ...]:
         """(server path, the client's name) of each input, to keep server paths out of messages."""
-        return ((self.source, self.params.get("source_name") or "source"),
-                (self.driving, self.params.get("driving_name") or "driving"))
+        return ((self.source, self.source_name), (self.driving, self.driving_name))
 
 
 def load_pipeline(settings: ServeSettings, device: str, ranks="auto"):
@@ -126,17 +143,12 @@ def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:
     replica. ``progress`` hears of the frame count, every step and every decoded chunk; any
     of them may raise JobCancelled to stop at that boundary (no partial file stays)."""
     from ..render import animate_to_files
-    from ..runtime.media import driving_frames, load_source_image
 
-    p = job.params
-    shape = (p["width"], p["height"])
-    src = load_source_image(job.source, shape, p["fit"])
-    ctl, _ = driving_frames(job.driving, shape, p["start_frame"], p["max_frames"], p["fit"])
-    progress.started(int(ctl.shape[0]))
+    request, box = job.request.read_inputs_and_box()
+    progress.started(int(request.driving.shape[0]))
     job.out.mkdir(parents=True, exist_ok=True)
-    result = animate_to_files(pipe, src, ctl, shape, p["steps"], p["guidance"], p["seed"], job.out / "video.mp4",
-                              job.out / "grid.mp4" if job.grid else None, progress=progress.step,
-                              on_frames=progress.frames)
+    result = animate_to_files(pipe, request, job.out / "video.mp4", job.out / "grid.mp4" if job.grid else None,
+                              box=request.crop_box(box), progress=progress.step, on_frames=progress.frames)
     return {k: round(v, 4) for k, v in result.timings.items()}
 
 
@@ -448,8 +460,7 @@ class JobManager:
             "error": {"message": row.error} if row.error and row.status in ("failed", "cancelled") else None,
             "timings": row.timings, "created": iso(row.created), "started": iso(row.started),
             "finished": iso(row.finished),
-            "settings": {k: p[k] for k in ("width", "height", "steps", "guidance", "seed", "start_frame", "max_frames",
-                                           "fit", "grid") if k in p},
+            "settings": {k: v for k, v in p.items() if k in SHOWN or (k in SETTINGS and v not in (None, False))},
             "source": p.get("source_name"), "driving": p.get("driving_name"), "reference_id": row.reference_id,
             "frames": p.get("frames"), "worker": row.worker,
             "video_url": f"/v1/animations/{row.id}/video" if done else None,
@@ -513,7 +524,9 @@ class JobManager:
                          "eta_s": None}
         self.notifier.notify(job_id)
         source = self.data / row.source if row.source else self.data / self.store.reference(row.reference_id)
-        job = JobFiles(job_id, p, source, self.data / row.driving, self.data / "results" / job_id, row.grid)
+        request = AnimationRequest.from_settings(p, source=source, driving=self.data / row.driving)
+        job = JobFiles(job_id, request, self.data / "results" / job_id, p.get("source_name") or "source",
+                       p.get("driving_name") or "driving")
         t_run = time.perf_counter()
         status, error, timings = "failed", None, None
         try:

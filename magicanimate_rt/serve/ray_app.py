@@ -140,7 +140,8 @@ def _job_files(job: dict, tmp: Path) -> JobFiles:
     """A shipped job's inputs written under ``tmp`` (its results go to ``tmp/out``)."""
     (tmp / "source").write_bytes(job["source"])
     (tmp / "driving").write_bytes(job["driving"])
-    return JobFiles(job["id"], job["params"], tmp / "source", tmp / "driving", tmp / "out", job["grid"])
+    request = dataclasses.replace(job["request"], source=tmp / "source", driving=tmp / "driving")
+    return JobFiles(job["id"], request, tmp / "out", *job["names"])
 
 
 def _free_port() -> int:
@@ -363,7 +364,9 @@ class RayExecutor:
         worker.pipe = None
 
     def run(self, worker: Worker, job: JobFiles, progress: Progress) -> dict:
-        payload = {"id": job.id, "params": job.params, "grid": job.grid, "source": job.source.read_bytes(),
+        # the typed request travels (pickled by Ray), its inputs as bytes (the replica writes them to files)
+        payload = {"id": job.id, "request": dataclasses.replace(job.request, source=None, driving=None),
+                   "names": (job.source_name, job.driving_name), "grid": job.grid, "source": job.source.read_bytes(),
                    "driving": job.driving.read_bytes()}
         for attempt in (1, 2):
             progress.check_cancel()  # cancelled (or shutting down) while it waited for a retry

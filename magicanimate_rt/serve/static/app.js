@@ -64,6 +64,33 @@ async function loadExamples() {
   } catch (e) { /* examples are optional */ }
 }
 
+let presets = [];         // [{name, steps, description}] of GET /v1/presets
+
+async function loadPresets() {
+  // the request's defaults and the presets, from the server (runtime/request.py): none restated here
+  try {
+    const body = await (await api("/v1/presets")).json();
+    const d = body.defaults;
+    $("width").value = d.width || d.size; $("height").value = d.height || d.size;
+    $("guidance").value = d.guidance; $("seed").value = d.seed; $("fit").value = d.fit;
+    presets = body.presets;
+    const select = $("preset");
+    for (const p of presets) {
+      const option = document.createElement("option");
+      option.value = option.textContent = p.name;
+      select.appendChild(option);
+    }
+    showPreset();
+  } catch (e) { /* e.g. 401 before a key is given: the server's defaults apply */ }
+}
+
+function showPreset() {
+  const p = presets.find((x) => x.name === $("preset").value);
+  if (!p) return;
+  $("steps").placeholder = p.steps;  // empty: the preset's steps
+  $("preset-note").textContent = p.name + ": " + p.description;
+}
+
 async function chosenFile(input, select, what) {
   if (input.files.length) return [input.files[0], input.files[0].name];
   if (select.value) {
@@ -87,8 +114,9 @@ async function submit(event) {
     form.append("source", source, sourceName);
     form.append("driving", driving, drivingName);
     const width = $("width").value, height = $("height").value;
-    if (width === height) form.append("size", width); else { form.append("width", width); form.append("height", height); }
-    for (const [name, id] of [["steps", "steps"], ["guidance", "guidance"], ["seed", "seed"], ["max_frames", "max-frames"], ["fit", "fit"]]) {
+    if (width === height) { if (width !== "") form.append("size", width); }
+    else { form.append("width", width); form.append("height", height); }
+    for (const [name, id] of [["preset", "preset"], ["steps", "steps"], ["guidance", "guidance"], ["seed", "seed"], ["max_frames", "max-frames"], ["fit", "fit"]]) {
       if ($(id).value !== "") form.append(name, $(id).value);
     }
     form.append("grid", "true");
@@ -244,7 +272,9 @@ $("source").addEventListener("change", () => {
   $("source-preview").hidden = !f;
   if (f) $("source-preview").src = URL.createObjectURL(f);
 });
+$("preset").addEventListener("change", showPreset);
 checkServer();
+loadPresets();
 loadExamples();
 refreshRecent();
 setInterval(checkServer, 10000);
