@@ -96,11 +96,12 @@ def test_bad_split_flags_are_one_line_exit_2(tiny_models, tmp_path, capsys):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known defect (issue 25's investigation): a split replica's first decode round is not reproducible. "
-    "In float64, the same job submitted three times to one 2-rank replica gave frames 0-3 (rank 0's first "
-    "decode chunk) up to 44/255 apart from each other and from one process, while frames 4-27 were "
-    "identical; torchrun's split (tests/test_distributed.py) is reproducible. To be fixed in the split "
-    "replica's job path, not by loosening this bound"))
+    "known defect (issue 25's investigation): a split replica's video is not reproducible. In float64, "
+    "the same job submitted three times to one 2-rank replica gave frames 0-3 (rank 0's first decode "
+    "chunk, and the video's first frames) up to 44/255 apart from each other and from one process, while "
+    "frames 4-27 were identical; torchrun's split (tests/test_distributed.py) and a one-rank replica "
+    "(tests/test_serve_ray.py) are reproducible. Whether the frames or their encoding differ is not yet "
+    "known; to be fixed in the split replica's job path, not by loosening this bound"))
 def test_a_split_replica_serves_the_single_process_video(split, samples, tiny_models, tmp_path):
     assert len(rank_processes()) == 1  # rank 1; rank 0 is the replica itself
     st = wait_final(split.client, job(split, samples, steps=3), timeout=240)
