@@ -1,6 +1,7 @@
 """The ``magicanimate-rt`` command.
 
     magicanimate-rt animate --models DIR --source IMAGE --driving VIDEO --output OUT.mp4
+    magicanimate-rt animate ... --driving PERSON.mp4 --densepose-weights model_final_162be9.pkl
     magicanimate-rt demo [--output OUT.mp4]
     magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
     magicanimate-rt densepose VIDEO --weights model_final_162be9.pkl [--output OUT.mp4] [--size S]
@@ -46,6 +47,15 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--source", type=Path, required=True, help="source image (any format PIL reads)")
     src.add_argument("--driving", type=Path, required=True, help="DensePose driving video (any format ffmpeg reads)")
     add_request_arguments(src, ("start_frame", "max_frames"))
+
+
+def _add_densepose_weights(parser: argparse.ArgumentParser) -> None:
+    """``animate --densepose-weights``: the driving video is a person video, made a DensePose clip first."""
+    parser.add_argument("--densepose-weights", type=Path, default=None, metavar="FILE",
+                        help="--driving is an ordinary video of a person: make its DensePose clip first with this "
+                             "DensePose R-CNN checkpoint (model_final_162be9.pkl), at its own size and 25 fps, on "
+                             "--device in --dtype, cached by content so a rerun skips it; --start-frame then counts "
+                             "the person video's frames (README 'Driving videos from your own video')")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("animate", help="animate a source image with a DensePose driving video")
     _add_inputs(a)
+    _add_densepose_weights(a)
     out = a.add_argument_group("outputs")
     out.add_argument("--output", type=Path, required=True, help="animation, H.264 mp4 at 25 fps")
     out.add_argument("--grid", type=Path, help="also write the original's [source | driving | result] grid video")
@@ -294,6 +305,8 @@ def cmd_animate(args) -> int:
         _check_output(args.grid, "--grid")
         if args.grid.resolve() == args.output.resolve():
             raise InputError("--grid must differ from --output")
+    if args.densepose_weights is not None:  # the person video's DensePose clip, before any animation model loads
+        request = _densepose_driving(args, request)
     # read the inputs before loading any model, so bad input fails fast
     request, box = request.read_inputs_and_box()
     box = request.crop_box(box)
@@ -309,6 +322,18 @@ def cmd_animate(args) -> int:
         _log(f"wrote {args.output}" + (f" and {args.grid}" if args.grid else "") +
              f" ({request.driving.shape[0]} frames, {result.timings['total']:.1f} s)")
     return 0
+
+
+def _densepose_driving(args, request):
+    """The request driven by the cached DensePose clip of the person video ``--driving``
+    (densepose/prepare.py): prepared from ``--start-frame`` for ``--max-frames`` frames, which the
+    clip then holds whole."""
+    from .densepose.prepare import cached_driving_video, person_video_settings
+
+    clip = cached_driving_video(args.driving, args.densepose_weights,
+                                person_video_settings(request.start_frame, request.max_frames),
+                                device=args.device, dtype=args.dtype, progress=True, log=_log)
+    return replace(request, driving=clip, start_frame=0, max_frames=None)
 
 
 def cmd_demo(args) -> int:

@@ -251,6 +251,7 @@ class AnimationPipeline:
         fit: str = DEFAULTS["fit"],
         crop_output: bool = DEFAULTS["crop_output"],
         mode: Union[str, SamplingMode, None] = None,
+        densepose_weights: Union[str, Path, None] = None,
     ) -> AnimationResult:
         """Animate ``source`` (a path, PIL image or HxWx3 uint8 array) with ``driving`` (a
         video path or (F, H, W, 3) uint8 DensePose frames): :meth:`run` of the
@@ -271,11 +272,33 @@ class AnimationPipeline:
         :class:`~.modes.SamplingMode` (opt-in approximations: another sampler, deep-feature
         reuse, guidance for part of the steps; README "Faster, approximately").
         ``progress`` and ``frame_sink``: as :meth:`run`.
+
+        ``densepose_weights``: ``driving`` is an ordinary video of a person (a path), made a
+        DensePose clip first with this DensePose R-CNN checkpoint on the pipeline's device and
+        dtype, at its own size and 25 fps, from ``start_frame`` (the person video's frames) for
+        ``max_frames`` frames, cached by content in the cache directory so a rerun skips it
+        (``densepose/prepare.py``). Default None: ``driving`` is already DensePose.
         """
+        if densepose_weights is not None:
+            driving = self._densepose_clip(driving, densepose_weights, start_frame, max_frames)
+            start_frame, max_frames = 0, None
         settings = dict(source=source, driving=driving, size=size, steps=steps, guidance_scale=guidance_scale,
                         seed=seed, start_frame=start_frame, max_frames=max_frames, width=width, height=height,
                         fit=fit, crop_output=crop_output)
         return self._run(lambda: AnimationRequest.with_mode(mode, **settings), progress, frame_sink)
+
+    def _densepose_clip(self, video, weights, start_frame, max_frames) -> Path:
+        """The cached DensePose clip of the person video ``video`` (``densepose/prepare.py``)."""
+        from ..densepose.prepare import cached_driving_video, person_video_settings
+
+        if not isinstance(video, (str, Path)):
+            raise InputError("driving: with densepose_weights it must be the path of a person video, got "
+                             f"{type(video).__name__}")
+        if self.stages is None:
+            raise InputError("this pipeline is closed")
+        settings = person_video_settings(start_frame, max_frames)
+        return cached_driving_video(video, weights, settings, device=str(self.stages.device),
+                                    dtype=self.stages.dtype)
 
     def run(self, request: AnimationRequest, progress: Union[bool, Callable[[int, int], None]] = False,
             frame_sink: Optional[FrameSink] = None) -> AnimationResult:
