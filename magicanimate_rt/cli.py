@@ -409,13 +409,15 @@ def cmd_warmup(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .config_run import load_batch, run_batch
+    from .config_run import load_batch, prepare_person_videos, run_batch
     from .runtime.pipeline import AnimationPipeline
 
     # the whole config is checked (keys, files, model layout) before any model is loaded
     batch = load_batch(args.config, models=args.models, output_dir=args.output_dir, backend=args.backend)
     for warning in batch.warnings:
         _log(f"{PROG}: warning: {warning}")
+    # video_type "video": the person videos' DensePose clips, before the animation models load
+    batch = prepare_person_videos(batch, device=args.device, dtype=args.dtype, log=_log)
     t0 = time.perf_counter()
     _log(f"{len(batch.pairs)} pair(s) from {args.config}; loading models from {batch.models} ...")
     with AnimationPipeline.from_pretrained(batch.models, backend=args.backend, device=args.device,

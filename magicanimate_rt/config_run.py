@@ -23,7 +23,12 @@ What each key means comes from the original's ``magicanimate/pipelines/animation
   ``offset`` is ignored (a warning says so).
 - ``S`` (the stride list it zips with the pairs) and ``L`` (the 16-frame window it pads to)
   are fixed by the model; ``I``, ``clip``, ``video_type`` and ``invert_video`` are never
-  read by the original (accepted, no effect).
+  read by the original (accepted, no effect), except ``video_type: "video"``, this runtime's:
+  the ``video_path`` entries are ordinary videos of a person, and ``densepose_weights`` (a
+  DensePose R-CNN checkpoint, ``model_final_162be9.pkl``) makes their DensePose clips first
+  (:func:`prepare_person_videos`, cached by content as ``animate --densepose-weights`` caches
+  them), from ``offset`` for ``max_length`` frames under the original's rule, before any
+  animation model loads.
 - ``savename``: the run folder's name; null: ``<config stem>-<%Y-%m-%dT%H-%M-%S>``, under
   ``samples/`` by default (the original's), ``--output-dir`` elsewhere.
 - Output names: ``<source>`` is the source file name up to its first dot, ``<video>`` the
@@ -82,7 +87,10 @@ MODEL_KEYS = ("pretrained_model_path", "pretrained_vae_path", "pretrained_unet_p
 KNOWN = set(DEFAULTS) | set(MODEL_KEYS) | {
     "source_image", "video_path", "inference_config", "num_actual_inference_steps",
     "random_seed",  # the seeds the original records in the config.yaml it writes: ignored on input
+    "densepose_weights",  # with video_type "video" (this runtime's): the DensePose R-CNN checkpoint
 }
+#: video_type's value for person videos (made DensePose clips first); the original's is "condition"
+PERSON_VIDEOS = "video"
 
 
 # --------------------------------------------------------------------------- inference_config
@@ -271,6 +279,7 @@ class Pair:
     video: Path
     seed: int  #: -1: drawn when the run starts
     name: str  #: "<source>_<video>", the original's output name
+    clip: Optional[Path] = None  #: video_type "video": the DensePose clip of ``video`` (prepare_person_videos)
 
     def label(self) -> str:
         return f"pair {self.index} ({self.source_text}, {self.video_text})"
@@ -291,6 +300,8 @@ class Batch:
     raw: dict  #: the config as read
     inference_config: Optional[Path] = None
     warnings: list[str] = field(default_factory=list)
+    #: video_type "video": the DensePose checkpoint that makes the pairs' clips (None: DensePose videos)
+    densepose_weights: Optional[Path] = None
 
     @property
     def size(self) -> int:
@@ -549,7 +560,10 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
     r.fixed("L", Stages.window, "the temporal UNet's 16-frame window")
     r.fixed("S", 1, "the original's context stride")
     r.fixed("fusion_blocks", "midup", "the reference attention of the mid and up blocks")
+    densepose_weights = _densepose_weights(r)
     for key in NO_EFFECT:
+        if key == "video_type" and densepose_weights is not None:
+            continue
         if key in data and not _same_value(data[key], DEFAULTS[key]):
             warnings.append(f"config {path}: {key}: {data[key]!r} has no effect (the original never uses it)")
 
@@ -579,7 +593,41 @@ def load_batch(config, models: Optional[Path] = None, output_dir: Optional[Path]
         if p.exists() and not p.is_dir():
             raise InputError(f"output {p}: exists and is not a directory")
     return Batch(config_path=path, pairs=pairs, request=request, save_individual_videos=individual, models=root, output=out, raw=dict(data),
-                 inference_config=inference_path, warnings=warnings)
+                 inference_config=inference_path, warnings=warnings, densepose_weights=densepose_weights)
+
+
+def _densepose_weights(r: _Reader) -> Optional[Path]:
+    """The checkpoint of ``video_type: "video"`` (found; read when the clips are made), else None."""
+    person = r.data.get("video_type") == PERSON_VIDEOS
+    text = r.optional_path("densepose_weights")
+    if person and text is None:
+        raise r.fail("densepose_weights", f"missing: video_type {PERSON_VIDEOS!r} (person videos) needs the "
+                     "DensePose R-CNN checkpoint that makes their DensePose clips (model_final_162be9.pkl)")
+    if text is not None and not person:
+        raise r.fail("densepose_weights", f"is for video_type {PERSON_VIDEOS!r} (person videos); the video_path "
+                     "entries of this config are DensePose videos already")
+    return None if text is None else r.existing("densepose_weights", text)
+
+
+def prepare_person_videos(batch: Batch, device: str = "cpu", dtype: str = "float32",
+                          log: Callable[[str], None] = print) -> Batch:
+    """``video_type: "video"``: every pair's DensePose clip, made (or found in the cache) from
+    ``offset`` for ``max_length`` frames (densepose/prepare.py); the batch then animates the
+    clips whole. Any other batch as it is. A bad video or checkpoint raises InputError (one line)."""
+    if batch.densepose_weights is None:
+        return batch
+    from .densepose.prepare import cached_driving_video, person_video_settings
+
+    settings = person_video_settings(batch.start_frame, batch.max_length)
+    pairs = []
+    for pair in batch.pairs:
+        try:
+            clip = cached_driving_video(pair.video, batch.densepose_weights, settings, device=device, dtype=dtype,
+                                        progress=True, log=log)
+        except InputError as e:
+            raise InputError(f"config {batch.config_path}: {pair.label()}: {e}") from None
+        pairs.append(replace(pair, clip=clip))
+    return replace(batch, pairs=pairs, request=replace(batch.request, start_frame=0, max_frames=None))
 
 
 # --------------------------------------------------------------------------- running it
@@ -622,7 +670,7 @@ def _animate_pair(batch: Batch, pair: Pair, seed: int, pipe, writer: bool, log: 
     from .runtime.media import read_video, write_video
 
     source = read_source(pair.source, batch.size)
-    driving = read_video(pair.video, size=batch.size, start_frame=batch.start_frame, max_frames=batch.max_length)
+    driving = read_video(pair.clip or pair.video, size=batch.size, start_frame=batch.start_frame, max_frames=batch.max_length)
     request = replace(batch.request, source=source, driving=driving, seed=seed, start_frame=0, max_frames=None)
     videos = batch.output / "videos"
     folder = videos / pair.name

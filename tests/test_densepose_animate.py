@@ -69,19 +69,26 @@ def test_animate_prepares_the_clip_then_hits_the_cache(first_run, shared_dir, ti
     assert np.array_equal(read_video(tmp / "again.mp4"), read_video(tmp / "out.mp4"))
 
 
-def test_python_api_animates_with_the_cached_clip(first_run, tiny_models, densepose_weights, monkeypatch):
-    from magicanimate_rt.runtime.pipeline import AnimationPipeline
-
-    monkeypatch.setenv("MAGICANIMATE_RT_CACHE", str(first_run["cache"]))
+@pytest.fixture
+def estimations(monkeypatch):
+    """Every estimation run while a test runs (cached_driving_video's calls of prepare_driving_video)."""
     calls = []
     real = prepare.prepare_driving_video
     monkeypatch.setattr(prepare, "prepare_driving_video", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_python_api_animates_with_the_cached_clip(first_run, tiny_models, densepose_weights, monkeypatch,
+                                                  estimations):
+    from magicanimate_rt.runtime.pipeline import AnimationPipeline
+
+    monkeypatch.setenv("MAGICANIMATE_RT_CACHE", str(first_run["cache"]))
     (clip,) = (first_run["cache"] / "densepose").glob("*.mp4")
     with AnimationPipeline.from_pretrained(tiny_models) as pipe:
         ours = pipe.animate(first_run["source"], first_run["person"], densepose_weights=densepose_weights,
                             size=64, steps=1, max_frames=1)
         direct = pipe.animate(first_run["source"], clip, size=64, steps=1)
-    assert calls == []  # the cache answered: nothing was estimated
+    assert estimations == []  # the cache answered: nothing was estimated
     # one process, one pipeline, the same inputs: the same computation, bit for bit
     assert ours.frames.shape == direct.frames.shape and np.array_equal(ours.frames, direct.frames)
 
@@ -139,3 +146,36 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatc
         assert err.count("\n") == 1 and name in err and words in err and "Traceback" not in err, err
         assert not out.exists()
         assert not list((tmp_path / "cache").rglob("*.mp4"))
+
+
+def test_config_run_video_type_video(first_run, tmp_path, capsys, monkeypatch, tiny_models, densepose_weights,
+                                     estimations):
+    """A config of the original's format with ``video_type: "video"``: the person video's clip comes
+    from the cache the command filled (the same video, weights, frames and precision), and the pair
+    is animated with it: the same request as the command's, so the same video."""
+    import yaml
+
+    monkeypatch.setenv("MAGICANIMATE_RT_CACHE", str(first_run["cache"]))
+    config = tmp_path / "animation.yaml"
+    entries = dict(source_image=[str(first_run["source"])], video_path=[str(first_run["person"])], seed=0, steps=1,
+                   size=64, max_length=1, savename="run", video_type="video",
+                   densepose_weights=str(densepose_weights))
+    config.write_text(yaml.safe_dump(entries))
+    code = cli.main(["batch", str(config), "--models", str(tiny_models), "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "densepose: cached clip" in out.out and estimations == [] and "no effect" not in out.out + out.err
+    written = tmp_path / "out" / "run" / "videos" / "monalisa_input_video.mp4"
+    # the command's request on the command's clip, in one machine's float32: the same frames
+    assert np.array_equal(read_video(written), read_video(first_run["tmp"] / "out.mp4"))
+    assert yaml.safe_load((tmp_path / "out" / "run" / "config.yaml").read_text())["video_path"] == \
+        [str(first_run["person"])]
+
+    # the key's partner missing, or given without video_type video: one line, exit 2
+    for bad, words in ((dict(entries, densepose_weights=None), "densepose_weights: missing"),
+                       (dict(entries, video_type="condition"), "is for video_type 'video'")):
+        config.write_text(yaml.safe_dump(bad))
+        code = cli.main(["batch", str(config), "--models", str(tiny_models), "--output-dir", str(tmp_path / "o2")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "o2").exists()
