@@ -80,22 +80,21 @@ def test_frames_and_chunks_give_the_same_video(tmp_path, smooth_video):
         for frame in frames[7:]:
             writer.write(frame)
     assert writer.frames_written == len(frames)
-    np.testing.assert_array_equal(read_video(tmp_path / "mixed.mp4"), read_video(smooth_video[0]))
+    mixed, whole = read_video(tmp_path / "mixed.mp4").astype(int), read_video(smooth_video[0]).astype(int)
+    # not bit for bit: libx264 does not always give the same file for the same frames (issue 25:
+    # with automatic threads ~1 encode in 5 under load, with one thread rarely; measured between two
+    # such files: per-frame mean |diff| <= 0.61, max 11). A frame written twice, dropped or out of
+    # order moves its frame's mean by >= 8.1 here (consecutive smooth frames), so 2.0 separates both.
+    assert mixed.shape == whole.shape
+    assert np.abs(mixed - whole).reshape(len(whole), -1).mean(1).max() < 2.0
 
 
-def test_equal_frames_give_equal_files(tmp_path):
-    """Issue 25: with libx264's automatic threads, the same frames gave one of two files (up
-    to 11 levels apart decoded) in about 1 of 5 encodes on a loaded 2-core machine, so the
-    tests comparing two runs' videos flaked. One encoder thread (the default) is reproducible;
-    eight encodes here would have shown the old behaviour with high probability."""
-    frames = smooth_frames()
-    digests = set()
-    for i in range(8):
-        write_video(tmp_path / f"{i}.mp4", frames)
-        digests.add((tmp_path / f"{i}.mp4").read_bytes())
-    assert len(digests) == 1
+def test_encoder_threads_are_checked(tmp_path):
     with pytest.raises(InputError, match="threads must be an integer >= 0"):
         VideoWriter(tmp_path / "x.mp4", threads=-1)
+    with VideoWriter(tmp_path / "auto.mp4", threads=0) as writer:  # libx264's automatic count
+        writer.write(smooth_frames(count=2))
+    assert (tmp_path / "auto.mp4").is_file()
 
 
 def test_exception_inside_the_block_leaves_nothing(tmp_path):

@@ -489,8 +489,8 @@ class VideoWriter:
         fps: frames per second (the original writes 25).
         crf: libx264 constant rate factor, 0 (lossless) .. 51 (worst); 18 is visually
             near-lossless at a modest size. Ignored by the mpeg4 fallback.
-        threads: encoder threads; 1 (default) makes equal frames give equal files, 0 lets
-            libx264 choose (faster on many cores, not reproducible bit for bit).
+        threads: encoder threads; 1 (default: equal frames far more often give equal files),
+            0 lets libx264 choose (faster on many cores).
 
     Usage::
 
@@ -552,11 +552,12 @@ class VideoWriter:
         self._container = av.open(str(self.tmp_path), mode="w", format="mp4", options={"movflags": "+faststart"})
         options = {"crf": str(self.crf)} if codec == "libx264" else {}
         stream = self._container.add_stream(codec, rate=self.fps, options=options)
-        # Equal frames give equal files only with one encoder thread: with libx264's automatic
-        # threads, the same 12 frames gave two different files (up to 11 levels apart after
-        # decoding) in ~1 of 5 encodes on a loaded 2-core machine (issue 25). Encoding is a
-        # small part of a request (diffusion dominates); a caller that needs the speed more
-        # than reproducible bytes passes threads=0 (libx264's automatic count).
+        # One encoder thread by default: with libx264's automatic threads the same 12 frames gave
+        # one of two files (up to 11 levels apart decoded) in ~1 of 5 encodes on a loaded 2-core
+        # machine (issue 25); with one thread 60 encodes in fresh processes gave one file, though
+        # a full test run still saw two, so equal bytes are likely, not guaranteed (tests compare
+        # decoded frames within H.264's tolerance, or the frames given to the writer). Encoding is
+        # a small part of a request; threads=0 gives libx264's automatic count for speed.
         stream.codec_context.thread_count = self.threads
         stream.width = width
         stream.height = height
