@@ -1,8 +1,9 @@
 """The HTTP API and the page (FastAPI). ``create_app(settings, manager)``; README "Serving".
 
-    POST   /v1/animations              multipart: source | reference_id, driving, and the request's
-                                       settings (serve/form.py: size | width+height, steps, guidance, seed,
-                                       preset and the sampling knobs, ...) -> 202 {id, status, queue_position};
+    POST   /v1/animations              multipart: source | reference_id, driving, driving_kind (densepose, or
+                                       person with --densepose-weights), and the request's settings
+                                       (serve/form.py: size | width+height, steps, guidance, seed, preset and
+                                       the sampling knobs, ...) -> 202 {id, status, queue_position};
                                        429 + Retry-After when the queue is full; 503 while the models load
     GET    /v1/animations?limit=N      recent jobs, newest first
     GET    /v1/animations/{id}         the status object
@@ -11,7 +12,8 @@
     DELETE /v1/animations/{id}         cancel (queued: at once; running: at the next step boundary)
     POST   /v1/references              multipart: image -> {reference_id}
     GET    /v1/examples                example photos and motions the page offers
-    GET    /v1/presets                 the sampling presets, what each costs, and the request's defaults
+    GET    /v1/presets                 the sampling presets, what each costs, the driving kinds this server
+                                       takes, and the request's defaults
     GET    /healthz, /readyz, /metrics, /docs (OpenAPI), / (the page)
 
 Every error is ``{"error": {"message": "...", "field": "..."}}``; the message is the line the
@@ -40,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
 from .errors import ServiceError
-from .form import JOB_FILES, form_fields, job_request, openapi_body, presets
+from .form import DEFAULT_KIND, JOB_FILES, form_fields, job_request, openapi_body, presets
 from .jobs import JobManager, new_id, valid_id
 from .metrics import CONTENT_TYPE
 from .settings import ServeSettings
@@ -314,9 +316,12 @@ async def _submit(request: Request, settings: ServeSettings, manager: JobManager
 async def _job_params(form: Form, settings: ServeSettings, manager: JobManager):
     """(the request, its reference_id, the settings the job records) of a job's form: its text
     fields within this server's limits, one photo (a file or a reference), and its files
-    checked by content (ServiceError naming the field)."""
-    job, ref = job_request(form.fields, settings)
+    checked by content (ServiceError naming the field). The settings hold ``driving_kind``
+    only for a person video (the default, a DensePose clip, as before it existed)."""
+    job, ref, kind = job_request(form.fields, settings)
     params = job.settings()
+    if kind != DEFAULT_KIND:
+        params["driving_kind"] = kind
     if "driving" not in form.files:
         raise ServiceError(422, "driving: missing (the DensePose motion video, a file field)", "driving")
     if ("source" in form.files) == (ref is not None):
@@ -392,7 +397,7 @@ def page_routes(settings: ServeSettings) -> APIRouter:
 
     @router.get("/v1/presets", summary="The sampling presets (what each is and costs) and the request's defaults")
     async def sampling_presets():
-        return presets()
+        return presets(settings)
 
     @router.get("/v1/examples", summary="Example photos and motions for the page")
     async def examples():
