@@ -77,3 +77,15 @@ def densepose_weights(shared_dir, tmp_path_factory) -> Path:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def estimations(monkeypatch):
+    """Every DensePose clip estimated in this process while a test runs (cached_driving_video's
+    calls of prepare_driving_video): a cache hit adds none."""
+    from magicanimate_rt.densepose import prepare
+
+    calls = []
+    real = prepare.prepare_driving_video
+    monkeypatch.setattr(prepare, "prepare_driving_video", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls

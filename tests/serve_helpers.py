@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -183,3 +185,33 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def files_under(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def chromium() -> Optional[str]:
+    """A Chromium for the page tests (playwright drives it), or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@contextlib.contextmanager
+def page_at(url: str):
+    """The service's page at ``url`` in Chromium (playwright), once it shows the server ready;
+    skips the test without playwright or a Chromium."""
+    import pytest
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip install -e '.[dev]')")
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe,
+                                    args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.goto(url + "/")
+            page.wait_for_selector("#server-state.ready", timeout=30000)
+            yield page
+        finally:
+            browser.close()

@@ -69,15 +69,6 @@ def test_animate_prepares_the_clip_then_hits_the_cache(first_run, shared_dir, ti
     assert np.array_equal(read_video(tmp / "again.mp4"), read_video(tmp / "out.mp4"))
 
 
-@pytest.fixture
-def estimations(monkeypatch):
-    """Every estimation run while a test runs (cached_driving_video's calls of prepare_driving_video)."""
-    calls = []
-    real = prepare.prepare_driving_video
-    monkeypatch.setattr(prepare, "prepare_driving_video", lambda *a, **k: calls.append(a) or real(*a, **k))
-    return calls
-
-
 def test_python_api_animates_with_the_cached_clip(first_run, tiny_models, densepose_weights, monkeypatch,
                                                   estimations):
     from magicanimate_rt.runtime.pipeline import AnimationPipeline

@@ -10,7 +10,6 @@ decides the outcome.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ pytest.importorskip("fastapi", reason="the service's packages: pip install -e '.
 httpx = pytest.importorskip("httpx")
 
 from serve_helpers import (ServerProcess, ServerThread, events, files_under, free_port,  # noqa: E402
-                           png_header_only, submit, wait_final, wait_for)
+                           page_at, png_header_only, submit, wait_final, wait_for)
 
 SIZE, FRAMES = 128, 16
 
@@ -199,6 +198,13 @@ def bad_inputs(samples, tmp_path):
          422, "max_frames", "more than this server's limit of 64 frames"),
         ("an unknown field", {"source": ("s.png", src), "driving": ("d.mp4", drv)}, {**ok, "colour": "red"},
          422, "colour", "unknown field 'colour'"),
+        ("a person video on a server without weights", {"source": ("s.png", src), "driving": ("d.mp4", drv)},
+         {**ok, "driving_kind": "person"}, 400, "driving_kind",
+         "driving_kind person: this server takes DensePose motion videos only (it was started without "
+         "--densepose-weights FILE)"),
+        ("an unknown driving kind", {"source": ("s.png", src), "driving": ("d.mp4", drv)},
+         {**ok, "driving_kind": "dance"}, 422, "driving_kind",
+         "driving_kind: expected one of densepose, person, got 'dance'"),
     ]
 
 
@@ -378,7 +384,11 @@ def test_bad_flags_are_one_line_exit_2(tiny_models, tmp_path, capsys):
         (["--api-key-file", str(tmp_path / "absent")], "--api-key-file"),
         (["--devices", "gpu0"], "--devices: 'gpu0' is not cpu, cuda or cuda:N"),
         (["--port", "70000"], "--port must be in 1..65535"),
+        (["--densepose-weights", str(tmp_path / "absent.pkl")], f"--densepose-weights: {tmp_path / 'absent.pkl'}: "
+                                                                  "no such file"),
+        (["--densepose-weights", str(tmp_path / "lfs.pkl")], "a Git LFS pointer, not the weights"),
     ]
+    (tmp_path / "lfs.pkl").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
     for extra, message in cases:
         rc = main(["serve", "--models", str(tiny_models), "--data-dir", str(tmp_path / "d"), *extra])
         err = capsys.readouterr().err
@@ -441,55 +451,40 @@ def test_restart_marks_running_jobs_failed_and_expires_old_results(tiny_models, 
 
 
 # --------------------------------------------------------------------------- a real browser
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 def test_the_page_in_a_real_browser(server, samples, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip install -e '.[dev]')")
-    exe = chromium()
-    if exe is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1000})
-            page.goto(server.url + "/")
-            page.wait_for_selector("#server-state.ready", timeout=30000)
-            page.set_input_files("#source", str(samples["source"]))
-            page.set_input_files("#driving", str(samples["driving"]))
-            for sel, value in (("#width", "128"), ("#height", "128"), ("#steps", "8"), ("#max-frames", "16")):
-                page.fill(sel, value)
-            # record every value the progress bar takes
-            page.evaluate("""() => { window.__progress = [];
-                new MutationObserver(() => window.__progress.push(document.getElementById('progress').value))
-                    .observe(document.getElementById('progress'), {attributes: true}); }""")
-            page.click("#start")
-            page.wait_for_function("() => { const v = document.getElementById('result-video');"
-                                   " return v.readyState >= 2 && v.duration > 0; }", timeout=180000)
-            values = page.evaluate("window.__progress")
-            assert len(set(values)) >= 3 and max(values) == 1, values  # it advanced, and reached the end
-            assert values == sorted(values), values
-            duration = page.evaluate("document.getElementById('result-video').duration")
-            assert abs(duration - FRAMES / 25) < 0.1, duration
-            assert page.inner_text("#job-status") == "succeeded"
-            assert page.is_hidden("#error")
-            page.wait_for_function("() => document.getElementById('grid-video').readyState >= 2", timeout=60000)
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-            shot = tmp_path / "video.png"
-            page.locator("#result-video").screenshot(path=str(shot))
-            from PIL import Image
+    with page_at(server.url) as page:
+        # this server has no --densepose-weights: the page offers DensePose videos only
+        page.wait_for_function("() => document.querySelector('#driving-kind option[value=person]').disabled")
+        assert page.input_value("#driving-kind") == "densepose"
+        page.set_input_files("#source", str(samples["source"]))
+        page.set_input_files("#driving", str(samples["driving"]))
+        for sel, value in (("#width", "128"), ("#height", "128"), ("#steps", "8"), ("#max-frames", "16")):
+            page.fill(sel, value)
+        # record every value the progress bar takes
+        page.evaluate("""() => { window.__progress = [];
+            new MutationObserver(() => window.__progress.push(document.getElementById('progress').value))
+                .observe(document.getElementById('progress'), {attributes: true}); }""")
+        page.click("#start")
+        page.wait_for_function("() => { const v = document.getElementById('result-video');"
+                               " return v.readyState >= 2 && v.duration > 0; }", timeout=180000)
+        values = page.evaluate("window.__progress")
+        assert len(set(values)) >= 3 and max(values) == 1, values  # it advanced, and reached the end
+        assert values == sorted(values), values
+        duration = page.evaluate("document.getElementById('result-video').duration")
+        assert abs(duration - FRAMES / 25) < 0.1, duration
+        assert page.inner_text("#job-status") == "succeeded"
+        assert page.is_hidden("#error")
+        page.wait_for_function("() => document.getElementById('grid-video').readyState >= 2", timeout=60000)
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        shot = tmp_path / "video.png"
+        page.locator("#result-video").screenshot(path=str(shot))
+        from PIL import Image
 
-            pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
-            assert pixels.std() > 10, pixels.std()  # the video's box shows frames, not a blank
-            # an error appears inline, in words
-            page.set_input_files("#source", [])
-            page.select_option("#source-example", "")
-            page.click("#start")
-            page.wait_for_selector("#error:not([hidden])")
-            assert "choose a photo" in page.inner_text("#error")
-        finally:
-            browser.close()
+        pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+        assert pixels.std() > 10, pixels.std()  # the video's box shows frames, not a blank
+        # an error appears inline, in words
+        page.set_input_files("#source", [])
+        page.select_option("#source-example", "")
+        page.click("#start")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "choose a photo" in page.inner_text("#error")

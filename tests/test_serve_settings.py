@@ -30,7 +30,8 @@ def test_flags_and_ray_args_give_the_same_settings(tmp_path):
     values = {"models": str(tmp_path), "backend": "torch", "dtype": "bfloat16", "gpu_memory_gb": "6.5",
               "data_dir": str(tmp_path / "d"), "max_queue": "3", "max_upload_mb": "1.5", "max_frames": "20",
               "max_steps": "7", "max_side": "256", "keep_hours": "0.5", "shutdown_grace_s": "2",
-              "examples_dir": str(tmp_path), "api_key_file": str(key), "device": "cuda", "replicas": "3",
+              "examples_dir": str(tmp_path), "api_key_file": str(key), "densepose_weights": str(tmp_path / "dp.pkl"),
+              "device": "cuda", "replicas": "3",
               "gpus_per_replica": "2", "cpus_per_replica": "4", "ranks_per_replica": "2"}
     flags = {d.key: d.flag for cls in (ServeSettings, RayOptions) for _, d in declared(cls)}
     argv = ["serve", "--ray"] + [x for k, v in values.items() for x in (flags[k], v)]

@@ -1,8 +1,9 @@
 """The HTTP API and the page (FastAPI). ``create_app(settings, manager)``; README "Serving".
 
-    POST   /v1/animations              multipart: source | reference_id, driving, and the request's
-                                       settings (serve/form.py: size | width+height, steps, guidance, seed,
-                                       preset and the sampling knobs, ...) -> 202 {id, status, queue_position};
+    POST   /v1/animations              multipart: source | reference_id, driving, driving_kind (densepose, or
+                                       person with --densepose-weights), and the request's settings
+                                       (serve/form.py: size | width+height, steps, guidance, seed, preset and
+                                       the sampling knobs, ...) -> 202 {id, status, queue_position};
                                        429 + Retry-After when the queue is full; 503 while the models load
     GET    /v1/animations?limit=N      recent jobs, newest first
     GET    /v1/animations/{id}         the status object
@@ -11,7 +12,8 @@
     DELETE /v1/animations/{id}         cancel (queued: at once; running: at the next step boundary)
     POST   /v1/references              multipart: image -> {reference_id}
     GET    /v1/examples                example photos and motions the page offers
-    GET    /v1/presets                 the sampling presets, what each costs, and the request's defaults
+    GET    /v1/presets                 the sampling presets, what each costs, the driving kinds this server
+                                       takes, and the request's defaults
     GET    /healthz, /readyz, /metrics, /docs (OpenAPI), / (the page)
 
 Every error is ``{"error": {"message": "...", "field": "..."}}``; the message is the line the
@@ -26,11 +28,12 @@ import json
 import logging
 import shutil
 import time
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -39,12 +42,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
 from .errors import ServiceError
-from .form import JOB_FILES, form_fields, job_request, openapi_body, presets
+from .form import DEFAULT_KIND, JOB_FILES, form_fields, job_request, openapi_body, presets
 from .jobs import JobManager, new_id, valid_id
 from .metrics import CONTENT_TYPE
 from .settings import ServeSettings
 from .store import FINAL
-from .uploads import read_form, replace_path
+from .uploads import Form, read_form, replace_path
 
 log = logging.getLogger("magicanimate_rt.serve")
 
@@ -56,6 +59,9 @@ OPEN_PREFIXES = ("/static/",)
 KEEPALIVE_S = 15.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+
+#: the page's files
+STATIC = resources.files("magicanimate_rt.serve") / "static"
 
 IMAGE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}}}}}}
@@ -97,8 +103,24 @@ def check_video(path: Path, display: str, start: int, max_frames: Optional[int],
 
 # --------------------------------------------------------------------------- the app
 def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
-    from contextlib import asynccontextmanager
+    """The app: the guard (draining, the key, metrics), the error handlers, and the routes by
+    group (health, jobs, references, the page and its examples)."""
+    app = FastAPI(title="magicanimate-rt", summary="MagicAnimate as a service: one photo + a DensePose motion "
+                  "video -> a video of that person doing the motion", version="1",
+                  lifespan=_lifespan(settings, manager))
+    app.state.manager = manager
+    app.middleware("http")(_guard(settings, manager))
+    _add_error_handlers(app)
+    app.include_router(health_routes(manager))
+    app.include_router(job_routes(settings, manager))
+    app.include_router(reference_routes(settings, manager))
+    app.include_router(page_routes(settings))
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
 
+
+def _lifespan(settings: ServeSettings, manager: JobManager):
+    """Start the manager with the app (its notifier on the app's loop); drain it at the end."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         manager.notifier.bind(asyncio.get_running_loop())
@@ -109,29 +131,23 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
             manager.draining = True
             await asyncio.to_thread(manager.shutdown, settings.shutdown_grace_s)
 
-    app = FastAPI(title="magicanimate-rt", summary="MagicAnimate as a service: one photo + a DensePose motion "
-                  "video -> a video of that person doing the motion", version="1", lifespan=lifespan)
-    app.state.manager = manager
-    data = Path(settings.data_dir)
+    return lifespan
+
+
+# --------------------------------------------------------------------------- middleware and errors
+def _guard(settings: ServeSettings, manager: JobManager):
+    """The middleware every request passes: 503 while draining, 401 without the key (but on
+    the open paths), the request counter and a Server-Timing header."""
     key = settings.api_key.encode() if settings.api_key else None
 
-    # ------------------------------------------------------------------ middleware
-    @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
         t0 = time.perf_counter()
         if manager.draining and path != "/healthz":
             response = error_response(ServiceError(503, "the server is shutting down", headers={"Retry-After": "30"}))
         elif key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                what = "missing" if not given else "wrong"
-                response = error_response(ServiceError(
-                    401, f"{what} API key: send 'Authorization: Bearer <key>' (the server's --api-key-file)",
-                    headers={"WWW-Authenticate": "Bearer"}))
-            else:
-                response = await call_next(request)
+            refused = _key_refusal(request.headers.get("authorization", ""), key)
+            response = error_response(refused) if refused is not None else await call_next(request)
         else:
             response = await call_next(request)
         route = request.scope.get("route")
@@ -141,6 +157,22 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
             response.headers.setdefault("Server-Timing", f"app;dur={(time.perf_counter() - t0) * 1e3:.1f}")
         return response
 
+    return guard
+
+
+def _key_refusal(given: str, key: bytes) -> Optional[ServiceError]:
+    """The 401 for an Authorization header that does not carry ``key`` as a bearer token, else None."""
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+        return None
+    what = "missing" if not given else "wrong"
+    return ServiceError(401, f"{what} API key: send 'Authorization: Bearer <key>' (the server's --api-key-file)",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": {"message", "field"}}``: ours, FastAPI's 422s, 404/405, and
+    a 500 whose traceback goes to the log."""
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
         return error_response(e)
@@ -164,12 +196,17 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
         return error_response(ServiceError(500, f"internal error ({type(e).__name__}); the server log has the "
                                                 "details"))
 
-    # ------------------------------------------------------------------ health
-    @app.get("/healthz", summary="The process answers")
+
+# --------------------------------------------------------------------------- health
+def health_routes(manager: JobManager) -> APIRouter:
+    """/healthz, /readyz and /metrics."""
+    router = APIRouter()
+
+    @router.get("/healthz", summary="The process answers")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="200 once every worker's models are loaded")
+    @router.get("/readyz", summary="200 once every worker's models are loaded")
     async def readyz():
         workers = [{"name": w.name, "device": w.device, "loaded": w.pipe is not None, "error": w.error,
                     "job": w.job} for w in manager.workers]
@@ -180,11 +217,18 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
         return JSONResponse({"status": "not ready", "error": {"message": message, "field": None},
                              "workers": workers}, status_code=503, headers={"Retry-After": "5"})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @router.get("/metrics", summary="Prometheus metrics")
     async def metrics():
         return Response(manager.metrics.render(), media_type=CONTENT_TYPE)
 
-    # ------------------------------------------------------------------ jobs
+    return router
+
+
+# --------------------------------------------------------------------------- jobs
+def job_routes(settings: ServeSettings, manager: JobManager) -> APIRouter:
+    """/v1/animations: submit, list, status, events, the videos, cancel."""
+    router = APIRouter()
+
     def job_or_404(job_id: str):
         row = manager.store.get(job_id) if valid_id(job_id) else None
         if row is None:
@@ -192,81 +236,24 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
                                     f"{settings.keep_hours:g} hours)")
         return row
 
-    @app.post("/v1/animations", status_code=202, summary="Submit an animation job", openapi_extra=openapi_body())
+    @router.post("/v1/animations", status_code=202, summary="Submit an animation job", openapi_extra=openapi_body())
     async def submit(request: Request):
-        manager._check_accepting()
-        job_id = new_id()
-        form = await read_form(request, data / ".incoming" / job_id, settings.max_upload_bytes, JOB_FILES,
-                               form_fields())
-        try:
-            job, ref = job_request(form.fields, settings)
-            params = job.settings()
-            if "driving" not in form.files:
-                raise ServiceError(422, "driving: missing (the DensePose motion video, a file field)", "driving")
-            if ("source" in form.files) == (ref is not None):
-                raise ServiceError(422, "give exactly one of source (a photo file) or reference_id", "source")
-            if ref is not None and (not valid_id(ref) or manager.store.reference(ref, touch=True) is None):
-                raise ServiceError(422, f"reference_id {ref!r}: unknown (expired, or never uploaded to "
-                                        "/v1/references)", "reference_id")
-            drv = form.files["driving"]
-            if "source" in form.files:
-                src = form.files["source"]
-                await run_in_threadpool(check_image, src.path, src.display, "source")
-                params["source_name"] = src.display
-            params["driving_name"] = drv.display
-            params["frames"] = await run_in_threadpool(check_video, drv.path, drv.display, params["start_frame"],
-                                                       params["max_frames"], settings.max_frames)
-            target = data / "uploads" / job_id
-            form.directory.rename(target)
-        except BaseException:
-            form.discard()
-            raise
-        try:
-            position = manager.submit(job_id, params, f"uploads/{job_id}/source" if ref is None else None, ref,
-                                      f"uploads/{job_id}/driving", job.grid)
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
-            raise
-        return JSONResponse({"id": job_id, "status": "queued", "queue_position": position,
-                             "status_url": f"/v1/animations/{job_id}"}, status_code=202,
-                            headers={"Location": f"/v1/animations/{job_id}"})
+        return await _submit(request, settings, manager)
 
-    @app.get("/v1/animations", summary="Recent jobs, newest first")
+    @router.get("/v1/animations", summary="Recent jobs, newest first")
     async def recent(limit: int = 20):
         if not 1 <= limit <= 200:
             raise ServiceError(422, f"limit must be in 1..200, got {limit}", "limit")
         return {"animations": manager.recent(limit)}
 
-    @app.get("/v1/animations/{job_id}", summary="A job's status")
+    @router.get("/v1/animations/{job_id}", summary="A job's status")
     async def status(job_id: str):
         return manager.status(job_id, job_or_404(job_id))
 
-    @app.get("/v1/animations/{job_id}/events", summary="Server-sent events: the status object at every change")
+    @router.get("/v1/animations/{job_id}/events", summary="Server-sent events: the status object at every change")
     async def events(job_id: str, request: Request):
         job_or_404(job_id)
-        notifier = manager.notifier
-
-        async def stream():
-            last = None
-            while True:
-                seen = notifier.version(job_id)
-                st = manager.status(job_id)
-                if st is None:
-                    break
-                if st != last:
-                    yield f"event: status\ndata: {json.dumps(st)}\n\n"
-                    last = st
-                if st["status"] in FINAL:
-                    break
-                if manager.draining or await request.is_disconnected():
-                    yield 'event: end\ndata: {"reason": "the server is shutting down"}\n\n'
-                    break
-                t0 = time.monotonic()
-                await notifier.wait(job_id, seen, KEEPALIVE_S)
-                if notifier.version(job_id) == seen and time.monotonic() - t0 >= KEEPALIVE_S * 0.9:
-                    yield ": keep-alive\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(_status_stream(manager, job_id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def result(job_id: str, kind: str):
@@ -281,15 +268,15 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
         return FileResponse(path, media_type="video/mp4", filename=f"{job_id}-{kind}.mp4",
                             content_disposition_type="inline")
 
-    @app.get("/v1/animations/{job_id}/video", summary="The animation (video/mp4, Range requests)")
+    @router.get("/v1/animations/{job_id}/video", summary="The animation (video/mp4, Range requests)")
     async def video(job_id: str):
         return result(job_id, "video")
 
-    @app.get("/v1/animations/{job_id}/grid", summary="The [source | driving | result] grid (video/mp4)")
+    @router.get("/v1/animations/{job_id}/grid", summary="The [source | driving | result] grid (video/mp4)")
     async def grid(job_id: str):
         return result(job_id, "grid")
 
-    @app.delete("/v1/animations/{job_id}", summary="Cancel a job")
+    @router.delete("/v1/animations/{job_id}", summary="Cancel a job")
     async def cancel(job_id: str):
         row = job_or_404(job_id)
         if row.status in FINAL:
@@ -298,9 +285,93 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
         st = manager.status(job_id)
         return JSONResponse(st, status_code=200 if st["status"] == "cancelled" else 202)
 
-    # ------------------------------------------------------------------ references
-    @app.post("/v1/references", status_code=201, summary="Upload a photo to animate with many motions",
-              openapi_extra=IMAGE_DOC)
+    return router
+
+
+async def _submit(request: Request, settings: ServeSettings, manager: JobManager) -> JSONResponse:
+    """POST /v1/animations: the upload read and checked (nothing stays of a refused one), the
+    files moved under ``uploads/<id>/`` and the job queued."""
+    manager._check_accepting()
+    job_id = new_id()
+    data = Path(settings.data_dir)
+    form = await read_form(request, data / ".incoming" / job_id, settings.max_upload_bytes, JOB_FILES, form_fields())
+    try:
+        job, ref, params = await _job_params(form, settings, manager)
+        target = data / "uploads" / job_id
+        form.directory.rename(target)
+    except BaseException:
+        form.discard()
+        raise
+    try:
+        position = manager.submit(job_id, params, f"uploads/{job_id}/source" if ref is None else None, ref,
+                                  f"uploads/{job_id}/driving", job.grid)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return JSONResponse({"id": job_id, "status": "queued", "queue_position": position,
+                         "status_url": f"/v1/animations/{job_id}"}, status_code=202,
+                        headers={"Location": f"/v1/animations/{job_id}"})
+
+
+async def _job_params(form: Form, settings: ServeSettings, manager: JobManager):
+    """(the request, its reference_id, the settings the job records) of a job's form: its text
+    fields within this server's limits, one photo (a file or a reference), and its files
+    checked by content (ServiceError naming the field). The settings hold ``driving_kind``
+    only for a person video (the default, a DensePose clip, as before it existed)."""
+    job, ref, kind = job_request(form.fields, settings)
+    params = job.settings()
+    if kind != DEFAULT_KIND:
+        params["driving_kind"] = kind
+    if "driving" not in form.files:
+        raise ServiceError(422, "driving: missing (the DensePose motion video, a file field)", "driving")
+    if ("source" in form.files) == (ref is not None):
+        raise ServiceError(422, "give exactly one of source (a photo file) or reference_id", "source")
+    if ref is not None and (not valid_id(ref) or manager.store.reference(ref, touch=True) is None):
+        raise ServiceError(422, f"reference_id {ref!r}: unknown (expired, or never uploaded to /v1/references)",
+                           "reference_id")
+    drv = form.files["driving"]
+    if "source" in form.files:
+        src = form.files["source"]
+        await run_in_threadpool(check_image, src.path, src.display, "source")
+        params["source_name"] = src.display
+    params["driving_name"] = drv.display
+    params["frames"] = await run_in_threadpool(check_video, drv.path, drv.display, params["start_frame"],
+                                               params["max_frames"], settings.max_frames)
+    return job, ref, params
+
+
+async def _status_stream(manager: JobManager, job_id: str, request: Request):
+    """The job's event stream: its status object at every change until it ends (or the server
+    drains, or the client goes), with a keep-alive comment on a quiet stream."""
+    notifier = manager.notifier
+    last = None
+    while True:
+        seen = notifier.version(job_id)
+        st = manager.status(job_id)
+        if st is None:
+            break
+        if st != last:
+            yield f"event: status\ndata: {json.dumps(st)}\n\n"
+            last = st
+        if st["status"] in FINAL:
+            break
+        if manager.draining or await request.is_disconnected():
+            yield 'event: end\ndata: {"reason": "the server is shutting down"}\n\n'
+            break
+        t0 = time.monotonic()
+        await notifier.wait(job_id, seen, KEEPALIVE_S)
+        if notifier.version(job_id) == seen and time.monotonic() - t0 >= KEEPALIVE_S * 0.9:
+            yield ": keep-alive\n\n"
+
+
+# --------------------------------------------------------------------------- references
+def reference_routes(settings: ServeSettings, manager: JobManager) -> APIRouter:
+    """/v1/references: one photo, animated with many motions."""
+    router = APIRouter()
+    data = Path(settings.data_dir)
+
+    @router.post("/v1/references", status_code=201, summary="Upload a photo to animate with many motions",
+                 openapi_extra=IMAGE_DOC)
     async def reference(request: Request):
         ref_id = new_id()
         form = await read_form(request, data / ".incoming" / f"ref-{ref_id}", settings.max_upload_bytes, ("image",),
@@ -316,17 +387,24 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
             form.discard()
         return JSONResponse({"reference_id": ref_id}, status_code=201)
 
-    # ------------------------------------------------------------------ examples and the page
-    @app.get("/v1/presets", summary="The sampling presets (what each is and costs) and the request's defaults")
-    async def sampling_presets():
-        return presets()
+    return router
 
-    @app.get("/v1/examples", summary="Example photos and motions for the page")
+
+# --------------------------------------------------------------------------- examples and the page
+def page_routes(settings: ServeSettings) -> APIRouter:
+    """The page, the presets and defaults it offers, and its examples."""
+    router = APIRouter()
+
+    @router.get("/v1/presets", summary="The sampling presets (what each is and costs) and the request's defaults")
+    async def sampling_presets():
+        return presets(settings)
+
+    @router.get("/v1/examples", summary="Example photos and motions for the page")
     async def examples():
         listing, _ = await run_in_threadpool(_examples, settings)
         return listing
 
-    @app.get("/v1/examples/{name}", summary="One example file")
+    @router.get("/v1/examples/{name}", summary="One example file")
     async def example(name: str):
         _, files = await run_in_threadpool(_examples, settings)
         if name not in files:
@@ -334,14 +412,11 @@ def create_app(settings: ServeSettings, manager: JobManager) -> FastAPI:
         path = Path(files[name])
         return FileResponse(path, media_type="video/mp4" if path.suffix == ".mp4" else None)
 
-    static = resources.files("magicanimate_rt.serve") / "static"
-
-    @app.get("/", include_in_schema=False)
+    @router.get("/", include_in_schema=False)
     async def page():
-        return FileResponse(str(static / "index.html"), media_type="text/html")
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    return app
+    return router
 
 
 def _examples(settings: ServeSettings) -> tuple[dict, dict[str, Path]]:

@@ -4,9 +4,12 @@ A job is a row in the store (``store.py``) plus, while it waits or runs, a :clas
 record in memory (its progress, a cancel flag). Jobs wait in one FIFO queue; each worker
 takes the oldest, reads its uploaded files, and animates into ``results/<id>/`` through
 ``render.animate_to_files``, the CLI's own writer (temporary files renamed when complete,
-so a failed or cancelled job leaves nothing). Cancellation is a flag the progress callback
-checks after every denoising step and every decoded chunk: a running job stops at the next
-boundary.
+so a failed or cancelled job leaves nothing). A job whose driving file is a person video
+(``driving_kind`` person, on a server with ``--densepose-weights``) first has its DensePose
+clip made (``densepose/prepare.py``, cached by content in ``densepose/`` under the data
+directory): its "densepose" stage. Cancellation is a flag the progress callback checks
+after every batch of DensePose frames, every denoising step and every decoded chunk: a
+running job stops at the next boundary.
 
 Restart: jobs the previous process left running are marked failed ("interrupted by a
 restart"), queued ones are queued again in their order. Finished jobs, their results and
@@ -26,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import logging
+import os
 import secrets
 import shutil
 import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -80,7 +84,7 @@ class Live:
 
 #: a job's settings the status always shows; the request's others (SETTINGS) when they are set
 SHOWN = ("width", "height", "steps", "guidance", "seed", "start_frame", "max_frames", "fit", "grid")
-SETTINGS = tuple(AnimationRequest().settings())
+SETTINGS = tuple(AnimationRequest().settings()) + ("driving_kind",)  # (recorded for a person video only)
 
 
 @dataclass
@@ -103,6 +107,10 @@ class JobFiles:
     out: Path  #: results go to ``out/video.mp4`` (and ``out/grid.mp4`` with ``request.grid``)
     source_name: str = "source"
     driving_name: str = "driving"
+    #: with a person video (driving_kind person): the server's DensePose checkpoint, and where
+    #: the clips made from person videos are kept (by content: ``densepose/prepare.py``)
+    densepose_weights: Optional[Path] = None
+    densepose_cache: Optional[Path] = None
 
     @property
     def source(self) -> Path:
@@ -140,16 +148,39 @@ def load_pipeline(settings: ServeSettings, device: str, ranks="auto"):
 def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:
     """Read the job's files and animate them into ``job.out`` through the CLI's writer; returns
     the stage timings. What every worker does with a job, in this process or on a Ray
-    replica. ``progress`` hears of the frame count, every step and every decoded chunk; any
-    of them may raise JobCancelled to stop at that boundary (no partial file stays)."""
+    replica. ``progress`` hears of the DensePose frames made from a person video, the frame
+    count, every step and every decoded chunk; any of them may raise JobCancelled to stop at
+    that boundary (no partial file stays, in the results or the clip cache)."""
     from ..render import animate_to_files
 
-    request, box = job.request.read_inputs_and_box()
+    request, timings = job.request, {}
+    if job.densepose_weights is not None:
+        t0 = time.perf_counter()
+        request = densepose_driving(pipe, job, progress)
+        timings["densepose"] = time.perf_counter() - t0
+    request, box = request.read_inputs_and_box()
     progress.started(int(request.driving.shape[0]))
     job.out.mkdir(parents=True, exist_ok=True)
     result = animate_to_files(pipe, request, job.out / "video.mp4", job.out / "grid.mp4" if job.grid else None,
                               box=request.crop_box(box), progress=progress.step, on_frames=progress.frames)
-    return {k: round(v, 4) for k, v in result.timings.items()}
+    return {k: round(v, 4) for k, v in {**timings, **result.timings}.items()}
+
+
+def densepose_driving(pipe, job: JobFiles, progress: "Progress") -> AnimationRequest:
+    """The job's request driven by the DensePose clip of its person video, made as ``animate
+    --densepose-weights`` makes it (``densepose/prepare.py``: from ``start_frame`` for
+    ``max_frames`` frames, which the clip then holds whole; on the pipeline's device and dtype)
+    or found in ``job.densepose_cache``. ``progress.densepose`` hears of every batch of frames."""
+    from ..densepose.prepare import cached_driving_video, person_video_settings
+
+    r = job.request
+    progress.densepose(0, None)
+    clip = cached_driving_video(job.driving, job.densepose_weights, person_video_settings(r.start_frame, r.max_frames),
+                                device=str(pipe.stages.device), dtype=pipe.stages.dtype,
+                                cache_dir=job.densepose_cache, progress=progress.densepose,
+                                log=lambda line: log.info("job %s: %s", job.id, line))
+    os.utime(clip)  # used now: the janitor keeps it for keep_hours more
+    return replace(r, driving=clip, start_frame=0, max_frames=None)
 
 
 def failure_line(e: BaseException, job: JobFiles) -> str:
@@ -177,6 +208,12 @@ class Progress:
     def check_cancel(self) -> None:
         if self.live.cancel.is_set():
             raise JobCancelled()
+
+    def densepose(self, done: int, total: Optional[int]) -> None:
+        """The person video's DensePose clip: ``done`` of about ``total`` (None: unknown) frames made."""
+        self.live.progress.update(stage="densepose", densepose={"frames_done": done, "frames": total})
+        self._changed()
+        self.check_cancel()
 
     def started(self, frames: int) -> None:
         """The inputs are read: ``frames`` frames to animate; denoising begins."""
@@ -316,6 +353,7 @@ class JobManager:
             shutil.rmtree(leftover, ignore_errors=True)
         self.store = Store(self.data / "jobs.sqlite3")
         self.executor = executor if executor is not None else LocalExecutor(settings, load_pipeline)
+        self.densepose_cache = self.data / "densepose"  #: clips made from person videos, by content
         self.notifier = Notifier()
         self.metrics = Metrics(lambda: len(self._queue), self.store.counts,
                                lambda: [(w.name, w.device) for w in self.workers])
@@ -525,11 +563,16 @@ class JobManager:
         self.notifier.notify(job_id)
         source = self.data / row.source if row.source else self.data / self.store.reference(row.reference_id)
         request = AnimationRequest.from_settings(p, source=source, driving=self.data / row.driving)
+        person = p.get("driving_kind") == "person"
         job = JobFiles(job_id, request, self.data / "results" / job_id, p.get("source_name") or "source",
-                       p.get("driving_name") or "driving")
+                       p.get("driving_name") or "driving", self.settings.densepose_weights if person else None,
+                       self.densepose_cache if person else None)
         t_run = time.perf_counter()
         status, error, timings = "failed", None, None
         try:
+            if person and self.settings.densepose_weights is None:  # queued, then the server restarted without
+                raise JobFailed("its driving video is a video of a person, and the server now runs without "
+                                "--densepose-weights")
             timings = self.executor.run(worker, job, Progress(self, job_id, live))
             status = "succeeded"
         except JobCancelled:
@@ -543,6 +586,8 @@ class JobManager:
             shutil.rmtree(job.out, ignore_errors=True)
         else:
             timings["queue_wait"] = round(started - row.created, 4)
+            if "densepose" in timings:
+                self.metrics.job_seconds.labels("densepose").observe(timings["densepose"])
             timings["run"] = round(run_s, 4)
             self._run_times.append(run_s)
         self.metrics.job_seconds.labels("run").observe(run_s)
@@ -579,6 +624,13 @@ class JobManager:
         for folder in (self.data / "results").iterdir():
             if valid_id(folder.name) and self.store.get(folder.name) is None:
                 shutil.rmtree(folder, ignore_errors=True)
+        # DensePose clips of person videos no job has used for keep_hours (each use touches its clip)
+        for clip in self.densepose_cache.glob("*.mp4"):
+            try:
+                if clip.stat().st_mtime < before:
+                    clip.unlink()
+            except OSError:  # a job uses or removes it meanwhile
+                pass
 
     def _janitor_loop(self) -> None:
         period = min(300.0, max(1.0, self.settings.keep_hours * 3600 / 10))

@@ -2,7 +2,8 @@
 
 - ``magicanimate_queue_depth``: jobs waiting;
 - ``magicanimate_jobs{status}``: jobs in the store by status (read at scrape time);
-- ``magicanimate_job_seconds{phase}``: histograms of queue wait and run time;
+- ``magicanimate_job_seconds{phase}``: histograms of queue wait, run time and (person videos) the
+  DensePose clip's time within the run;
 - ``magicanimate_step_seconds``: histogram of denoising step time;
 - ``magicanimate_worker_memory_bytes{worker,kind}``: the process's resident memory, and
   each CUDA worker's allocated and peak device memory;
@@ -67,7 +68,8 @@ class Metrics:
                  devices: Callable[[], list[tuple[str, str]]]):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(queue_depth, counts, devices))
-        self.job_seconds = Histogram("magicanimate_job_seconds", "Queue wait and run time of jobs", ["phase"],
+        self.job_seconds = Histogram("magicanimate_job_seconds", "Queue wait and run time of jobs (and the DensePose "
+                                     "clip of a person video, within the run)", ["phase"],
                                      buckets=JOB_BUCKETS, registry=self.registry)
         self.step_seconds = Histogram("magicanimate_step_seconds", "Time of one denoising step",
                                       buckets=STEP_BUCKETS, registry=self.registry)

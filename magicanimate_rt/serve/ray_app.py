@@ -83,7 +83,8 @@ def absolute(settings: ServeSettings) -> ServeSettings:
         return None if p is None else Path(p).resolve()
 
     return dataclasses.replace(settings, models=a(settings.models), engines=a(settings.engines),
-                               data_dir=a(settings.data_dir), examples_dir=a(settings.examples_dir))
+                               data_dir=a(settings.data_dir), examples_dir=a(settings.examples_dir),
+                               densepose_weights=a(settings.densepose_weights))
 
 
 # --------------------------------------------------------------------------- the replica side
@@ -101,6 +102,10 @@ class _ReplicaProgress:
     def _check(self) -> None:
         if self.ranks is None and self.cancel.is_set():
             raise JobCancelled()
+
+    def densepose(self, done: int, total) -> None:
+        self.put({"kind": "densepose", "done": done, "total": total})
+        self._check()  # (with a split, every rank makes the clip; they stop together at the first step)
 
     def started(self, frames: int) -> None:
         self.put({"kind": "started", "frames": frames})
@@ -125,6 +130,9 @@ class _RankProgress:
     def __init__(self, ranks):
         self.ranks = ranks
 
+    def densepose(self, done: int, total) -> None:
+        pass
+
     def started(self, frames: int) -> None:
         pass
 
@@ -141,7 +149,7 @@ def _job_files(job: dict, tmp: Path) -> JobFiles:
     (tmp / "source").write_bytes(job["source"])
     (tmp / "driving").write_bytes(job["driving"])
     request = dataclasses.replace(job["request"], source=tmp / "source", driving=tmp / "driving")
-    return JobFiles(job["id"], request, tmp / "out", *job["names"])
+    return JobFiles(job["id"], request, tmp / "out", *job["names"], *job["densepose"])
 
 
 def _free_port() -> int:
@@ -367,6 +375,7 @@ class RayExecutor:
         # the typed request travels (pickled by Ray), its inputs as bytes (the replica writes them to files)
         payload = {"id": job.id, "request": dataclasses.replace(job.request, source=None, driving=None),
                    "names": (job.source_name, job.driving_name), "grid": job.grid, "source": job.source.read_bytes(),
+                   "densepose": (job.densepose_weights, job.densepose_cache),
                    "driving": job.driving.read_bytes()}
         for attempt in (1, 2):
             progress.check_cancel()  # cancelled (or shutting down) while it waited for a retry
@@ -378,6 +387,8 @@ class RayExecutor:
                     if kind == "replica":
                         replica = event["replica"]
                         progress.ran_on(replica)
+                    elif kind == "densepose":
+                        progress.densepose(event["done"], event["total"])
                     elif kind == "started":
                         progress.started(event["frames"])
                     elif kind == "step":

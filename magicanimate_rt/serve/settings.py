@@ -118,6 +118,18 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def _check_densepose_weights(path: Path) -> None:
+    """InputError naming --densepose-weights unless ``path`` is a DensePose R-CNN checkpoint that
+    loads (read safely and checked against the model, as ``check-models --densepose-weights``)."""
+    from ..densepose.model import validate_state_dict
+    from ..densepose.weights import CheckpointError, read_checkpoint
+
+    try:
+        validate_state_dict(read_checkpoint(path), path)
+    except CheckpointError as e:
+        raise InputError(f"--densepose-weights: {e}") from None
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The service's settings; each field's help is its declaration below (``--help`` shows it)."""
@@ -135,6 +147,10 @@ class ServeSettings:
     gpu_memory_gb: Optional[float] = setting(
         None, "device memory each worker's requests may use, weights included (runtime/residency.py; default: "
               "what the device has)", MODELS, parse=float, metavar="G")
+    densepose_weights: Optional[Path] = setting(
+        None, "DensePose R-CNN checkpoint (detectron2's model_final_162be9.pkl, README 'Driving videos from your own "
+              "video'): jobs may then upload an ordinary video of a person (driving_kind=person), made a DensePose "
+              "clip first; checked at start-up", MODELS, parse=Path, metavar="FILE")
     host: str = setting("127.0.0.1", "address to bind; any but a loopback one needs --api-key-file", NETWORK,
                         ray=False)
     port: int = setting(8000, "port", NETWORK, ray=False, parse=int, low=1, high=65535)
@@ -196,6 +212,8 @@ class ServeSettings:
         if not is_loopback(self.host) and self.api_key is None:
             raise InputError(f"--host {self.host} is not a loopback address: give --api-key-file, so that "
                              "requests from the network need a key")
+        if self.densepose_weights is not None:
+            _check_densepose_weights(Path(self.densepose_weights))
         if self.examples_dir is not None and not Path(self.examples_dir).is_dir():
             raise InputError(f"--examples-dir {self.examples_dir}: directory not found")
         data = Path(self.data_dir)

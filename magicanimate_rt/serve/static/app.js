@@ -74,6 +74,11 @@ async function loadPresets() {
     $("width").value = d.width || d.size; $("height").value = d.height || d.size;
     $("guidance").value = d.guidance; $("seed").value = d.seed; $("fit").value = d.fit;
     presets = body.presets;
+    for (const kind of body.driving_kinds || []) {
+      const option = $("driving-kind").querySelector('option[value="' + kind.name + '"]');
+      if (option) { option.disabled = !kind.enabled; option.title = kind.description; }
+    }
+    $("driving-kind").value = d.driving_kind;
     const select = $("preset");
     for (const p of presets) {
       const option = document.createElement("option");
@@ -119,6 +124,7 @@ async function submit(event) {
     for (const [name, id] of [["preset", "preset"], ["steps", "steps"], ["guidance", "guidance"], ["seed", "seed"], ["max_frames", "max-frames"], ["fit", "fit"]]) {
       if ($(id).value !== "") form.append(name, $(id).value);
     }
+    form.append("driving_kind", $("driving-kind").value);
     form.append("grid", "true");
     const body = await (await api("/v1/animations", { method: "POST", body: form })).json();
     watch(body.id);
@@ -188,9 +194,16 @@ function show(st) {
   } else {
     const steps = p.steps || 1;
     const decode = p.frames ? (p.frames_done || 0) / p.frames : 0;
+    // a person video's job first makes its DensePose clip: the first 30% of the bar
+    const dp = p.densepose, prep = dp ? 0.3 : 0;
+    const made = !dp ? 0 : p.stage !== "densepose" ? 1 : dp.frames ? Math.min(1, dp.frames_done / dp.frames) : 0;
     bar.max = 1;
-    bar.value = st.status === "succeeded" ? 1 : Math.min(1, 0.9 * (p.step || 0) / steps + 0.1 * decode);
+    bar.value = st.status === "succeeded" ? 1
+      : Math.min(1, prep * made + (1 - prep) * (0.9 * (p.step || 0) / steps + 0.1 * decode));
     text = (p.stage || st.status) + (p.steps ? ": step " + (p.step || 0) + " of " + p.steps : "");
+    if (p.stage === "densepose") {
+      text = "densepose: " + dp.frames_done + (dp.frames ? " of about " + dp.frames : "") + " frames of the motion made";
+    }
     if (p.stage === "decoding" && p.frames) text += ", " + (p.frames_done || 0) + " of " + p.frames + " frames decoded";
     if (st.status === "running" && p.eta_s) text += " — about " + seconds(p.eta_s) + " left";
     if (p.cancelling) text += " (cancelling at the next step)";
