@@ -5,6 +5,7 @@
     magicanimate-rt demo [--output OUT.mp4]
     magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
     magicanimate-rt densepose VIDEO --weights model_final_162be9.pkl [--output OUT.mp4] [--size S]
+    magicanimate-rt densepose VIDEO --engines DIR [--backend onnxruntime|torch] ...
 
 Bad input ends with one line on stderr naming the file or argument, exit code 2, and no
 output file (outputs are written to a temporary file and renamed when complete); Ctrl-C
@@ -528,9 +529,14 @@ def _add_densepose_parser(sub) -> None:
     e = sub.add_parser("densepose", help="make the DensePose driving video of an ordinary video of a person "
                                          "(README 'Driving videos from your own video')")
     e.add_argument("video", type=Path, help="the person video (any format ffmpeg reads)")
-    e.add_argument("--weights", type=Path, required=True, metavar="FILE",
+    e.add_argument("--weights", type=Path, default=None, metavar="FILE",
                    help="DensePose R-CNN checkpoint: detectron2's model_final_162be9.pkl (densepose_rcnn_R_50_FPN_s1x) "
-                        "or a detectron2 .pth")
+                        "or a detectron2 .pth (this or --engines)")
+    e.add_argument("--engines", type=Path, default=None, metavar="DIR",
+                   help="an engine directory with the DensePose stages (build_engines.py --densepose-weights), "
+                        "instead of --weights")
+    e.add_argument("--backend", default="onnxruntime",
+                   help="with --engines: what runs its stages, onnxruntime (default) or torch")
     e.add_argument("--output", type=Path, default=None,
                    help="the driving video, H.264 mp4 (default: VIDEO's name with -densepose.mp4)")
     e.add_argument("--size", type=int, default=None, help="output side of a square video (default: the input's own "
@@ -569,6 +575,10 @@ def cmd_densepose(args) -> int:
     from .densepose.weights import read_checkpoint
     from .runtime.media import iter_video_frames
 
+    if (args.weights is None) == (args.engines is None):
+        raise InputError("densepose needs --weights FILE or --engines DIR (one of them)")
+    if args.engines is not None and args.dtype != "float32":
+        raise InputError(f"--dtype {args.dtype}: the DensePose stages of an engine directory are float32 graphs")
     settings = PrepareSettings(size=_densepose_size(args), fit=args.fit, fps=args.fps, start_frame=args.start_frame,
                                max_frames=args.max_frames, batch=args.batch).check(flags=True)
     output = args.output if args.output is not None else args.video.with_name(args.video.stem + "-densepose.mp4")
@@ -584,13 +594,16 @@ def cmd_densepose(args) -> int:
     next(frames)  # a non-video or a video with no frame fails here, in one line
     frames.close()
     t0 = time.perf_counter()
-    state = read_checkpoint(args.weights)  # read once; checked against the model before it is built
-    depth = resnet_depth(validate_state_dict(state, args.weights)[1])
-
     from .densepose.estimator import DensePoseEstimator
 
-    estimator = DensePoseEstimator.from_state_dict(state, args.weights, device=args.device, dtype=args.dtype)
-    _log(f"loaded DensePose R-CNN {depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
+    if args.engines is not None:
+        estimator = DensePoseEstimator.from_engines(args.engines, backend=args.backend, device=args.device)
+        _log(f"loaded the DensePose stages of {args.engines} ({args.backend}) in {time.perf_counter() - t0:.1f} s")
+    else:
+        state = read_checkpoint(args.weights)  # read once; checked against the model before it is built
+        depth = resnet_depth(validate_state_dict(state, args.weights)[1])
+        estimator = DensePoseEstimator.from_state_dict(state, args.weights, device=args.device, dtype=args.dtype)
+        _log(f"loaded DensePose R-CNN {depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
     summary = prepare_driving_video(args.video, output, estimator, settings, save_iuv=args.save_iuv, progress=True)
     _log(f"wrote {output}" + (f" and {args.save_iuv}" if args.save_iuv else "") + f": {summary.describe()}")
     return 0
