@@ -2,6 +2,7 @@
 
     magicanimate-rt animate --models DIR --source IMAGE --driving VIDEO --output OUT.mp4
     magicanimate-rt animate ... --driving PERSON.mp4 --densepose-weights model_final_162be9.pkl
+    magicanimate-rt animate --engines DIR ... --driving PERSON.mp4 --person-video
     magicanimate-rt demo [--output OUT.mp4]
     magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
     magicanimate-rt densepose VIDEO --weights model_final_162be9.pkl [--output OUT.mp4] [--size S]
@@ -57,6 +58,10 @@ def _add_densepose_weights(parser: argparse.ArgumentParser) -> None:
                              "DensePose R-CNN checkpoint (model_final_162be9.pkl), at its own size and 25 fps, on "
                              "--device in --dtype, cached by content so a rerun skips it; --start-frame then counts "
                              "the person video's frames (README 'Driving videos from your own video')")
+    parser.add_argument("--person-video", action="store_true",
+                        help="--driving is an ordinary video of a person: make its DensePose clip first with the "
+                             "DensePose stages of --engines (build_engines.py --densepose-weights), run by --backend "
+                             "(implied by --densepose-weights, which uses that checkpoint instead)")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -306,7 +311,7 @@ def cmd_animate(args) -> int:
         _check_output(args.grid, "--grid")
         if args.grid.resolve() == args.output.resolve():
             raise InputError("--grid must differ from --output")
-    if args.densepose_weights is not None:  # the person video's DensePose clip, before any animation model loads
+    if args.densepose_weights is not None or args.person_video:  # the DensePose clip, before any animation model loads
         request = _densepose_driving(args, request)
     # read the inputs before loading any model, so bad input fails fast
     request, box = request.read_inputs_and_box()
@@ -331,9 +336,15 @@ def _densepose_driving(args, request):
     clip then holds whole."""
     from .densepose.prepare import cached_driving_video, person_video_settings
 
+    engines = None
+    if args.densepose_weights is None:
+        if args.engines is None:
+            raise InputError("--person-video needs --engines DIR (with the DensePose stages) or --densepose-weights FILE")
+        engines = args.engines
     clip = cached_driving_video(args.driving, args.densepose_weights,
                                 person_video_settings(request.start_frame, request.max_frames),
-                                device=args.device, dtype=args.dtype, progress=True, log=_log)
+                                device=args.device, dtype=args.dtype, progress=True, log=_log,
+                                engines=engines, backend=args.backend or "onnxruntime")
     return replace(request, driving=clip, start_frame=0, max_frames=None)
 
 
