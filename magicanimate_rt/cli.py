@@ -589,7 +589,8 @@ def cmd_densepose(args) -> int:
     if (args.weights is None) == (args.engines is None):
         raise InputError("densepose needs --weights FILE or --engines DIR (one of them)")
     if args.engines is not None and args.dtype != "float32":
-        raise InputError(f"--dtype {args.dtype}: the DensePose stages of an engine directory are float32 graphs")
+        raise InputError(f"--dtype {args.dtype}: with --engines the graphs' own precision is used "
+                         "(build_engines.py --densepose-precision)")
     settings = PrepareSettings(size=_densepose_size(args), fit=args.fit, fps=args.fps, start_frame=args.start_frame,
                                max_frames=args.max_frames, batch=args.batch).check(flags=True)
     output = args.output if args.output is not None else args.video.with_name(args.video.stem + "-densepose.mp4")

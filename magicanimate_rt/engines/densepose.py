@@ -18,7 +18,7 @@ profiled). They are recorded under ``"densepose"`` in ``manifest.json``:
 | weights | ``source`` (the checkpoint's path at build time), ``bytes``, ``sha256`` |
 | blocks | ResNet blocks per stage (3, 4, 6, 3 for R-50) |
 | min_size, max_size | ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` the profiles are built for |
-| precision | "fp32" (float16 graphs: not yet) |
+| precision | "fp32" or "fp16" (``--densepose-precision``) |
 | stages.<name> | as the animation's stages (``onnx``, ``files``, ``signature``, ``validation``, ``plans``) |
 
 A directory may hold the DensePose stages alone (``--densepose-weights`` without ``--models``);

@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory in the real layout (README 'Weights'); with --densepose-weights, or alone")
     p.add_argument("--densepose-weights", type=Path, default=None, metavar="FILE",
                    help="also export the DensePose estimator's networks of this checkpoint (model_final_162be9.pkl) "
-                        "into --out (fp32 ONNX graphs; without --models, into a new or existing engine directory)")
+                        "into --out (ONNX graphs; without --models, into a new or existing engine directory)")
+    p.add_argument("--densepose-precision", choices=PRECISIONS, default="fp32",
+                   help="precision of the DensePose graphs (default fp32; fp16 for the GPU)")
     p.add_argument("--densepose-min-size", type=int, default=800,
                    help="the estimator's INPUT.MIN_SIZE_TEST the DensePose stages run at (default 800)")
     p.add_argument("--densepose-max-size", type=int, default=1333,
@@ -364,7 +366,8 @@ def main(argv=None) -> int:
             from .densepose_export import build_densepose
 
             t0 = time.perf_counter()
-            rows = build_densepose(args.out, args.densepose_weights, min_size=args.densepose_min_size,
+            rows = build_densepose(args.out, args.densepose_weights, args.densepose_precision,
+                                   min_size=args.densepose_min_size,
                                    max_size=args.densepose_max_size, validate=args.validate, log=_log_to_stderr)
             report = BuildReport(args.out, up_to_date=False, seconds=time.perf_counter() - t0,
                                  stages=[StageReport(n, b, sec, v.get("max_abs"), v.get("rel_l2"))
