@@ -291,3 +291,22 @@ def test_float16_graphs(densepose_weights, ort, small_input, tmp_path):
         assert np.abs(r16.scores - r32.scores).max() < 1e-3
         np.testing.assert_array_equal(r16.box_xywh, r32.box_xywh)
         assert all(int((a != b).sum()) <= 0.01 * a.size for a, b in zip(r16.labels, r32.labels))
+
+
+def test_build_engines_bad_densepose_arguments_are_one_line(densepose_weights, tmp_path, capsys):
+    (tmp_path / "not-engines").mkdir()
+    (tmp_path / "not-engines" / "notes.txt").write_text("mine")
+    for args, needle in (
+        ([], "give --models DIR, --densepose-weights FILE, or both"),
+        (["--densepose-weights", str(tmp_path / "missing.pkl")], "--densepose-weights " + str(tmp_path / "missing.pkl")
+         + ": file not found"),
+        (["--densepose-weights", str(densepose_weights), "--densepose-min-size", "900", "--densepose-max-size", "800"],
+         "need 32 <= min <= max <= 4096, got 900/800"),
+        (["--densepose-weights", str(densepose_weights), "--out", str(tmp_path / "not-engines")],
+         "exists and is not an engine directory; refusing to write into it"),
+    ):
+        argv = args if "--out" in args else [*args, "--out", str(tmp_path / "e")]
+        assert build_main(argv) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "e").exists() and sorted(p.name for p in (tmp_path / "not-engines").iterdir()) == ["notes.txt"]
