@@ -1,6 +1,7 @@
 """Frames/s of the DensePose estimator on the person video at batch sizes 1/4/8.
 
 ``python -m benchmarks.densepose [--weights model_final_162be9.pkl] [--batches 1,4,8] ...``
+``python -m benchmarks.densepose --engines DIR [--backend onnxruntime]``: an engine directory's graphs.
 
 Without ``--weights`` it times detectron2-format random weights written by
 ``../shared/conformance/densepose/make_weights.py`` (the conformance data's, seed 0): the work is
@@ -36,6 +37,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--engines", type=Path, default=None, metavar="DIR",
+                   help="time an engine directory's DensePose stages instead (build_engines.py --densepose-weights)")
+    p.add_argument("--backend", default="onnxruntime", help="with --engines: onnxruntime (default) or torch")
+    p.add_argument("--min-size", type=int, default=800, help="INPUT.MIN_SIZE_TEST of the PyTorch estimator "
+                   "(default 800; an engine directory has its own)")
+    p.add_argument("--max-size", type=int, default=1333, help="INPUT.MAX_SIZE_TEST (default 1333)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -71,7 +78,13 @@ def main(argv=None) -> int:
             weights = Path(tmp) / "densepose_seed0.pkl"
             subprocess.run([sys.executable, str(SHARED / "conformance" / "densepose" / "make_weights.py"), str(weights),
                             "--seed", "0"], check=True, capture_output=True)
-        est = DensePoseEstimator.from_checkpoint(weights, device=a.device, dtype=a.dtype)
+        if a.engines is not None:
+            est = DensePoseEstimator.from_engines(a.engines, backend=a.backend, device=a.device)
+        else:
+            est = DensePoseEstimator.from_checkpoint(weights, device=a.device, dtype=a.dtype, min_size=a.min_size,
+                                                     max_size=a.max_size)
+    backend = f"{a.backend} ({a.engines})" if a.engines is not None else "torch"
+    config = f"{est.cfg.min_size}/{est.cfg.max_size}"
     sync = torch.cuda.synchronize if est.device.type == "cuda" else (lambda: None)
     rows = []
     for b in batches:
@@ -97,14 +110,15 @@ def main(argv=None) -> int:
     h, w = frames.shape[1:3]
     meta = {"machine": machine, "date": _dt.date.today().isoformat(), "video": a.video.name, "frame_hw": [h, w],
             "weights": str(a.weights) if a.weights else "random (make_weights.py --seed 0)", "device": a.device,
-            "dtype": a.dtype, "threads": a.threads, "torch": torch.__version__,
+            "dtype": str(est.dtype).removeprefix("torch."), "threads": a.threads, "torch": torch.__version__,
+            "backend": backend, "config": config,
             "command": "python -m benchmarks.densepose " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = a.out or ROOT / "benchmarks" / "results" / f"{meta['date']}-{machine}-densepose"
     out.mkdir(parents=True, exist_ok=True)
     (out / "densepose.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"# DensePose estimator: {a.video.name} ({w}x{h}), {a.dtype} on {a.device}", "",
-             f"Machine: {machine}; torch {meta['torch']}, {a.threads} threads; weights: {meta['weights']}; "
-             f"default config (800/1333). Command: `{meta['command']}`.", "",
+    lines = [f"# DensePose estimator: {a.video.name} ({w}x{h}), {meta['dtype']} on {a.device}, {backend}", "",
+             f"Machine: {machine}; torch {meta['torch']}, {a.threads} threads (ONNX Runtime: its own default pool); "
+             f"weights: {meta['weights']}; config {config}. Command: `{meta['command']}`.", "",
              "CPU s / frame is the process's CPU time (all threads): the work, which other processes on the "
              "machine (load) do not inflate as they inflate the wall time.", "",
              "| batch | frames | s (median) | frames/s | CPU s / frame | detections / frame | load before |",

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import stages
 from .backbone import DEPTH_BLOCKS, ConvNorm, FPNBackbone
 from .config import DensePoseConfig
-from . import stages
 from .head import Decoder, DensePoseHead, DensePosePredictor
 from .roi_heads import BoxHead, BoxPredictor
 from .rpn import RPN, RPNHead, find_proposals

@@ -36,8 +36,6 @@ LEVELS = ("p2", "p3", "p4", "p5", "p6")
 #: the backbone network's outputs in order (the graph's output names)
 BACKBONE_OUTPUTS = (*LEVELS, "densepose_features", *(f"objectness_{p}" for p in LEVELS),
                     *(f"anchor_deltas_{p}" for p in LEVELS))
-BOX_HEAD_OUTPUTS = ("class_logits", "box_deltas")
-DENSEPOSE_HEAD_OUTPUTS = ("coarse_segm", "fine_segm", "u", "v")
 
 
 @dataclass(frozen=True)
