@@ -67,20 +67,20 @@ def main(argv=None) -> int:
 
     from magicanimate_rt.densepose import DensePoseEstimator
 
-    from .run import machine_name
+    from .runtime_bench import machine_name
 
     torch.set_num_threads(a.threads)
     batches = [int(b) for b in a.batches.split(",")]
     frames = read_frames(a.video, a.frames)
     with tempfile.TemporaryDirectory() as tmp:
         weights = a.weights
-        if weights is None:
-            weights = Path(tmp) / "densepose_seed0.pkl"
-            subprocess.run([sys.executable, str(SHARED / "conformance" / "densepose" / "make_weights.py"), str(weights),
-                            "--seed", "0"], check=True, capture_output=True)
         if a.engines is not None:
             est = DensePoseEstimator.from_engines(a.engines, backend=a.backend, device=a.device)
         else:
+            if weights is None:
+                weights = Path(tmp) / "densepose_seed0.pkl"
+                subprocess.run([sys.executable, str(SHARED / "conformance" / "densepose" / "make_weights.py"),
+                                str(weights), "--seed", "0"], check=True, capture_output=True)
             est = DensePoseEstimator.from_checkpoint(weights, device=a.device, dtype=a.dtype, min_size=a.min_size,
                                                      max_size=a.max_size)
     backend = f"{a.backend} ({a.engines})" if a.engines is not None else "torch"
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     machine = machine_name(a.device)
     h, w = frames.shape[1:3]
     meta = {"machine": machine, "date": _dt.date.today().isoformat(), "video": a.video.name, "frame_hw": [h, w],
-            "weights": str(a.weights) if a.weights else "random (make_weights.py --seed 0)", "device": a.device,
+            "weights": f"the engine directory {a.engines}" if a.engines else str(a.weights) if a.weights
+            else "random (make_weights.py --seed 0)", "device": a.device,
             "dtype": str(est.dtype).removeprefix("torch."), "threads": a.threads, "torch": torch.__version__,
             "backend": backend, "config": config,
             "command": "python -m benchmarks.densepose " + " ".join(argv if argv is not None else sys.argv[1:])}
