@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--weights", type=Path, required=True, help="detectron2 .pkl")
     p.add_argument("--frames", type=Path, required=True, help=".npy of (N, H, W, 3) uint8 BGR frames")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-size", type=int, default=800, help="INPUT.MIN_SIZE_TEST")
+    p.add_argument("--max-size", type=int, default=1333, help="INPUT.MAX_SIZE_TEST")
     a = p.parse_args()
 
     import numpy as np
@@ -47,6 +49,7 @@ def main() -> int:
     cfg.merge_from_file(str(a.src / "projects" / "DensePose" / "configs" / "densepose_rcnn_R_50_FPN_s1x.yaml"))
     cfg.MODEL.WEIGHTS = str(a.weights)
     cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = a.min_size, a.max_size
     cfg.freeze()
     predictor = DefaultPredictor(cfg)
     extractor = DensePoseResultExtractor()

@@ -2,9 +2,11 @@
 
     magicanimate-rt animate --models DIR --source IMAGE --driving VIDEO --output OUT.mp4
     magicanimate-rt animate ... --driving PERSON.mp4 --densepose-weights model_final_162be9.pkl
+    magicanimate-rt animate --engines DIR ... --driving PERSON.mp4 --person-video
     magicanimate-rt demo [--output OUT.mp4]
     magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
     magicanimate-rt densepose VIDEO --weights model_final_162be9.pkl [--output OUT.mp4] [--size S]
+    magicanimate-rt densepose VIDEO --engines DIR [--backend onnxruntime|torch] ...
 
 Bad input ends with one line on stderr naming the file or argument, exit code 2, and no
 output file (outputs are written to a temporary file and renamed when complete); Ctrl-C
@@ -56,6 +58,10 @@ def _add_densepose_weights(parser: argparse.ArgumentParser) -> None:
                              "DensePose R-CNN checkpoint (model_final_162be9.pkl), at its own size and 25 fps, on "
                              "--device in --dtype, cached by content so a rerun skips it; --start-frame then counts "
                              "the person video's frames (README 'Driving videos from your own video')")
+    parser.add_argument("--person-video", action="store_true",
+                        help="--driving is an ordinary video of a person: make its DensePose clip first with the "
+                             "DensePose stages of --engines (build_engines.py --densepose-weights), run by --backend "
+                             "(implied by --densepose-weights, which uses that checkpoint instead)")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -305,7 +311,7 @@ def cmd_animate(args) -> int:
         _check_output(args.grid, "--grid")
         if args.grid.resolve() == args.output.resolve():
             raise InputError("--grid must differ from --output")
-    if args.densepose_weights is not None:  # the person video's DensePose clip, before any animation model loads
+    if args.densepose_weights is not None or args.person_video:  # the DensePose clip, before any animation model loads
         request = _densepose_driving(args, request)
     # read the inputs before loading any model, so bad input fails fast
     request, box = request.read_inputs_and_box()
@@ -330,9 +336,15 @@ def _densepose_driving(args, request):
     clip then holds whole."""
     from .densepose.prepare import cached_driving_video, person_video_settings
 
+    engines = None
+    if args.densepose_weights is None:
+        if args.engines is None:
+            raise InputError("--person-video needs --engines DIR (with the DensePose stages) or --densepose-weights FILE")
+        engines = args.engines
     clip = cached_driving_video(args.driving, args.densepose_weights,
                                 person_video_settings(request.start_frame, request.max_frames),
-                                device=args.device, dtype=args.dtype, progress=True, log=_log)
+                                device=args.device, dtype=args.dtype, progress=True, log=_log,
+                                engines=engines, backend=args.backend or "onnxruntime")
     return replace(request, driving=clip, start_frame=0, max_frames=None)
 
 
@@ -528,9 +540,14 @@ def _add_densepose_parser(sub) -> None:
     e = sub.add_parser("densepose", help="make the DensePose driving video of an ordinary video of a person "
                                          "(README 'Driving videos from your own video')")
     e.add_argument("video", type=Path, help="the person video (any format ffmpeg reads)")
-    e.add_argument("--weights", type=Path, required=True, metavar="FILE",
+    e.add_argument("--weights", type=Path, default=None, metavar="FILE",
                    help="DensePose R-CNN checkpoint: detectron2's model_final_162be9.pkl (densepose_rcnn_R_50_FPN_s1x) "
-                        "or a detectron2 .pth")
+                        "or a detectron2 .pth (this or --engines)")
+    e.add_argument("--engines", type=Path, default=None, metavar="DIR",
+                   help="an engine directory with the DensePose stages (build_engines.py --densepose-weights), "
+                        "instead of --weights")
+    e.add_argument("--backend", default="onnxruntime",
+                   help="with --engines: what runs its stages, onnxruntime (default) or torch")
     e.add_argument("--output", type=Path, default=None,
                    help="the driving video, H.264 mp4 (default: VIDEO's name with -densepose.mp4)")
     e.add_argument("--size", type=int, default=None, help="output side of a square video (default: the input's own "
@@ -569,6 +586,11 @@ def cmd_densepose(args) -> int:
     from .densepose.weights import read_checkpoint
     from .runtime.media import iter_video_frames
 
+    if (args.weights is None) == (args.engines is None):
+        raise InputError("densepose needs --weights FILE or --engines DIR (one of them)")
+    if args.engines is not None and args.dtype != "float32":
+        raise InputError(f"--dtype {args.dtype}: with --engines the graphs' own precision is used "
+                         "(build_engines.py --densepose-precision)")
     settings = PrepareSettings(size=_densepose_size(args), fit=args.fit, fps=args.fps, start_frame=args.start_frame,
                                max_frames=args.max_frames, batch=args.batch).check(flags=True)
     output = args.output if args.output is not None else args.video.with_name(args.video.stem + "-densepose.mp4")
@@ -584,13 +606,16 @@ def cmd_densepose(args) -> int:
     next(frames)  # a non-video or a video with no frame fails here, in one line
     frames.close()
     t0 = time.perf_counter()
-    state = read_checkpoint(args.weights)  # read once; checked against the model before it is built
-    depth = resnet_depth(validate_state_dict(state, args.weights)[1])
-
     from .densepose.estimator import DensePoseEstimator
 
-    estimator = DensePoseEstimator.from_state_dict(state, args.weights, device=args.device, dtype=args.dtype)
-    _log(f"loaded DensePose R-CNN {depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
+    if args.engines is not None:
+        estimator = DensePoseEstimator.from_engines(args.engines, backend=args.backend, device=args.device)
+        _log(f"loaded the DensePose stages of {args.engines} ({args.backend}) in {time.perf_counter() - t0:.1f} s")
+    else:
+        state = read_checkpoint(args.weights)  # read once; checked against the model before it is built
+        depth = resnet_depth(validate_state_dict(state, args.weights)[1])
+        estimator = DensePoseEstimator.from_state_dict(state, args.weights, device=args.device, dtype=args.dtype)
+        _log(f"loaded DensePose R-CNN {depth} FPN from {args.weights} in {time.perf_counter() - t0:.1f} s")
     summary = prepare_driving_video(args.video, output, estimator, settings, save_iuv=args.save_iuv, progress=True)
     _log(f"wrote {output}" + (f" and {args.save_iuv}" if args.save_iuv else "") + f": {summary.describe()}")
     return 0

@@ -16,10 +16,10 @@ import torch
 from .config import DensePoseConfig
 from .extractor import extract
 from .head import upsample
-from .model import DensePoseRCNN
 from .ops import clip_boxes, nonempty
 from .preprocess import network_input, resize_frames
 from .result import DensePoseResult
+from .stages import DensePoseStages, engine_stages, infer
 from .weights import read_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,17 +34,26 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 class DensePoseEstimator:
-    """DensePose R-CNN on frames. Build with :meth:`from_checkpoint`; call :meth:`predict`.
+    """DensePose R-CNN on frames. Build with :meth:`from_checkpoint` (PyTorch) or :meth:`from_engines`
+    (an engine directory's graphs); call :meth:`predict`.
 
-    The network computes in ``dtype`` (float32 on the CPU; float16/bfloat16 are meant for CUDA);
+    The networks compute in ``dtype`` (float32 on the CPU; float16/bfloat16 are meant for CUDA);
     box decoding, softmax, NMS, RoIAlign sampling and the extractor are float32 whatever it is.
-    The estimator takes the model over (moves and casts it in place).
+    Given a ``DensePoseRCNN``, the estimator takes the model over (moves and casts it in place);
+    given :class:`~magicanimate_rt.densepose.stages.DensePoseStages` (with ``cfg``), it runs those.
     """
 
-    def __init__(self, model: DensePoseRCNN, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
+    def __init__(self, model, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                 cfg: DensePoseConfig | None = None):
+        if isinstance(model, DensePoseStages):
+            self.model, self.stages = None, model
+            self.device, self.dtype = model.device, model.dtype
+            self.cfg = cfg or DensePoseConfig()
+            return
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         self.model = model.to(self.device, self.dtype)
+        self.stages = self.model.stages()
         self.cfg = model.cfg
 
     @classmethod
@@ -60,8 +69,23 @@ class DensePoseEstimator:
                         max_size: int = 1333) -> "DensePoseEstimator":
         """:meth:`from_checkpoint` on a state dict already read (``read_checkpoint``), e.g. one a
         command checked with ``validate_state_dict`` first; ``source`` names it in errors."""
+        from .model import DensePoseRCNN
+
         cfg = DensePoseConfig(min_size=min_size, max_size=max_size)
         return cls(DensePoseRCNN.from_state_dict(state, source, cfg), device, parse_dtype(dtype))
+
+    @classmethod
+    def from_engines(cls, engine_dir: str | Path, backend: str = "onnxruntime",
+                     device: str | torch.device = "cpu") -> "DensePoseEstimator":
+        """The estimator on an engine directory's DensePose stages (``build_engines.py
+        --densepose-weights``), run by ``backend`` ("onnxruntime", "torch"; see
+        ``stages.BACKENDS``); the input sizes are the ones it was built for. Same
+        :meth:`predict`/:meth:`render` as :meth:`from_checkpoint`."""
+        from ..engines.densepose import read_densepose
+
+        m = read_densepose(engine_dir)
+        return cls(engine_stages(backend, engine_dir, device),
+                   cfg=DensePoseConfig(min_size=m.min_size, max_size=m.max_size))
 
     @torch.inference_mode()
     def predict(self, frames: np.ndarray) -> list[DensePoseResult]:
@@ -77,10 +101,8 @@ class DensePoseEstimator:
         resized = resize_frames(frames, self.cfg)[..., ::-1]  # the network sees BGR
         image_size = resized.shape[1:3]
         x = network_input(resized, self.cfg, self.device, self.dtype)
-        m = self.model
-        feats = m.features(x)
-        dets = m.detect(feats, m.proposals(feats, image_size), image_size)
-        maps = upsample(m.densepose_lowres(feats, [d[0] for d in dets]))
+        dets, lowres = infer(self.stages, x, image_size, self.cfg)
+        maps = upsample(lowres)
         # detector_postprocess: scale to the frame (float32 factors), clip, drop empty boxes
         sx = torch.tensor(width / image_size[1], dtype=torch.float32)
         sy = torch.tensor(height / image_size[0], dtype=torch.float32)

@@ -4,6 +4,10 @@ detectron2's state dict into it by detectron2's names.
 Stages (explicit tensors in, tensors out; image sizes are the resized, unpadded (h, w);
 activations are channels-last):
 ``features`` -> ``proposals`` -> ``box_outputs`` -> ``detect`` -> ``densepose_lowres``.
+
+The three networks an engine directory exports (``BackboneNetwork``, ``BoxNetwork``,
+``DensePoseNetwork``) are views of this model's modules (no weights copied), run through
+stages.py's interface by :class:`TorchDensePoseStages`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import stages
 from .backbone import DEPTH_BLOCKS, ConvNorm, FPNBackbone
-from .config import STRIDES, DensePoseConfig
+from .config import DensePoseConfig
 from .head import Decoder, DensePoseHead, DensePosePredictor
-from .ops import roi_align
-from .roi_heads import BoxHead, BoxPredictor, box_inference, pool_multilevel, rois_of
-from .rpn import RPN
+from .roi_heads import BoxHead, BoxPredictor
+from .rpn import RPN, RPNHead, find_proposals
 from .weights import CheckpointError
 
 #: keys older detectron2 checkpoints carry that today's model ignores (detectron2 loads them with a
@@ -41,6 +45,43 @@ class ROIHeads(nn.Module):
         self.densepose_predictor = DensePosePredictor()
 
 
+class BackboneNetwork(nn.Module):
+    """Graph (a): image -> p2..p6, the DensePose decoder's stride-4 map, RPN objectness and deltas
+    per level (``stages.BACKBONE_OUTPUTS`` order). The decoder is here rather than in the DensePose
+    head because it is a dense convolution of whole feature maps, fixed in shape like the backbone."""
+
+    def __init__(self, backbone: FPNBackbone, rpn_head: RPNHead, decoder: Decoder):
+        super().__init__()
+        self.backbone, self.rpn_head, self.decoder = backbone, rpn_head, decoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.backbone(x)
+        objectness, deltas = self.rpn_head(feats)
+        return (*feats, self.decoder(feats[:4]), *objectness, *deltas)
+
+
+class BoxNetwork(nn.Module):
+    """Graph (b): pooled RoI features (R, 256, 7, 7) -> class logits (R, 2), box deltas (R, 4)."""
+
+    def __init__(self, box_head: BoxHead, box_predictor: BoxPredictor):
+        super().__init__()
+        self.box_head, self.box_predictor = box_head, box_predictor
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.box_predictor(self.box_head(pooled))
+
+
+class DensePoseNetwork(nn.Module):
+    """Graph (c): pooled RoI features (K, 256, 28, 28) -> the chart predictor's 56x56 outputs."""
+
+    def __init__(self, head: DensePoseHead, predictor: DensePosePredictor):
+        super().__init__()
+        self.head, self.predictor = head, predictor
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.predictor(self.head(pooled))
+
+
 class DensePoseRCNN(nn.Module):
     def __init__(self, cfg: DensePoseConfig = DensePoseConfig(), blocks: tuple[int, int, int, int] = DEPTH_BLOCKS[50]):
         super().__init__()
@@ -50,46 +91,43 @@ class DensePoseRCNN(nn.Module):
         self.proposal_generator = RPN(cfg)
         self.roi_heads = ROIHeads(cfg)
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The three exported networks by stage name (views of this model's modules)."""
+        rh = self.roi_heads
+        return {"densepose_backbone": BackboneNetwork(self.backbone, self.proposal_generator.rpn_head, rh.decoder),
+                "densepose_box_head": BoxNetwork(rh.box_head, rh.box_predictor),
+                "densepose_head": DensePoseNetwork(rh.densepose_head, rh.densepose_predictor)}
+
     @property
     def dtype(self) -> torch.dtype:
         return self.roi_heads.box_head.fc1.weight.dtype
 
     # ------------------------------------------------------------------ stages
+    # The glue between the networks is stages.py's, shared with the engine backends; these methods
+    # run it on this model's own networks (the conformance tests check each step).
+    def stages(self) -> "TorchDensePoseStages":
+        return TorchDensePoseStages(self)
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(N, 3, H', W') normalised, padded BGR -> [p2, p3, p4, p5, p6] (N, 256, H'/s, W'/s)."""
         return self.backbone(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
     def proposals(self, features: list[torch.Tensor], image_size: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: (boxes (P, 4), objectness logits (P,)) float32, sorted by logit."""
-        return self.proposal_generator(features, image_size)
+        return find_proposals(features, *self.proposal_generator.rpn_head(features), image_size, self.cfg)
 
     def box_outputs(self, features: list[torch.Tensor], proposal_boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Box head on all images' proposals: class logits (R, 2) (background last), deltas (R, 4), float32."""
-        pooled = pool_multilevel(features[:4], rois_of(proposal_boxes), self.cfg)
-        return self.roi_heads.box_predictor(self.roi_heads.box_head(pooled.to(self.dtype)))
+        return stages.box_outputs(self.stages(), features, proposal_boxes, self.cfg)
 
     def detect(self, features, proposals, image_size):
         """Per image: (boxes (D, 4) resized-image pixels, scores (D,), classes (D,)) after NMS."""
-        boxes = [p[0] for p in proposals]
-        logits, deltas = self.box_outputs(features, boxes)
-        out, start = [], 0
-        for b in boxes:
-            sl = slice(start, start + len(b))
-            out.append(box_inference(logits[sl], deltas[sl], b, image_size, self.cfg))
-            start += len(b)
-        return out
+        return stages.detect(self.stages(), features, proposals, image_size, self.cfg)
 
     def densepose_lowres(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """DensePose branch on all images' detections (resized pixels): (coarse_segm (K,2,56,56),
         fine_segm, u, v (K,25,56,56)), the ConvTranspose outputs before the x2 upsampling, float32."""
-        rh = self.roi_heads
-        rois = rois_of(boxes)
-        if rois.shape[0] == 0:
-            return tuple(torch.zeros((0, c, 56, 56)) for c in (2, 25, 25, 25))
-        dec = rh.decoder(features[:4])
-        pooled = roi_align(dec, rois, self.cfg.dp_pooler_resolution, 1.0 / STRIDES[0], self.cfg.sampling_ratio)
-        pooled = pooled.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        return tuple(t.float() for t in rh.densepose_predictor(rh.densepose_head(pooled)))
+        return stages.densepose_lowres(self.stages(), self.roi_heads.decoder(features[:4]), boxes, self.cfg)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -149,3 +187,42 @@ def validate_state_dict(state: Mapping[str, object], source: str | Path, cfg: De
     if wrong:
         raise CheckpointError(f"{source}: wrong shapes: {first(wrong)}")
     return state, tuple(blocks)
+
+
+class TorchDensePoseStages(stages.DensePoseStages):
+    """The stages interface on the PyTorch networks (in the model's device and dtype)."""
+
+    name = "torch"
+
+    def __init__(self, model: DensePoseRCNN):
+        self.model = model
+        nets = model.networks()
+        self._backbone, self._box, self._dp = (nets[k] for k in ("densepose_backbone", "densepose_box_head", "densepose_head"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.roi_heads.box_head.fc1.weight.device
+
+    @classmethod
+    def from_engines(cls, engine_dir, device="cpu") -> "TorchDensePoseStages":
+        """``--backend torch`` on an engine directory: the weights it was built from, in PyTorch."""
+        from ..engines.densepose import read_densepose
+        from .weights import read_checkpoint
+
+        m = read_densepose(engine_dir)
+        path = m.weights_path()
+        cfg = DensePoseConfig(min_size=m.min_size, max_size=m.max_size)
+        return cls(DensePoseRCNN.from_state_dict(read_checkpoint(path), path, cfg).to(device))
+
+    def backbone(self, x: torch.Tensor) -> stages.BackboneOutputs:
+        return stages.BackboneOutputs.from_flat(self._backbone(x.to(self.dtype).contiguous(memory_format=torch.channels_last)))
+
+    def box_head(self, pooled: torch.Tensor):
+        return tuple(t.float() for t in self._box(pooled.to(self.dtype)))
+
+    def densepose_head(self, pooled: torch.Tensor):
+        return tuple(t.float() for t in self._dp(pooled.to(self.dtype).contiguous(memory_format=torch.channels_last)))

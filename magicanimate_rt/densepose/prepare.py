@@ -15,6 +15,10 @@ Hashing a 256 MB checkpoint costs about a second on every run, so the weights' d
 remembered in ``cache_dir()/densepose/weights-digests.json`` by (resolved path, size, mtime in ns):
 a file replaced in place gets a new mtime and is hashed again. The video is hashed every run (it is
 what the user changes).
+
+From an engine directory (``engines=``, ``animate --person-video --engines DIR``) the weights' digest
+is replaced by the content hash of the directory's DensePose section (it records every graph's
+sha256) and the key names the backend that runs them.
 """
 
 from __future__ import annotations
@@ -92,8 +96,11 @@ def weights_digest(path: Path, directory: Path) -> str:
     return digest
 
 
-def clip_key(video_digest: str, weights_sha: str, settings: PrepareSettings, device: str, dtype: str) -> str:
-    """The cache key of a clip (see the module docstring); ``settings`` checked, batch left out."""
+def clip_key(video_digest: str, weights_sha: str, settings: PrepareSettings, device: str, dtype: str,
+             backend: Optional[str] = None) -> str:
+    """The cache key of a clip (see the module docstring); ``settings`` checked, batch left out.
+    From an engine directory, ``weights_sha`` is its DensePose stages' content hash and ``backend``
+    what runs them (ONNX Runtime and PyTorch draw a few boundary pixels differently)."""
     import torch
 
     from .estimator import parse_dtype
@@ -105,36 +112,53 @@ def clip_key(video_digest: str, weights_sha: str, settings: PrepareSettings, dev
         "fps": str(settings.rate), "start_frame": settings.start_frame, "max_frames": settings.max_frames,
         "device": torch.device(device).type, "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
     }
+    if backend is not None:
+        described["backend"] = backend
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 def cached_driving_video(
     video: str | os.PathLike,
-    weights: str | os.PathLike,
+    weights: str | os.PathLike | None,
     settings: PrepareSettings = PrepareSettings(),
     device: str = "cpu",
     dtype: str = "float32",
     cache_dir: Optional[str | os.PathLike] = None,
     progress: bool | Callable[[int, int | None], None] = False,
     log: Optional[Callable[[str], None]] = None,
+    engines: Optional[str | os.PathLike] = None,
+    backend: str = "onnxruntime",
 ) -> Path:
     """The DensePose driving clip of the person video ``video`` (a path in the cache): the cached
     one when this video, weights file, settings and precision were prepared before ("cached" in the
-    log line), else estimated now (weights read safely and checked first) and stored.
+    log line), else estimated now (weights read safely and checked first) and stored. With
+    ``engines`` instead of ``weights``: the engine directory's DensePose stages run by ``backend``
+    (``DensePoseEstimator.from_engines``), keyed by their content hash (``dtype``: their float32).
 
     Bad input raises InputError (one line: the video unreadable or without frames, the weights
     missing, truncated, unsafe or of another model); nothing is written to the cache then."""
     from .estimator import parse_dtype
 
+    if (weights is None) == (engines is None):
+        raise InputError("a person video needs the DensePose weights or an engine directory with the DensePose "
+                         "stages (one of them)")
     settings = settings.check()
     try:
         parse_dtype(dtype)
     except ValueError as e:
         raise InputError(str(e)) from None
     say = log or (lambda msg: None)
-    video, weights = Path(video), Path(weights)
+    video = Path(video)
     directory = densepose_cache_dir(cache_dir)
-    key = clip_key(file_digest(video, "video"), weights_digest(weights, directory), settings, device, dtype)
+    if engines is not None:
+        from magicanimate_rt.engines.densepose import read_densepose
+
+        dtype = "float32"
+        model_sha, backend_key = "engines:" + read_densepose(engines).content_hash(), backend
+    else:
+        weights = Path(weights)
+        model_sha, backend_key = weights_digest(weights, directory), None
+    key = clip_key(file_digest(video, "video"), model_sha, settings, device, dtype, backend_key)
     clip = directory / f"{key}.mp4"
     if clip.is_file():
         say(f"densepose: cached clip {clip} for {video}")
@@ -150,14 +174,19 @@ def cached_driving_video(
         frames.close()
     t0 = time.perf_counter()
     from .estimator import DensePoseEstimator
-    from .model import resnet_depth, validate_state_dict
-    from .weights import read_checkpoint
 
-    state = read_checkpoint(weights)
-    depth = resnet_depth(validate_state_dict(state, weights)[1])
-    estimator = DensePoseEstimator.from_state_dict(state, weights, device=device, dtype=dtype)
-    del state
-    say(f"densepose: loaded DensePose R-CNN {depth} FPN from {weights} in {time.perf_counter() - t0:.1f} s")
+    if engines is not None:
+        estimator = DensePoseEstimator.from_engines(engines, backend=backend, device=device)
+        say(f"densepose: loaded the DensePose stages of {engines} ({backend}) in {time.perf_counter() - t0:.1f} s")
+    else:
+        from .model import resnet_depth, validate_state_dict
+        from .weights import read_checkpoint
+
+        state = read_checkpoint(weights)
+        depth = resnet_depth(validate_state_dict(state, weights)[1])
+        estimator = DensePoseEstimator.from_state_dict(state, weights, device=device, dtype=dtype)
+        del state
+        say(f"densepose: loaded DensePose R-CNN {depth} FPN from {weights} in {time.perf_counter() - t0:.1f} s")
     directory.mkdir(parents=True, exist_ok=True)
     summary = prepare_driving_video(video, clip, estimator, settings, progress=progress)
     say(f"densepose: prepared {clip} from {video}: {summary.describe()}")

@@ -58,40 +58,44 @@ class RPNHead(nn.Module):
 
 
 class RPN(nn.Module):
-    """Proposals per image: (boxes (P, 4) float32 in resized-image pixels, logits (P,)), by logit."""
+    """Holds the RPN head under detectron2's state-dict name (``proposal_generator.rpn_head``)."""
 
     def __init__(self, cfg: DensePoseConfig):
         super().__init__()
-        self.cfg = cfg
         self.rpn_head = RPNHead(len(cfg.aspect_ratios))
 
-    def forward(self, features: list[torch.Tensor], image_size: tuple[int, int]):
-        cfg = self.cfg
-        logits, deltas = self.rpn_head(features)
-        n = features[0].shape[0]
-        top_boxes, top_logits, levels = [], [], []
-        for lvl, (x, lg, dl) in enumerate(zip(features, logits, deltas)):
-            anchors = grid_anchors(x.shape[2], x.shape[3], STRIDES[lvl], cell_anchors(cfg.anchor_sizes[lvl], cfg.aspect_ratios).to(x.device))
-            k = min(lg.shape[1], cfg.rpn_pre_nms_topk)
-            lg_k, idx = lg.topk(k, dim=1)
-            # decoding only the top-k anchors is the same arithmetic as decoding all, then picking
-            sel_anchors = anchors[idx.reshape(-1)]
-            sel_deltas = torch.gather(dl, 1, idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
-            boxes = decode_boxes(sel_deltas, sel_anchors, (1.0, 1.0, 1.0, 1.0), cfg.scale_clamp).view(n, k, 4)
-            top_boxes.append(boxes)
-            top_logits.append(lg_k)
-            levels.append(torch.full((k,), lvl, dtype=torch.long, device=x.device))
-        boxes_all, logits_all, levels = torch.cat(top_boxes, 1), torch.cat(top_logits, 1), torch.cat(levels)
-        h, w = image_size
-        out = []
-        for i in range(n):
-            boxes, scores, lvl = boxes_all[i], logits_all[i], levels
-            finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-            if not bool(finite.all()):
-                boxes, scores, lvl = boxes[finite], scores[finite], lvl[finite]
-            boxes = clip_boxes(boxes, h, w)
-            keep = nonempty(boxes, cfg.rpn_min_size)
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = batched_nms(boxes, scores, lvl, cfg.rpn_nms_thresh)[: cfg.rpn_post_nms_topk]
-            out.append((boxes[keep], scores[keep]))
-        return out
+
+def find_proposals(features: list[torch.Tensor], objectness: list[torch.Tensor], anchor_deltas: list[torch.Tensor],
+                   image_size: tuple[int, int], cfg: DensePoseConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``find_top_rpn_proposals`` on the RPN head's outputs: per image (boxes (P, 4) float32 in
+    resized-image pixels, logits (P,)), sorted by logit (per-level top-k, decoding, clipping,
+    per-level NMS, post-NMS top-k). ``features`` give the levels' grid sizes."""
+    n = features[0].shape[0]
+    top_boxes, top_logits, levels = [], [], []
+    for lvl, (x, lg, dl) in enumerate(zip(features, objectness, anchor_deltas)):
+        lg, dl = lg.float(), dl.float()
+        anchors = grid_anchors(x.shape[2], x.shape[3], STRIDES[lvl],
+                               cell_anchors(cfg.anchor_sizes[lvl], cfg.aspect_ratios).to(x.device))
+        k = min(lg.shape[1], cfg.rpn_pre_nms_topk)
+        lg_k, idx = lg.topk(k, dim=1)
+        # decoding only the top-k anchors is the same arithmetic as decoding all, then picking
+        sel_anchors = anchors[idx.reshape(-1)]
+        sel_deltas = torch.gather(dl, 1, idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        boxes = decode_boxes(sel_deltas, sel_anchors, (1.0, 1.0, 1.0, 1.0), cfg.scale_clamp).view(n, k, 4)
+        top_boxes.append(boxes)
+        top_logits.append(lg_k)
+        levels.append(torch.full((k,), lvl, dtype=torch.long, device=x.device))
+    boxes_all, logits_all, levels = torch.cat(top_boxes, 1), torch.cat(top_logits, 1), torch.cat(levels)
+    h, w = image_size
+    out = []
+    for i in range(n):
+        boxes, scores, lvl = boxes_all[i], logits_all[i], levels
+        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        if not bool(finite.all()):
+            boxes, scores, lvl = boxes[finite], scores[finite], lvl[finite]
+        boxes = clip_boxes(boxes, h, w)
+        keep = nonempty(boxes, cfg.rpn_min_size)
+        boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+        keep = batched_nms(boxes, scores, lvl, cfg.rpn_nms_thresh)[: cfg.rpn_post_nms_topk]
+        out.append((boxes[keep], scores[keep]))
+    return out

@@ -26,6 +26,7 @@
 | exporter | the torch.onnx exporter that traced the graphs ("torchscript" or "dynamo") |
 | tensorrt | null, or {version, gpu, compute_capability} of the plans (the TensorRT builder fills it) |
 | created | UTC time of the build |
+| densepose | the DensePose estimator's stages, when built (engines/densepose.py) |
 
 This module reads only the specs and the directory (never the PyTorch models, diffusers or
 the export code): a deployment machine loads engines with it.
@@ -188,6 +189,8 @@ class EngineManifest:
     #: the output shape the graphs are built for (default: ``size`` x ``size``)
     width: Optional[int] = None
     height: Optional[int] = None
+    #: the DensePose stages' section (engines/densepose.py), kept as read when the manifest is rewritten
+    densepose: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self) -> None:
         width, height = output_shape(self.size, self.width, self.height)
@@ -259,6 +262,7 @@ class EngineManifest:
             "exporter": self.exporter,
             "tensorrt": None if self.tensorrt is None else dict(self.tensorrt),
             "created": self.created,
+            **({"densepose": dict(self.densepose)} if self.densepose is not None else {}),
         }
 
     @classmethod
@@ -286,6 +290,7 @@ class EngineManifest:
             tensorrt=d.get("tensorrt"),
             created=str(d.get("created", "")),
             exporter=str(d.get("exporter", "")),
+            densepose=d.get("densepose"),
         )
 
     def write(self) -> Path:
@@ -325,6 +330,9 @@ def read_manifest(engine_dir) -> EngineManifest:
                                                   height=raw.get("height"))
         raise EngineError(f"{d}: engine format version {version!r}, this runtime reads version "
                           f"{FORMAT_VERSION}; {hint}")
+    if "stages" not in raw and "densepose" in raw:
+        raise EngineError(f"{d}: holds the DensePose stages only; build the animation's into it with: "
+                          f"{build_command(d)}")
     try:
         m = EngineManifest.from_dict(d, raw)
     except (KeyError, TypeError, ValueError, AttributeError, InputError) as e:

@@ -218,8 +218,8 @@ class StageSpec:
         """Random inputs of the right shapes and dtypes (axes not given take their opt
         value), deterministic from ``seed``."""
         rng = np.random.default_rng(seed)
-        shapes = self.shapes(**axes)
-        return {t.name: SAMPLERS[t.sample](rng, shapes[t.name]).astype(t.np_dtype) for t in self.inputs}
+        values = self._axis_values("opt", axes)  # inputs only: outputs may have derived, unprofiled axes
+        return {t.name: SAMPLERS[t.sample](rng, t.resolve(values)).astype(t.np_dtype) for t in self.inputs}
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ..engines.manifest import (
 )
 from ..command_line import OneLineParser, run_command
 from ..errors import EngineError, InputError
-from ..engines.specs import PRECISIONS, BatchRanges, output_shape, stage_specs, validation_tolerance
+from ..engines.specs import PRECISIONS, BatchRanges, output_shape, stage_specs
 
 
 @dataclass(frozen=True)
@@ -275,13 +275,9 @@ def _build_into(d: Path, s: BuildSettings, fingerprint: str, log: Callable[[str]
         validation = {}
         if s.validate:
             cmp, _ = ox.compare_with_torch(path, module, spec, traced=traced)
-            validation = {"max_abs": cmp.max_abs, "rel_l2": cmp.rel_l2}
-            tolerance = validation_tolerance("graph", s.precision)
-            if not cmp.rel_l2 <= tolerance:
-                raise EngineError(f"{name}: the {s.precision} ONNX graph differs from the torch stage: relative L2 "
-                                  f"error {cmp.rel_l2:.3g} > {tolerance:g}")
-        files = tuple(FileRecord.of(d, p.name) for p in ox.onnx_files(path))
-        stages[name] = StageRecord(name=name, onnx=path.name, files=files, spec=spec, validation=validation)
+            validation = ox.checked_validation(cmp, name, s.precision)
+        stages[name] = ox.stage_record(d, name, path, spec, validation)
+        files = stages[name].files
         seconds = time.perf_counter() - t0
         size = sum(f.bytes for f in files)
         report.stages.append(StageReport(name, size, seconds, validation.get("max_abs"), validation.get("rel_l2")))
@@ -320,7 +316,17 @@ PROG = "build_engines.py"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Export every MagicAnimate stage of a model set to ONNX, check each graph "
                 "against its PyTorch stage, and write an engine directory (then TensorRT plans).")
-    p.add_argument("--models", type=Path, required=True, help="model directory in the real layout (README 'Weights')")
+    p.add_argument("--models", type=Path, default=None,
+                   help="model directory in the real layout (README 'Weights'); with --densepose-weights, or alone")
+    p.add_argument("--densepose-weights", type=Path, default=None, metavar="FILE",
+                   help="also export the DensePose estimator's networks of this checkpoint (model_final_162be9.pkl) "
+                        "into --out (ONNX graphs; without --models, into a new or existing engine directory)")
+    p.add_argument("--densepose-precision", choices=PRECISIONS, default="fp32",
+                   help="precision of the DensePose graphs (default fp32; fp16 for the GPU)")
+    p.add_argument("--densepose-min-size", type=int, default=800,
+                   help="the estimator's INPUT.MIN_SIZE_TEST the DensePose stages run at (default 800)")
+    p.add_argument("--densepose-max-size", type=int, default=1333,
+                   help="the estimator's INPUT.MAX_SIZE_TEST (default 1333)")
     p.add_argument("--out", type=Path, required=True, help="engine directory to write")
     p.add_argument("--size", type=int, default=512,
                    help="output side of a square build in pixels, a multiple of 64 up to 2048 (default 512)")
@@ -350,20 +356,50 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        settings = BuildSettings(models=args.models, out=args.out, size=args.size, width=args.width,
-                                 height=args.height, precision=args.precision,
-                                 onnx_only=args.onnx_only, force=args.force, validate=args.validate,
-                                 exporter=args.exporter, fp32_graphs=args.fp32_graphs,
-                                 plans=PlanBuildSettings(optimization_level=args.opt_level,
-                                                         workspace_bytes=None if args.workspace_gib is None
-                                                         else int(args.workspace_gib * 2**30)),
-                                 validate_plans=args.validate_plans)
-        report = build_engines(settings)
-        if not report.up_to_date:
+        if args.models is None and args.densepose_weights is None:
+            raise InputError("give --models DIR, --densepose-weights FILE, or both")
+        if args.densepose_weights is not None:
+            _check_densepose_args(args)
+        if args.models is not None:
+            _build_animation(args)
+        if args.densepose_weights is not None:
+            from .densepose_export import build_densepose
+
+            t0 = time.perf_counter()
+            rows = build_densepose(args.out, args.densepose_weights, args.densepose_precision,
+                                   min_size=args.densepose_min_size,
+                                   max_size=args.densepose_max_size, validate=args.validate, log=_log_to_stderr)
+            report = BuildReport(args.out, up_to_date=False, seconds=time.perf_counter() - t0,
+                                 stages=[StageReport(n, b, sec, v.get("max_abs"), v.get("rel_l2"))
+                                         for n, b, sec, v in rows])
             print(report.table())
-            print(f"wrote {report.out} in {report.seconds:.1f} s")
+            print(f"wrote the DensePose stages into {args.out} in {report.seconds:.1f} s")
         return 0
 
     return run_command(PROG, body, interrupted=f"{args.out} left as it was",
                        out_of_memory="build on a machine with more memory, or pass --no-validate",
                        cuda_out_of_memory="lower --workspace-gib, or build the plans on a larger GPU")
+
+
+def _check_densepose_args(args) -> None:
+    """The DensePose inputs, before anything is built: a readable file, sizes ``DensePoseConfig`` takes."""
+    if not args.densepose_weights.is_file():
+        raise InputError(f"--densepose-weights {args.densepose_weights}: file not found")
+    lo, hi = args.densepose_min_size, args.densepose_max_size
+    if not 32 <= lo <= hi <= 4096:
+        raise InputError(f"--densepose-min-size/--densepose-max-size: need 32 <= min <= max <= 4096, got {lo}/{hi}")
+
+
+def _build_animation(args) -> None:
+    settings = BuildSettings(models=args.models, out=args.out, size=args.size, width=args.width,
+                             height=args.height, precision=args.precision,
+                             onnx_only=args.onnx_only, force=args.force, validate=args.validate,
+                             exporter=args.exporter, fp32_graphs=args.fp32_graphs,
+                             plans=PlanBuildSettings(optimization_level=args.opt_level,
+                                                     workspace_bytes=None if args.workspace_gib is None
+                                                     else int(args.workspace_gib * 2**30)),
+                             validate_plans=args.validate_plans)
+    report = build_engines(settings)
+    if not report.up_to_date:
+        print(report.table())
+        print(f"wrote {report.out} in {report.seconds:.1f} s")

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..errors import EngineError
 from ..models import ModelSet
 from ..models.vae import VAEDecoder, VAEEncoder
-from ..engines.specs import ModelDims, StageSpec, relative_error
+from ..engines.specs import ModelDims, StageSpec, relative_error, validation_tolerance
 
 OPSET = 17
 #: graphs whose weights exceed this are saved with one external data file (protobuf's
@@ -191,18 +191,20 @@ def sample_inputs_fp16_exact(spec: StageSpec, seed: int, **axes: int) -> dict[st
     return {name: a.astype(np.float16).astype(np.float32) for name, a in spec.sample_inputs(seed, **axes).items()}
 
 
-def export_onnx(module: nn.Module, spec: StageSpec, path: Path, exporter: str = "auto", seed: int = 0) -> Traced:
+def export_onnx(module: nn.Module, spec: StageSpec, path: Path, exporter: str = "auto", seed: int = 0,
+                axes: Optional[Mapping[str, int]] = None) -> Traced:
     """Export ``module`` (computing ``spec``'s function) to ``path`` in float32.
 
     The graph is written to a scratch directory first and re-saved at ``path`` (plus
     ``path.data`` when large, see :func:`save_onnx`). Inputs for tracing come from the
     spec (float32, fp16-exact values, axes from :func:`trace_axes`); the torch outputs of
     that traced run are observed with a forward hook and returned, so validating a static
-    stage costs no second forward.
+    stage costs no second forward. ``axes`` replace :func:`trace_axes` where an axis needs
+    other values (the DensePose image axes: multiples of 32).
     """
     exporter = resolve_exporter(exporter)
     path = Path(path)
-    inputs = sample_inputs_fp16_exact(spec, seed, **trace_axes(spec))
+    inputs = sample_inputs_fp16_exact(spec, seed, **(trace_axes(spec) if axes is None else axes))
     args = tuple(torch.from_numpy(a) for a in inputs.values())
     module = module.eval()
     seen: list = []
@@ -622,6 +624,24 @@ def compare_with_torch(path: Path, module: nn.Module, spec: StageSpec, seed: int
     seconds = time.perf_counter() - t0
     del session
     return Comparison.of(got, ref), seconds
+
+
+def checked_validation(cmp: Comparison, name: str, precision: str) -> dict[str, float]:
+    """The manifest's ``validation`` record of a graph compared with its torch stage, or
+    EngineError when its relative L2 error exceeds the precision's tolerance."""
+    tolerance = validation_tolerance("graph", precision)
+    if not cmp.rel_l2 <= tolerance:
+        raise EngineError(f"{name}: the {precision} ONNX graph differs from the torch stage: relative L2 "
+                          f"error {cmp.rel_l2:.3g} > {tolerance:g}")
+    return {"max_abs": cmp.max_abs, "rel_l2": cmp.rel_l2}
+
+
+def stage_record(directory: Path, name: str, path: Path, spec: StageSpec, validation: Mapping[str, float]):
+    """The manifest record of the graph ``path`` (and its external data) in ``directory``."""
+    from ..engines.manifest import FileRecord, StageRecord
+
+    files = tuple(FileRecord.of(directory, p.name) for p in onnx_files(path))
+    return StageRecord(name=name, onnx=path.name, files=files, spec=spec, validation=dict(validation))
 
 
 def remove_files(paths: Iterable[Path]) -> None:

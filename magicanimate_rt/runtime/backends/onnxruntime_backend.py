@@ -37,17 +37,22 @@ from .engine_stages import EngineStages
 
 
 
+def open_session(ort, path: Path, providers):
+    """An ONNX Runtime session with all graph optimisations; one-line EngineError when it cannot load."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise EngineError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+
+
 class _Session:
     """One stage's ONNX Runtime session and I/O binding."""
 
     def __init__(self, ort, path: Path, spec, providers, device: torch.device, run_options):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise EngineError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        self.session = open_session(ort, path, providers)
         self.spec = spec
         self.device = device
         self.binding = self.session.io_binding()
