@@ -424,7 +424,10 @@ def to_float16(model: onnx.ModelProto, keep_fp32_ops: Iterable[str] = FP32_OPS, 
       library's one-Cast-per-consumer into one Cast per value.
 
     Shape inference is ours (on a copy without the weights, so graphs over protobuf's 2 GB
-    work): the library's own serialises the whole model.
+    work): the library's own serialises the whole model. Cost: the library's topological
+    sort is quadratic in the nodes (each of its Casts sits at the end of the node list until
+    sorted): the UNet's graph (~7,800 nodes, as many at SD 1.5 size) took 30 s here (196 s
+    with the 2 cores shared), against 1.4 s for the hand-written pass this replaced.
     """
     from onnxconverter_common.float16 import convert_float_to_float16
 
