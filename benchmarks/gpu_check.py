@@ -37,8 +37,18 @@ installed and reported as skipped where not. Within ``--budget-s`` (default 450 
     and each SDPA backend on the UNet's three attention shapes. Correctness against
     case_c also covers the compiled stages and the leanest plan.
 
+(d) issues 27/28: the DensePose estimator (PyTorch) on frames of the person video
+    (``samples/person/input_video.mp4`` of the shared data) at the video's size: float16 at
+    batch 8 and float32 at batch 8 on CUDA, frames/s (median of timed batches after a
+    warm-up), peak memory, and float16's deviation from float32 on the same frames (boxes,
+    part labels, rendered frames). Weights: ``--densepose-weights`` (detectron2's
+    ``model_final_162be9.pkl``), else the random ones in the real layout that
+    ``conformance/densepose/make_weights.py`` writes (256 MB, written once into ``--cache``
+    on the machine itself: only the script and the video travel).
+
 ``--quick``: 16 frames only. ``--dry-run``: the whole script on the CPU in float32, tiny
-set at 128 px, 2 steps, 16 and 32 frames (what CI runs; no GPU needed). Exit code 0, or 1
+set at 128 px, 2 steps, 16 and 32 frames, DensePose in bfloat16 against float32 at batch
+1 and the network's small size (256 px, as ``stages_small.npz``) (what CI runs; no GPU needed). Exit code 0, or 1
 when a correctness check failed, 2 when a part of the check itself failed (its error is in
 the report).
 """
@@ -83,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--dry-run)")
     p.add_argument("--sd15-engines", type=Path, default=None, help="an SD 1.5 fp16 engine directory at 512 with "
                    "TensorRT plans for this GPU, to time TensorRT at SD 1.5 size")
+    p.add_argument("--densepose-weights", type=Path, default=None, help="detectron2 DensePose weights (.pkl) to "
+                   "time (default: random weights in the real layout from make_weights.py of the shared data)")
     p.add_argument("--build-sd15-engines", action="store_true", help="build that directory from the random SD 1.5 "
                    "set first (export + TensorRT: about half an hour, outside the budget)")
     return p.parse_args(argv)
@@ -115,6 +127,8 @@ class Check:
     memory: list = field(default_factory=list)  #: measured per-call peaks and implied factors
     profile: list = field(default_factory=list)  #: device time by kernel class
     sdpa: list = field(default_factory=list)  #: SDPA backends per attention shape
+    densepose: list = field(default_factory=list)  #: the DensePose estimator's rows (issues 27, 28)
+    densepose_deviation: list = field(default_factory=list)  #: its low precision against float32
 
     def skip(self, what: str, why: str) -> None:
         self.skipped.append({"what": what, "why": why})
@@ -532,9 +546,9 @@ def start_times(c: Check, setup: Setup, models_dir: Path, cache: Path, budget: B
                         "compile_stages": list(opts.compile_stages), "compile_cache_dir": str(store)}}
     for label in ("cold", "warm"):
         what = f"start {label}: process start to first step, compiled"
-        if budget.left() < 30:
+        if budget.left() < 30:  # each start says so (the warm one too, when the cold one was skipped)
             c.skip(what, f"{max(budget.left(), 0):.0f} s left of the budget")
-            return
+            continue
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-", dir=cache),
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         env["GPU_CHECK_T0"] = repr(time.time())  # the probe's clock starts as it is spawned
@@ -752,6 +766,150 @@ def sdpa_backends(c: Check, setup: Setup, models) -> None:
         log(f"   {shape}: fastest exact {best}")
 
 
+# --------------------------------------------------------------------------- (d) DensePose
+@dataclass(frozen=True)
+class DensePoseSetup:
+    """What the DensePose part runs: the dry run's small CPU version or the GPU's."""
+
+    device: str
+    dtype: str  #: the low precision, measured against float32
+    batch: int
+    batches: int  #: timed batches of ``dtype`` after one warm-up batch (float32: up to 2)
+    min_size: int  #: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST: the network's input size
+    max_size: int
+
+    @classmethod
+    def of(cls, dry_run: bool) -> "DensePoseSetup":
+        # the CPU has no float16 convolutions worth timing: bfloat16 takes float16's place
+        return cls("cpu", "bfloat16", 1, 1, 256, 427) if dry_run else cls("cuda", "float16", 8, 5, 800, 1333)
+
+
+def densepose_weights(args, shared: Path, cache: Path) -> Optional[Path]:
+    """``--densepose-weights``, else make_weights.py's random weights (seed 0, the conformance
+    data's), written once into the cache; None when neither is at hand."""
+    import subprocess
+
+    if args.densepose_weights is not None:
+        return args.densepose_weights
+    script = shared / "conformance" / "densepose" / "make_weights.py"
+    out = cache / "densepose_seed0.pkl"
+    if not out.is_file() and script.is_file():
+        partial = cache / "densepose_seed0.partial.pkl"
+        subprocess.run([sys.executable, str(script), str(partial), "--seed", "0"], check=True, capture_output=True)
+        partial.replace(out)
+    return out if out.is_file() else None
+
+
+def part_labels(frame):
+    """(H, W) part label 0..24 of each pixel of a rendered DensePose frame (its colour's index
+    in the palette, whose 25 colours are distinct)."""
+    import numpy as np
+
+    from magicanimate_rt.densepose.render import PART_COLOURS
+
+    def packed(rgb):
+        rgb = rgb.astype(np.int64)
+        return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+    keys = packed(PART_COLOURS)
+    order = np.argsort(keys)
+    return order[np.searchsorted(keys[order], packed(frame))].astype(np.uint8)
+
+
+def densepose_deviation(low: list, ref: list, render: Callable, height: int, width: int) -> dict:
+    """How far the low-precision results are from float32 on the same frames: frames with
+    another number of detections, the largest distance in pixels from a box to its nearest
+    box of the other (both ways), the share of pixels with the same part label where either
+    has a person, and the share of equal pixels of the rendered frames."""
+    import numpy as np
+
+    box_err, counts, same_label, person, same_pixel = 0.0, 0, 0, 0, 0
+    for a, b in zip(low, ref, strict=True):
+        counts += len(a) != len(b)
+        if len(a) and len(b):
+            d = np.abs(a.boxes[:, None, :].astype(np.float64) - b.boxes[None]).max(-1)
+            box_err = max(box_err, float(d.min(1).max()), float(d.min(0).max()))
+        fa, fb = render(a, height, width), render(b, height, width)
+        la, lb = part_labels(fa), part_labels(fb)
+        mask = (la > 0) | (lb > 0)
+        same_label += int((la == lb)[mask].sum())
+        person += int(mask.sum())
+        same_pixel += int((fa == fb).all(-1).sum())
+    n = len(ref)
+    return {"frames": n, "frames_other_detection_count": counts, "boxes_max_abs_px": round(box_err, 3),
+            "label_agreement_pct": round(100 * same_label / max(person, 1), 3),
+            "pixel_agreement_pct": round(100 * same_pixel / (n * height * width), 3)}
+
+
+def densepose(c: Check, args, shared: Path, cache: Path, budget: Budget) -> None:
+    """Issue 27/28's rows: the PyTorch estimator in the setup's low precision and in float32,
+    batched, on the person video's frames at the video's size, and the deviation between them."""
+    import statistics
+
+    import torch
+
+    from benchmarks.densepose import read_frames
+    from magicanimate_rt.densepose import DensePoseEstimator
+    from magicanimate_rt.densepose.render import render_frame
+    from magicanimate_rt.densepose.weights import read_checkpoint
+
+    setup = DensePoseSetup.of(args.dry_run)
+    video = shared / "samples" / "person" / "input_video.mp4"
+    weights = densepose_weights(args, shared, cache)
+    if not video.is_file() or weights is None:
+        c.skip("DensePose", f"no {video} or no weights (--densepose-weights, or make_weights.py in "
+               f"{shared / 'conformance' / 'densepose'}; pass --shared)")
+        return
+    c.environment["densepose_setup"] = asdict(setup) | {"weights": str(weights)}
+    frames = read_frames(video, setup.batch * (setup.batches + 1))
+    height, width = frames.shape[1:3]
+    batches = [frames[i:i + setup.batch] for i in range(0, len(frames), setup.batch)]
+    cuda = setup.device == "cuda"
+    results: dict[str, list] = {}
+    state = read_checkpoint(weights)  # read once for both precisions
+    for dtype, n in ((setup.dtype, setup.batches), ("float32", min(2, setup.batches))):
+        what = f"DensePose {dtype} batch {setup.batch}"
+        if budget.left() < 20:
+            c.skip(what, f"{max(budget.left(), 0):.0f} s left of the budget")
+            continue
+        with c.part(what):
+            base = torch.cuda.memory_allocated() if cuda else 0
+            est = DensePoseEstimator.from_state_dict(state, weights, device=setup.device, dtype=dtype,
+                                                     min_size=setup.min_size, max_size=setup.max_size)
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            est.predict(batches[0])  # warm-up: allocator, cuDNN/oneDNN kernel choice
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds, out = [], []
+            for b in batches[1:n + 1]:
+                t0 = time.perf_counter()
+                out += est.predict(b)  # results come back to the host: the batch is done
+                sync()
+                seconds.append(time.perf_counter() - t0)
+            results[dtype] = out
+            row = {"dtype": dtype, "device": setup.device, "batch": setup.batch, "timed_batches": n,
+                   "width": int(width), "height": int(height), "min_size": setup.min_size,
+                   "batch_s_median": round(statistics.median(seconds), 4),
+                   "frames_per_s": round(setup.batch / statistics.median(seconds), 2),
+                   "detections_per_frame": round(sum(len(r) for r in out) / len(out), 2)}
+            if cuda:
+                # weights included; ``base``: what was allocated before the estimator loaded
+                row["peak_allocated_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+            c.densepose.append(row)
+            log(f"   {row['frames_per_s']} frames/s ({row['batch_s_median']} s per batch of {setup.batch})"
+                + (f", peak {row['peak_allocated_gib']} GiB" if cuda else ""))
+            del est
+            if cuda:
+                torch.cuda.empty_cache()
+    if len(results) == 2:
+        ref = results["float32"]
+        dev = densepose_deviation(results[setup.dtype][:len(ref)], ref, render_frame, int(height),
+                                  int(width))
+        c.densepose_deviation.append({"dtype": setup.dtype, "against": "float32"} | dev)
+        log(f"   {setup.dtype} against float32: {dev}")
+
+
 # --------------------------------------------------------------------------- the report
 def speedups(rows: list) -> list:
     out = []
@@ -806,6 +964,7 @@ def markdown(c: Check, report: dict) -> str:
         lines += ["", "Peak GiB: torch.cuda.max_memory_allocated over the run (weights included); TensorRT's engine "
                   "weights are not torch allocations (see device_used_gib in the JSON)."]
     lines += markdown_issue17(c)
+    lines += markdown_densepose(c)
     if c.skipped:
         lines += ["", "## Skipped", ""] + [f"- {s['what']}: {s['why']}" for s in c.skipped]
     if c.errors:
@@ -864,6 +1023,24 @@ def markdown_issue17(c: Check) -> list[str]:
     return lines
 
 
+def markdown_densepose(c: Check) -> list[str]:
+    if not c.densepose:
+        return []
+    s = c.environment["densepose_setup"]
+    lines = ["", f"## DensePose estimator, PyTorch (person video, network min size {s['min_size']}, "
+             f"{s['device']})", "", "| dtype | batch | frames | frames/s | s per batch | detections/frame | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['batch']} | {r['width']}x{r['height']} | {r['frames_per_s']} | "
+              f"{r['batch_s_median']} | {r['detections_per_frame']} | {r.get('peak_allocated_gib', '-')} |"
+              for r in c.densepose]
+    for d in c.densepose_deviation:
+        lines += ["", f"{d['dtype']} against {d['against']} on {d['frames']} frames: boxes max abs "
+                  f"{d['boxes_max_abs_px']} px, part labels agree on {d['label_agreement_pct']}% of the person's "
+                  f"pixels, rendered frames on {d['pixel_agreement_pct']}% of pixels; "
+                  f"{d['frames_other_detection_count']} frame(s) with another number of detections."]
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s if args.budget_s is not None else (45.0 if args.dry_run else 450.0))
@@ -885,6 +1062,8 @@ def main(argv=None) -> int:
     log(f"gpu_check: {c.environment.get('gpu', 'CPU dry run')}, budget {budget.seconds:.0f} s")
     with c.part("correctness"):
         correctness(c, args, shared, cache)
+    with c.part("DensePose"):  # before the timings: nothing else of ours holds GPU memory then
+        densepose(c, args, shared, cache, budget)
     ctx: dict = {}
     with c.part("timings"):
         ctx = timings(c, args, shared, cache, budget)
@@ -907,7 +1086,8 @@ def main(argv=None) -> int:
 
     report = {"environment": c.environment, "correctness": c.correctness, "tensorrt_validation": c.validation,
               "timings": c.timings, "speedups": speedups(c.timings), "starts": c.starts, "memory": c.memory,
-              "profile": c.profile, "sdpa": c.sdpa, "skipped": c.skipped, "errors": c.errors,
+              "profile": c.profile, "sdpa": c.sdpa, "densepose": c.densepose,
+              "densepose_deviation": c.densepose_deviation, "skipped": c.skipped, "errors": c.errors,
               "seconds": round(budget.elapsed(), 1)}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(c, report)

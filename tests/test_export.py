@@ -299,9 +299,13 @@ def test_fp16_pass_casts_only_at_region_boundaries():
     b = onnx.numpy_helper.from_array(np.full((1,), 0.5, np.float32), "b")
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [b]),
                               opset_imports=[helper.make_opsetid("", 17)])
-    out = ox.convert_to_fp16(model, lambda n: "/norm/" in n.name, keep_fp32_io=())
+    # the Sub's output feeds two blocked inputs: onnxconverter-common alone leaves a float16
+    # round trip there (its pair clean-up misses values with several consumers)
+    out = ox.to_float16(model, keep_fp32_nodes=[n.name for n in nodes if "/norm/" in n.name], keep_fp32_io=())
     casts = [n for n in out.graph.node if n.op_type == "Cast"]
-    assert sorted((n.input[0], n.attribute[0].i) for n in casts) == [("v", F16), ("x", F32)]
+    producer = {o: n.name for n in out.graph.node for o in n.output}
+    assert sorted((producer.get(n.input[0], n.input[0]), n.attribute[0].i) for n in casts) == [
+        ("/norm/ReduceMean_1", F16), ("x", F32)]
     assert {t.name: t.data_type for t in out.graph.initializer} == {"b": F16}
     onnx.checker.check_model(out)
     import onnxruntime as ort

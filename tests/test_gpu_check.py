@@ -83,5 +83,45 @@ def test_dry_run_end_to_end(shared_dir, tmp_path):
     assert report["sdpa"] or "SDPA backends" in said
     for entry in report["sdpa"]:  # the CPU runs flash and math; the fastest exact one is named
         assert entry["fastest_exact"] in ("flash", "math")
+    # DensePose (issues 27/28): bfloat16 against float32 at batch 1, the video's size, 256 px network input
+    assert {r["dtype"] for r in report["densepose"]} | {w.removeprefix("DensePose ").split()[0] for w in said} >= {
+        "bfloat16", "float32"}
+    for r in report["densepose"]:
+        assert (r["width"], r["height"], r["batch"], r["min_size"]) == (576, 1024, 1, 256)
+        assert r["frames_per_s"] > 0 and r["detections_per_frame"] >= 1  # stages_small.npz: 1 per frame
+    for d in report["densepose_deviation"]:
+        assert d["frames"] == 1 and d["frames_other_detection_count"] in (0, 1)
+        assert 0 <= d["label_agreement_pct"] <= 100 and 0 <= d["pixel_agreement_pct"] <= 100
+    if report["densepose"]:
+        assert "## DensePose estimator, PyTorch" in md
     assert "memory factors" in said  # CUDA allocator statistics only
     assert "TensorRT timings" in said and "## Correctness" in md and "| torch cpu fp32 |" in md
+
+
+def test_part_labels_reads_back_the_rendered_labels():
+    # the DensePose deviation compares part labels read back from rendered frames: painted
+    # labels (later detections over earlier ones, label 0 keeping what is under it) come back
+    import numpy as np
+
+    from benchmarks.gpu_check import densepose_deviation, part_labels
+    from magicanimate_rt.densepose.render import render_frame
+    from magicanimate_rt.densepose.result import DensePoseResult
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([[2, 3, 30, 20], [10, 8, 40, 35]], np.float32)  # XYXY, overlapping
+    labels = [rng.integers(0, 25, (17, 28)).astype(np.uint8), rng.integers(0, 25, (27, 30)).astype(np.uint8)]
+    r = DensePoseResult(boxes=boxes, scores=np.ones(2, np.float32), labels=labels,
+                        uv=[np.zeros((2, *x.shape), np.float32) for x in labels])
+    want = np.zeros((40, 48), np.uint8)
+    for (x0, y0, _, _), lab in zip(boxes.astype(int), labels):
+        region = want[y0:y0 + lab.shape[0], x0:x0 + lab.shape[1]]
+        region[lab > 0] = lab[lab > 0]
+    assert (part_labels(render_frame(r, 40, 48)) == want).all()
+    # against itself: no deviation; against one box moved by 2 px: boxes 2 px apart
+    same = densepose_deviation([r], [r], render_frame, 40, 48)
+    assert same == {"frames": 1, "frames_other_detection_count": 0, "boxes_max_abs_px": 0.0,
+                    "label_agreement_pct": 100.0, "pixel_agreement_pct": 100.0}
+    moved = DensePoseResult(boxes=boxes + np.array([[0, 0, 0, 0], [2, 0, 2, 0]], np.float32), scores=r.scores,
+                            labels=labels, uv=r.uv)
+    dev = densepose_deviation([moved], [r], render_frame, 40, 48)
+    assert dev["boxes_max_abs_px"] == 2.0 and dev["label_agreement_pct"] < 100

@@ -14,16 +14,15 @@ file per tensor; we always export into a scratch directory and re-save the graph
 ``<stage>.onnx`` plus, above :data:`EXTERNAL_DATA_THRESHOLD`, one ``<stage>.onnx.data``.
 Checks (``onnx.checker``, shape inference) are path-based, which works at any size.
 
-fp16. :func:`convert_to_fp16` rewrites an fp32 graph so that the heavy ops (convolutions,
+fp16. :func:`to_float16` rewrites an fp32 graph so that the heavy ops (convolutions,
 matmuls, elementwise work) run in float16 while numerically sensitive nodes stay float32:
 every node inside a normalisation module (GroupNorm, our cross-frame ``FrameGroupNorm``,
 LayerNorm: statistics and affine), inside the timestep embedding (``Timesteps`` sinusoid
 and ``TimestepEmbedding`` MLP; t up to 999 times a frequency is not representable in
-fp16), and every Softmax. onnxruntime's ``float16.convert_float_to_float16`` was
-considered: its node block list casts each blocked node's output back to fp16, so a chain
-of blocked nodes (a decomposed GroupNorm: mean, x - mean, square, mean, + eps, sqrt, div)
-round-trips through fp16 between every op, which is exactly what must not happen to the
-statistics; this pass decides a dtype per *value* and casts only at region boundaries.
+fp16), and every Softmax. It is onnxconverter-common's ``convert_float_to_float16`` with
+those nodes on its block lists, plus the repairs its docstring lists, so that a float32
+value never round-trips through float16 between two float32 nodes (a decomposed GroupNorm:
+mean, x - mean, square, mean, + eps, sqrt, div) and one Cast sits at each region boundary.
 """
 
 from __future__ import annotations
@@ -66,8 +65,6 @@ FP32_OPS = frozenset({"Softmax", "LayerNormalization", "GroupNormalization", "In
 #: ops that only move or select data: they run in whatever float type their input has
 _DATA_MOVEMENT = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose", "Slice", "Gather", "Identity",
                             "Flatten", "Concat", "Split", "Tile"})
-#: (op type, input index) whose dtype ONNX fixes independently of the op's data type
-_FIXED_INPUTS = {("Resize", 1), ("Resize", 2)}
 
 
 # --------------------------------------------------------------------------- stage modules
@@ -381,10 +378,11 @@ def fp32_node_rule(module: nn.Module, exporter: str = "auto") -> Callable[[onnx.
     return is_fp32_ts
 
 
-def value_types(model: onnx.ModelProto) -> dict[str, int]:
+def value_types(model: onnx.ModelProto, keep_value_info: bool = False) -> dict[str, int]:
     """The element type of every value of a graph, by strict shape inference on a copy
     without the weights (so a model over protobuf's 2 GB limit works too; small
-    initializers, which shape inference may read, are kept)."""
+    initializers, which shape inference may read, are kept). ``keep_value_info``: store
+    the inferred value_info in ``model``."""
     big = [t for t in model.graph.initializer if t.HasField("raw_data") and int(np.prod(t.dims)) > 4096]
     stash = [t.raw_data for t in big]  # set aside, not copied: the weights may be gigabytes
     try:
@@ -394,139 +392,141 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
     finally:
         for t, data in zip(big, stash):
             t.raw_data = data
+    if keep_value_info:
+        model.graph.ClearField("value_info")
+        model.graph.value_info.extend(g.value_info)
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
     types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
 
 
-def _to_fp16_array(a: np.ndarray) -> np.ndarray:
-    """float32 -> float16, finite values clipped to fp16's range (inf and nan kept)."""
-    fmax = float(np.finfo(np.float16).max)
-    return np.where(np.isfinite(a), np.clip(a, -fmax, fmax), a).astype(np.float16)
+def to_float16(model: onnx.ModelProto, keep_fp32_ops: Iterable[str] = FP32_OPS, keep_fp32_nodes: Iterable[str] = (),
+               keep_fp32_io: Iterable[str] = ("timestep",)) -> onnx.ModelProto:
+    """An fp32 graph (loaded with its weights) as the fp16 graph of the module docstring, by
+    onnxconverter-common's ``convert_float_to_float16``: nodes of ``keep_fp32_ops`` types and
+    those named in ``keep_fp32_nodes`` compute in float32, graph inputs/outputs become float16
+    except ``keep_fp32_io``. Data movement (Reshape, Expand, ...) and Cast-to-float of a float32
+    value follow their input into float32 rather than cast it (the timestep's reshape feeding
+    the fp32 sinusoid). Rewrites ``model`` in place and returns it, without value_info.
+
+    Around the library, four repairs, each for something it gets wrong (1.16.0):
+    - it types the output of an existing ``Cast(to=float)`` (an integer shape cast to float,
+      as in attention's scale) float16 but leaves ``to=float``: the graph does not load, so
+      those outside the blocked nodes are turned into ``Cast(to=float16)`` first;
+    - ``keep_io_types`` is all or nothing: ``keep_fp32_io`` inputs are put back to float32
+      afterwards and the library's Cast to float32 behind them removed;
+    - it converts Resize's ``roi``/``scales`` Constants, which ONNX requires in float32, unless
+      Resize is blocked (its default, which computes the upsampling itself in float32 between
+      two Casts): they are put back to float32 instead;
+    - it casts every blocked node's output to float16 and casts it back in front of the next
+      blocked node, and its clean-up of these pairs misses casts whose value has several
+      consumers (it compares the Cast's ``to`` with 16 and 32, not the ONNX type numbers)
+      and casts of Constants: a GroupNorm's statistics would round-trip through float16
+      between its ops. :func:`_collapse_round_trips` removes every such pair and merges the
+      library's one-Cast-per-consumer into one Cast per value.
+
+    Shape inference is ours (on a copy without the weights, so graphs over protobuf's 2 GB
+    work): the library's own serialises the whole model. Cost: the library's topological
+    sort is quadratic in the nodes (each of its Casts sits at the end of the node list until
+    sorted): the UNet's graph (~7,800 nodes, as many at SD 1.5 size) took 30 s here (196 s
+    with the 2 cores shared), against 1.4 s for the hand-written pass this replaced.
+    """
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        raise EngineError("fp16 conversion: graphs with subgraphs (If/Loop) are not supported")
+    types = value_types(model, keep_value_info=True)
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    ops, nodes, keep_io = frozenset(keep_fp32_ops), set(keep_fp32_nodes), set(keep_fp32_io)
+    for i, n in enumerate(g.node):  # the library blocks nodes by name
+        n.name = n.name or f"__node_{i}"
+    inits = {t.name for t in g.initializer}
+    fp32 = {v.name for v in g.input if v.name in keep_io}  # float32 values so far
+    block = []
+    for n in g.node:
+        float_in = [x for x in n.input if types.get(x) == F32 and x not in inits]
+        cast_to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+        follows = bool(float_in) and all(x in fp32 for x in float_in) and (n.op_type in _DATA_MOVEMENT or cast_to == F32)
+        if n.op_type in ops or n.name in nodes or follows:
+            block.append(n.name)
+            fp32.update(o for o in n.output if types.get(o) == F32)
+        elif cast_to == F32:
+            next(a for a in n.attribute if a.name == "to").i = F16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns for every weight with values beyond float16's range
+        convert_float_to_float16(model, min_positive_val=0.0, max_finite_val=float(np.finfo(np.float16).max),
+                                 keep_io_types=False, disable_shape_infer=True, op_block_list=sorted(ops),
+                                 node_block_list=block, check_fp16_ready=False)
+    consumers = _consumers(g)
+    for v in g.input:
+        if v.name in keep_io and v.type.tensor_type.elem_type == F16:
+            v.type.tensor_type.elem_type = F32
+            to16 = None
+            for n, i in consumers.get(v.name, []):
+                if n.op_type == "Cast" and n.attribute[0].i == F32:  # the library's cast back, now an identity
+                    for m, j in consumers.get(n.output[0], []):
+                        m.input[j] = v.name
+                    continue
+                if to16 is None:
+                    to16 = helper.make_node("Cast", [v.name], [f"{v.name}__fp16"], to=F16, name=f"{v.name}__cast")
+                    g.node.insert(0, to16)
+                n.input[i] = to16.output[0]
+    producer = {o: n for n in g.node for o in n.output}
+    initializers = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Resize":
+            for x in n.input[1:3]:
+                p = producer.get(x)
+                t = p.attribute[0].t if p is not None and p.op_type == "Constant" else initializers.get(x)
+                if t is not None and t.data_type == F16:
+                    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    _collapse_round_trips(g)
+    g.ClearField("value_info")
+    return model
 
 
-def _tensor_to_fp16(t: TensorProto) -> TensorProto:
-    out = numpy_helper.from_array(_to_fp16_array(numpy_helper.to_array(t)), t.name)
+def _consumers(g: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    out: dict[str, list] = {}
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            out.setdefault(x, []).append((n, i))
     return out
 
 
-def convert_to_fp16(model: onnx.ModelProto, is_fp32: Callable[[onnx.NodeProto], bool],
-                    keep_fp32_io: Iterable[str] = ("timestep",)) -> onnx.ModelProto:
-    """Rewrite an fp32 graph (loaded with its weights) into the fp16 graph described in
-    the module docstring. ``is_fp32(node)`` says which nodes keep computing in float32;
-    graph inputs/outputs become float16 except ``keep_fp32_io``.
-
-    Every float value gets the dtype of the node producing it (a Cast's is its target);
-    wherever a node needs its float input in the other dtype, one shared Cast is inserted.
-    Initializers take the dtype of their consumers (a float16 copy is added when both kinds
-    consume one). Rewrites ``model`` in place (no copy of the weights) and returns it; its
-    value_info is dropped (shape inference re-derives it).
-    """
-    types = value_types(model)
-
-    m = model
-    g = m.graph
-    keep = set(keep_fp32_io)
+def _collapse_round_trips(g: onnx.GraphProto) -> None:
+    """After :func:`to_float16`'s library call: float32 -> Cast(float16) -> Cast(float32)
+    chains read the float32 value directly, one Cast per (value, type), unused Casts go."""
     F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        raise EngineError("fp16 conversion: graphs with subgraphs (If/Loop) are not supported")
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({n.output[0]: n.attribute[0].t.data_type for n in g.node if n.op_type == "Constant"
+                  and n.attribute[0].name == "value"})
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = _consumers(g)
+    outputs = {v.name for v in g.output}
 
-    nodes = list(g.node)  # in topological order, as ONNX requires
-    float_inits = {t.name for t in g.initializer if t.data_type == F32}
-    dtype: dict[str, int] = {}  # new dtype of every float value
-    for v in g.input:
-        if types.get(v.name) == F32:
-            dtype[v.name] = F32 if v.name in keep else F16
+    def bypass(cast: onnx.NodeProto, value: str) -> None:
+        for m, j in consumers.pop(cast.output[0], []):
+            m.input[j] = value
+            consumers.setdefault(value, []).append((m, j))
+        consumers[cast.input[0]] = [(m, j) for m, j in consumers[cast.input[0]] if m is not cast]
 
-    region_of = []
-    for n in nodes:
-        region = F32 if is_fp32(n) else F16
-        if region == F16 and n.op_type in _DATA_MOVEMENT:
-            # moving data changes no value: follow the input's dtype rather than cast it
-            # (the timestep's reshape feeding the fp32 sinusoid stays fp32)
-            seen = {dtype[x] for x in n.input if x in dtype and x not in float_inits}
-            if len(seen) == 1:
-                region = seen.pop()
-        region_of.append(region)
-        if n.op_type == "Cast":
-            to = next(a for a in n.attribute if a.name == "to")
-            if to.i == F32 and region == F16:
-                # a cast to float of a float value is an identity in the fp32 graph: keep
-                # the value's dtype (the fp32 sinusoid stays fp32 for the fp32 time MLP);
-                # a cast from an integer lands in the region's float16
-                src = n.input[0]
-                to.i = dtype[src] if src in dtype and src not in float_inits else F16
-            if to.i in (F32, F16):
-                dtype[n.output[0]] = to.i
+    seen: dict[tuple[str, int], str] = {}
+    for n in g.node:
+        if n.op_type != "Cast" or n.output[0] in outputs:
             continue
-        if region == F16:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32:
-                    a.t.CopyFrom(_tensor_to_fp16(a.t))  # Constant, ConstantOfShape values
-        for o in n.output:
-            if types.get(o) == F32:
-                dtype[o] = region
-
-    # initializers: dtype by consumers
-    inits = {t.name: t for t in g.initializer if t.data_type == F32}
-    wants: dict[str, set[int]] = {name: set() for name in inits}
-    for n, region in zip(nodes, region_of):
-        for i, name in enumerate(n.input):
-            if name in inits:
-                fixed = n.op_type == "Cast" or (n.op_type, i) in _FIXED_INPUTS
-                wants[name].add(F32 if fixed else region)
-    fp16_copy: dict[str, str] = {}
-    for name, need in wants.items():
-        if need == {F16}:
-            inits[name].CopyFrom(_tensor_to_fp16(inits[name]))
-            dtype[name] = F16
+        first = producer.get(n.input[0])
+        if (n.attribute[0].i == F32 and first is not None and first.op_type == "Cast"
+                and first.attribute[0].i == F16 and types.get(first.input[0]) == F32):
+            bypass(n, first.input[0])
+        elif (n.input[0], n.attribute[0].i) in seen:
+            bypass(n, seen[n.input[0], n.attribute[0].i])
         else:
-            dtype[name] = F32
-            if F16 in need:
-                copy = _tensor_to_fp16(inits[name])
-                copy.name = fp16_copy[name] = f"{name}__fp16"
-                g.initializer.append(copy)
-
-    # casts where a node needs a float input in the other dtype
-    casts: dict[tuple[str, int], str] = {}
-    new_nodes = []
-    for n, region in zip(nodes, region_of):
-        for i, name in enumerate(n.input):
-            if name not in dtype or n.op_type == "Cast":
-                continue
-            need = F32 if (n.op_type, i) in _FIXED_INPUTS else region
-            if dtype[name] == need:
-                continue
-            if name in fp16_copy and need == F16:
-                n.input[i] = fp16_copy[name]
-                continue
-            key = (name, need)
-            if key not in casts:
-                casts[key] = f"{name}__to_{'fp32' if need == F32 else 'fp16'}"
-                new_nodes.append(helper.make_node("Cast", [name], [casts[key]], to=need,
-                                                  name=f"{casts[key]}__cast"))
-            n.input[i] = casts[key]
-        new_nodes.append(n)
-
-    # graph outputs in their io dtype
-    for out in g.output:
-        if types.get(out.name) != F32:
-            continue
-        want = F32 if out.name in keep else F16
-        if dtype[out.name] != want:
-            pre = f"{out.name}__pre"
-            for n in new_nodes:
-                n.output[:] = [pre if o == out.name else o for o in n.output]
-                n.input[:] = [pre if x == out.name else x for x in n.input]
-            new_nodes.append(helper.make_node("Cast", [pre], [out.name], to=want, name=f"{out.name}__cast"))
-
+            seen[n.input[0], n.attribute[0].i] = n.output[0]
+    live = [n for n in g.node if n.op_type != "Cast" or n.output[0] in outputs or consumers.get(n.output[0])]
     g.ClearField("node")
-    g.node.extend(new_nodes)
-    for v in (*g.input, *g.output):
-        if types.get(v.name) == F32:
-            v.type.tensor_type.elem_type = F32 if v.name in keep else F16
-    g.ClearField("value_info")
-    return m
+    g.node.extend(live)
 
 
 #: ops that must compute in float32 in every fp16 graph (statistics, softmax, sinusoid)
@@ -558,9 +558,11 @@ def check_fp16_regions(model: onnx.ModelProto) -> list[str]:
 
 def convert_file_to_fp16(src: Path, dst: Path, is_fp32: Callable[[onnx.NodeProto], bool],
                          keep_fp32_io: Iterable[str] = ("timestep",)) -> list[Path]:
-    """:func:`convert_to_fp16` from file to file (weights loaded from external data),
-    refusing (EngineError) a result that :func:`check_fp16_regions` finds wrong."""
-    model = convert_to_fp16(onnx.load(str(src)), is_fp32, keep_fp32_io)
+    """:func:`to_float16` from file to file (weights loaded from external data), the nodes
+    ``is_fp32`` picks kept float32, refusing (EngineError) a result that
+    :func:`check_fp16_regions` finds wrong."""
+    model = onnx.load(str(src))
+    model = to_float16(model, FP32_OPS, [n.name for n in model.graph.node if is_fp32(n)], keep_fp32_io)
     bad = check_fp16_regions(model)
     if bad:
         raise EngineError(f"{src}: fp16 conversion left {len(bad)} node(s) in the wrong precision, e.g. {bad[0]}")
@@ -651,7 +653,7 @@ def remove_files(paths: Iterable[Path]) -> None:
 
 
 __all__ = [
-    "STAGE_MODULES", "Comparison", "check_onnx", "compare_with_torch", "convert_file_to_fp16", "convert_to_fp16",
+    "STAGE_MODULES", "Comparison", "check_onnx", "compare_with_torch", "convert_file_to_fp16",
     "export_onnx", "fp32_node_rule", "graph_signature", "model_dims", "onnx_files", "ort_session", "run_torch",
-    "save_onnx",
+    "save_onnx", "to_float16",
 ]
