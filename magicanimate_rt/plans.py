@@ -1,5 +1,7 @@
 """TensorRT plans on a GPU machine: build (or bring up to date) an engine directory's plans
-from its ONNX graphs, and validate every plan against ONNX Runtime. No model weights needed.
+from its ONNX graphs — the animation's stages and the DensePose estimator's, whichever the
+directory holds — and validate the animation's plans against ONNX Runtime. No model weights
+needed.
 
 ```
 python -m magicanimate_rt.plans ENGINE_DIR [--opt-level 3] [--workspace-gib N] [--stages ...] [--force] [--validate]
@@ -24,7 +26,10 @@ import numpy as np
 
 from .command_line import OneLineParser, run_command
 from .engines.specs import STAGE_NAMES, relative_error, validation_tolerance
-from .engines.tensorrt_build import PlanBuildSettings, build_plans
+from .engines.densepose import DENSEPOSE_STAGES
+from .engines.tensorrt_build import (
+    PlanBuildSettings, build_densepose_plans, build_plans, has_animation, has_densepose,
+)
 from .engines.tensorrt_plan import PLAN_TOOL, TIMING_CACHE
 from .errors import EngineError
 
@@ -133,12 +138,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit in GiB "
                    "(default: TensorRT's, the GPU's memory)")
-    p.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated stages (default: all)")
+    p.add_argument("--stages", default=",".join(STAGE_NAMES + DENSEPOSE_STAGES),
+                   help="comma-separated stages (default: all the directory holds, the animation's and the "
+                   "DensePose estimator's)")
     p.add_argument("--force", action="store_true", help="rebuild every plan, even up-to-date ones")
     p.add_argument("--no-timing-cache", dest="timing_cache", action="store_false",
                    help=f"neither read nor write ENGINE_DIR/{TIMING_CACHE}")
-    p.add_argument("--validate", action="store_true", help="then compare every plan with ONNX Runtime on the "
-                   "stage's ONNX graph (random inputs) and print the errors")
+    p.add_argument("--validate", action="store_true", help="then compare every animation plan with ONNX Runtime "
+                   "on the stage's ONNX graph (random inputs) and print the errors")
     p.add_argument("--verbose", action="store_true", help="print TensorRT's warnings")
     return p
 
@@ -152,8 +159,12 @@ def main(argv=None) -> int:
             workspace_bytes=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
             timing_cache=args.timing_cache, force=args.force,
             stages=tuple(s for s in args.stages.split(",") if s), verbose=args.verbose)
-        build_plans(args.engine_dir, settings)
-        if args.validate:
+        animation = has_animation(args.engine_dir) or not has_densepose(args.engine_dir)
+        if animation:  # (a directory with neither: build_plans says what is wrong with it)
+            build_plans(args.engine_dir, settings)
+        if has_densepose(args.engine_dir):
+            build_densepose_plans(args.engine_dir, settings)
+        if args.validate and animation:
             validate_and_report(args.engine_dir)
         return 0
 
