@@ -30,6 +30,7 @@ import torch
 from fake_tensorrt import FakeTensorRT
 from test_densepose_engines import engine_dir, small_input, conformance  # noqa: F401 (module-scoped fixtures)
 from test_densepose_model import FLOAT_TOL, LABEL_FRACTION, SMALL, _check_result, err
+from test_tensorrt import missing_names, tensorrt_binaries
 
 from magicanimate_rt import plans
 from magicanimate_rt.densepose import DensePoseEstimator
@@ -174,6 +175,20 @@ def test_refusals_are_one_line(built, shared_dir, tmp_path):  # noqa: F811
         load(bare)
 
 
+@pytest.mark.skipif(not tensorrt_binaries(), reason="no TensorRT binary to read names from "
+                    "(pip install --no-deps tensorrt-cu12-bindings)")
+def test_every_tensorrt_name_the_densepose_path_reads_exists_in_the_real_module(built):
+    # the names read on the fakes while building (the fixture) and running the DensePose plans
+    # (tensorrt_stages.py's source is in test_tensorrt.py's static check)
+    d, build_trt = built
+    trt = FakeTensorRT(H100.version)
+    load(d, trt).densepose_head(torch.zeros(1, 256, 28, 28))
+    names = build_trt.api_names() | trt.api_names()
+    assert {"get_tensor_shape", "set_input_shape", "execute_async_v3", "set_shape"} <= names
+    for so in tensorrt_binaries():
+        assert missing_names(so, names) == [], f"{so}: these TensorRT names are not in the binary"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real TensorRT plans need a CUDA GPU and tensorrt")
 def test_real_tensorrt_plans_on_a_gpu(engine_dir, small_input, tmp_path):  # noqa: F811
     """On a GPU machine with tensorrt: plans built for real, predict() against ONNX Runtime. TensorRT's
@@ -234,3 +249,34 @@ def test_float16_graphs_give_float16_plans(densepose_weights, tmp_path):
             assert g.dtype == torch.float32 and tuple(g.shape) == w.shape
             # the same float16 graph on the same float16 input: equal up to ORT's thread-count rounding
             assert err(g, w.astype(np.float32)) < 1e-3, stage
+
+
+def test_validate_compares_each_plan_with_onnx_runtime(built):
+    """``plans --validate`` on the DensePose plans: one row per output at the profile's opt and min
+    values. The fake runs the graph itself, so the plan equals the reference (ORT on the same graph
+    and input: error 0 up to thread-count rounding); a reference 10% off fails every row."""
+    d, _ = built
+    stages = load(d)
+    seen = []
+
+    def reference(path, feeds, device):  # ONNX Runtime's outputs, kept for the second run
+        seen.append(plans._onnxruntime_reference(path, feeds, device))
+        return seen[-1]
+
+    checks = plans.validate_densepose(d, stages_backend=stages, reference=reference)
+    m = read_densepose(d)
+    assert [(c.stage, c.output) for c in checks] == [
+        (s, o.name) for s in DENSEPOSE_STAGES for _ in range(2) for o in m.spec(s).outputs]
+    assert {c.axes for c in checks if c.stage == "densepose_head"} == {"instances=4", "instances=1"}
+    assert {c.axes for c in checks if c.stage == "densepose_backbone"} == {"batch=4,height=256,width=256",
+                                                                          "batch=1,height=32,width=32"}
+    assert all(c.ok and c.rel_l2 < 1e-6 for c in checks), plans.format_validation(checks)
+
+    kept = iter(seen)
+
+    def off_by_ten_percent(path, feeds, device):
+        return [o * 1.1 for o in next(kept)]
+
+    with pytest.raises(EngineError, match=r"^44 of 44 TensorRT plan outputs differ from ONNX Runtime"):
+        plans.validate_and_report(d, log=quiet, validate=lambda d: plans.validate_densepose(
+            d, stages_backend=stages, reference=off_by_ten_percent))

@@ -22,6 +22,12 @@ GPU machine without the models. For each stage:
    ``stages.<stage>.plans`` = {file, onnx_sha256, settings, profile, seconds}, and
    ``tensorrt`` = {version, gpu, compute_capability} (:class:`PlanTarget`).
 
+The DensePose estimator's stages (``build_engines.py --densepose-weights``) get their plans
+the same way from :func:`build_densepose_plans` (the same loop, :func:`_build_stages`): their
+profiles are their specs' (batch 1/4/8 and the padded image sides for the backbone, RoIs and
+instances for the heads), recorded in the manifest's ``"densepose"`` section, which has its
+own ``tensorrt`` target.
+
 A plan serves exactly one TensorRT version and one GPU model:
 :func:`~.tensorrt_plan.check_plans` (the plan format, shared with the TensorRT backend)
 refuses plans built for anything else; :func:`plan_staleness` says which plans a build has
