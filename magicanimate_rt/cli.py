@@ -6,7 +6,7 @@
     magicanimate-rt demo [--output OUT.mp4]
     magicanimate-rt warmup --models DIR --size S --frames N [--device cuda] [--compile-mode MODE]
     magicanimate-rt densepose VIDEO --weights model_final_162be9.pkl [--output OUT.mp4] [--size S]
-    magicanimate-rt densepose VIDEO --engines DIR [--backend onnxruntime|torch] ...
+    magicanimate-rt densepose VIDEO --engines DIR [--backend onnxruntime|torch|tensorrt] ...
 
 Bad input ends with one line on stderr naming the file or argument, exit code 2, and no
 output file (outputs are written to a temporary file and renamed when complete); Ctrl-C
@@ -547,7 +547,8 @@ def _add_densepose_parser(sub) -> None:
                    help="an engine directory with the DensePose stages (build_engines.py --densepose-weights), "
                         "instead of --weights")
     e.add_argument("--backend", default="onnxruntime",
-                   help="with --engines: what runs its stages, onnxruntime (default) or torch")
+                   help="with --engines: what runs its stages, onnxruntime (default), torch, or tensorrt "
+                        "(--device cuda; plans built by python -m magicanimate_rt.plans DIR)")
     e.add_argument("--output", type=Path, default=None,
                    help="the driving video, H.264 mp4 (default: VIDEO's name with -densepose.mp4)")
     e.add_argument("--size", type=int, default=None, help="output side of a square video (default: the input's own "

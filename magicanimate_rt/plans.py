@@ -1,5 +1,6 @@
 """TensorRT plans on a GPU machine: build (or bring up to date) an engine directory's plans
-from its ONNX graphs, and validate every plan against ONNX Runtime. No model weights needed.
+from its ONNX graphs — the animation's stages and the DensePose estimator's, whichever the
+directory holds — and validate every plan against ONNX Runtime. No model weights needed.
 
 ```
 python -m magicanimate_rt.plans ENGINE_DIR [--opt-level 3] [--workspace-gib N] [--stages ...] [--force] [--validate]
@@ -24,7 +25,10 @@ import numpy as np
 
 from .command_line import OneLineParser, run_command
 from .engines.specs import STAGE_NAMES, relative_error, validation_tolerance
-from .engines.tensorrt_build import PlanBuildSettings, build_plans
+from .engines.densepose import DENSEPOSE_STAGES
+from .engines.tensorrt_build import (
+    PlanBuildSettings, build_densepose_plans, build_plans, has_animation, has_densepose,
+)
 from .engines.tensorrt_plan import PLAN_TOOL, TIMING_CACHE
 from .errors import EngineError
 
@@ -102,6 +106,35 @@ def validate_engines(engine_dir, device="cuda", stages: Optional[Sequence[str]] 
     return checks
 
 
+def validate_densepose(engine_dir, device="cuda", seed: int = 0, stages_backend=None,
+                       reference: Optional[Callable[..., list[np.ndarray]]] = None) -> list[PlanCheck]:
+    """:func:`validate_engines` for the DensePose stages' plans: each plan and ONNX Runtime on
+    the stage's graph with the same random input, at the profile's opt and min values.
+    ``stages_backend`` (a ``TensorRTDensePoseStages``) and ``reference`` are seams for tests."""
+    import torch
+
+    from .densepose.tensorrt_stages import TensorRTDensePoseStages
+
+    st = stages_backend or TensorRTDensePoseStages.from_engines(engine_dir, device)
+    reference = reference or _onnxruntime_reference
+    m = st.manifest
+    tol = validation_tolerance("plan", m.precision)
+    checks: list[PlanCheck] = []
+    for stage in DENSEPOSE_STAGES:
+        spec = m.spec(stage)
+        for which in ("opt", "min"):
+            axes = {a: getattr(r, which) for a, r in spec.axes.items()}
+            feeds = spec.sample_inputs(seed, **axes)
+            (x,) = feeds.values()
+            got = [g.cpu().numpy() for g in st.run(stage, torch.from_numpy(x))]  # (.cpu() waits for the stream)
+            want = reference(m.onnx_path(stage), feeds, st.device)
+            label = ",".join(f"{a}={v}" for a, v in axes.items())
+            for o, a, b in zip(spec.outputs, got, want):
+                max_abs, rel = relative_error(a, b)
+                checks.append(PlanCheck(stage, label, o.name, max_abs, rel, tol))
+    return checks
+
+
 def format_validation(checks: Sequence[PlanCheck]) -> str:
     """A table: stage | axes | output | max abs err | rel L2 err | ok."""
     rows = [("stage", "axes", "output", "max abs err", "rel L2 err", "ok")]
@@ -113,10 +146,11 @@ def format_validation(checks: Sequence[PlanCheck]) -> str:
     return "\n".join(lines)
 
 
-def validate_and_report(engine_dir, log: Callable[[str], None] = print) -> list[PlanCheck]:
-    """:func:`validate_engines`, its table through ``log``, and one EngineError when any
-    output is beyond tolerance."""
-    checks = validate_engines(engine_dir)
+def validate_and_report(engine_dir, log: Callable[[str], None] = print,
+                        validate: Callable[..., list[PlanCheck]] = validate_engines) -> list[PlanCheck]:
+    """``validate`` (:func:`validate_engines`, or :func:`validate_densepose`), its table through
+    ``log``, and one EngineError when any output is beyond tolerance."""
+    checks = validate(engine_dir)
     log(format_validation(checks))
     failed = [c for c in checks if not c.ok]
     if failed:
@@ -133,12 +167,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit in GiB "
                    "(default: TensorRT's, the GPU's memory)")
-    p.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated stages (default: all)")
+    p.add_argument("--stages", default=",".join(STAGE_NAMES + DENSEPOSE_STAGES),
+                   help="comma-separated stages (default: all the directory holds, the animation's and the "
+                   "DensePose estimator's)")
     p.add_argument("--force", action="store_true", help="rebuild every plan, even up-to-date ones")
     p.add_argument("--no-timing-cache", dest="timing_cache", action="store_false",
                    help=f"neither read nor write ENGINE_DIR/{TIMING_CACHE}")
-    p.add_argument("--validate", action="store_true", help="then compare every plan with ONNX Runtime on the "
-                   "stage's ONNX graph (random inputs) and print the errors")
+    p.add_argument("--validate", action="store_true", help="then compare every plan with ONNX Runtime "
+                   "on the stage's ONNX graph (random inputs) and print the errors")
     p.add_argument("--verbose", action="store_true", help="print TensorRT's warnings")
     return p
 
@@ -152,9 +188,15 @@ def main(argv=None) -> int:
             workspace_bytes=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
             timing_cache=args.timing_cache, force=args.force,
             stages=tuple(s for s in args.stages.split(",") if s), verbose=args.verbose)
-        build_plans(args.engine_dir, settings)
-        if args.validate:
+        animation = has_animation(args.engine_dir) or not has_densepose(args.engine_dir)
+        if animation:  # (a directory with neither: build_plans says what is wrong with it)
+            build_plans(args.engine_dir, settings)
+        if has_densepose(args.engine_dir):
+            build_densepose_plans(args.engine_dir, settings)
+        if args.validate and animation:
             validate_and_report(args.engine_dir)
+        if args.validate and has_densepose(args.engine_dir):
+            validate_and_report(args.engine_dir, validate=validate_densepose)
         return 0
 
     return run_command(PLAN_TOOL, body, interrupted=f"{args.engine_dir} holds the plans finished so far",

@@ -5,6 +5,10 @@ What it models, and nothing more:
 
 - "ONNX files" are JSON stage specs (``StageSpec.to_dict()``, dynamic axes named) that
   :class:`OnnxParser` reads into a network; a file with ``"parser_errors"`` fails parsing;
+  a real ONNX file (the DensePose stages') is read with ``onnx`` (its inputs and outputs,
+  dynamic dimensions -1 as TensorRT reports them), and its plan **runs the graph** with
+  ONNX Runtime on the CPU, so the output shapes TensorRT would infer
+  (``get_tensor_shape``, once every input shape is set) and the values are the graph's;
 - a "plan" is JSON describing the network, the profile, the flags and the builder settings;
   :class:`Runtime` deserializes it (anything else gives None, as TensorRT does);
 - an execution context checks that shapes, addresses and device memory are set, then its
@@ -169,6 +173,8 @@ class _OnnxParser(_Tracked):
         try:
             spec = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            spec = _onnx_spec(Path(path))
+        if spec is None:
             self._errors.append(_ParserError(fake, "Failed to parse ONNX model: not a protobuf", "", ""))
             return False
         for e in spec.get("parser_errors", []):
@@ -183,6 +189,28 @@ class _OnnxParser(_Tracked):
         net._outputs = [_Tensor(fake, t["name"], [d if isinstance(d, int) else -1 for d in t["shape"]],
                                 dt(t["dtype"])) for t in spec["outputs"]]
         return True
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def _onnx_spec(path: Path) -> Optional[dict]:
+    """A real ONNX file's stage-spec-like description (name: the file's stem; dynamic
+    dimensions by their ``dim_param``), with ``"onnx"`` its path; None when it is not ONNX."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (any unreadable file is "not a protobuf" to the parser)
+        return None
+
+    def tensor(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": _ONNX_DTYPES[t.elem_type],
+                "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]}
+
+    return {"name": path.stem, "onnx": str(path), "inputs": [tensor(v) for v in model.graph.input],
+            "outputs": [tensor(v) for v in model.graph.output]}
 
 
 class _Profile(_Tracked):
@@ -313,7 +341,13 @@ class _Context(_Tracked):
     def get_tensor_shape(self, name):
         axes = self._axes()
         t = self._engine._tensor(name)
-        return tuple(axes.get(d, -1) if isinstance(d, str) else d for d in t["shape"])
+        shape = tuple(axes.get(d, -1) if isinstance(d, str) else d for d in t["shape"])
+        if -1 in shape and self._engine._onnx is not None and all(
+                n["name"] in self._shapes for n in self._engine._spec["inputs"]):
+            # TensorRT's shape inference: here the graph's own output shapes on these input shapes
+            inputs = tuple(self._shapes[n["name"]] for n in self._engine._spec["inputs"])
+            shape = self._engine._output_shapes(inputs)[name]
+        return shape
 
     def execute_async_v3(self, stream_handle):
         fake, eng = self._fake, self._engine
@@ -327,7 +361,12 @@ class _Context(_Tracked):
             assert shape is not None, f"{eng._stage}: shape of {t['name']} not set"
             inputs[t["name"]] = _host_array(self._addresses[t["name"]], shape, t["dtype"]).copy()
         outs = [(t["name"], self.get_tensor_shape(t["name"]), t["dtype"]) for t in spec["outputs"]]
-        values = fake_outputs(inputs, [t["name"] for t in spec["inputs"]], outs)
+        if eng._onnx is not None:
+            values = dict(zip([t["name"] for t in spec["outputs"]], eng._session().run(None, inputs)))
+            for name, shape, dtype in outs:
+                assert values[name].shape == shape and values[name].dtype == np.dtype(dtype), (name, shape, dtype)
+        else:
+            values = fake_outputs(inputs, [t["name"] for t in spec["inputs"]], outs)
         for name, shape, dtype in outs:
             assert name in self._addresses, f"{eng._stage}: output {name} not bound"
             _host_array(self._addresses[name], shape, dtype)[...] = values[name]
@@ -342,6 +381,27 @@ class _Engine(_Tracked):
         self._profile = plan["profile"]
         self._device_memory = plan["device_memory"]
         self._names = [t["name"] for t in self._spec["inputs"]] + [t["name"] for t in self._spec["outputs"]]
+        self._onnx = self._spec.get("onnx")
+        self._ort = None
+        self._inferred: dict = {}
+
+    def _session(self):
+        if self._ort is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            self._ort = ort.InferenceSession(self._onnx, so, providers=["CPUExecutionProvider"])
+        return self._ort
+
+    def _output_shapes(self, input_shapes: tuple) -> dict:
+        """The graph's output shapes for these input shapes (run once on zeros, then kept)."""
+        if input_shapes not in self._inferred:
+            feeds = {t["name"]: np.zeros(shape, _NP[t["dtype"]])
+                     for t, shape in zip(self._spec["inputs"], input_shapes)}
+            outs = self._session().run(None, feeds)
+            self._inferred[input_shapes] = {t["name"]: o.shape for t, o in zip(self._spec["outputs"], outs)}
+        return self._inferred[input_shapes]
 
     def _tensor(self, name):
         return next(t for t in self._spec["inputs"] + self._spec["outputs"] if t["name"] == name)

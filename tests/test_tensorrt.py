@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 H100 = PlanTarget("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
 SOURCES = [ROOT / "magicanimate_rt" / "engines" / "tensorrt_plan.py",
            ROOT / "magicanimate_rt" / "engines" / "tensorrt_build.py",
-           ROOT / "magicanimate_rt" / "runtime" / "backends" / "tensorrt_backend.py"]
+           ROOT / "magicanimate_rt" / "runtime" / "backends" / "tensorrt_backend.py",
+           ROOT / "magicanimate_rt" / "densepose" / "tensorrt_stages.py"]
 
 
 def quiet(msg: str) -> None:
@@ -592,9 +593,9 @@ def test_tensorrt_modules_import_no_model_or_export_code():
     # graph is tests/test_imports.py; this is what really gets loaded)
     code = ("import sys\n"
             "import magicanimate_rt.engines.tensorrt_build, magicanimate_rt.runtime.backends.tensorrt_backend\n"
-            "import magicanimate_rt.plans\n"
+            "import magicanimate_rt.plans, magicanimate_rt.densepose.tensorrt_stages\n"
             "print(sorted(m for m in ('diffusers', 'transformers', 'tensorrt', 'onnx', 'magicanimate_rt.models', "
-            "'magicanimate_rt.export') if m in sys.modules))\n")
+            "'magicanimate_rt.export', 'magicanimate_rt.densepose.model') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -78,7 +78,8 @@ class DensePoseEstimator:
     def from_engines(cls, engine_dir: str | Path, backend: str = "onnxruntime",
                      device: str | torch.device = "cpu") -> "DensePoseEstimator":
         """The estimator on an engine directory's DensePose stages (``build_engines.py
-        --densepose-weights``), run by ``backend`` ("onnxruntime", "torch"; see
+        --densepose-weights``), run by ``backend`` ("onnxruntime", "torch", or "tensorrt" with
+        ``device="cuda"`` once ``python -m magicanimate_rt.plans DIR`` built its plans; see
         ``stages.BACKENDS``); the input sizes are the ones it was built for. Same
         :meth:`predict`/:meth:`render` as :meth:`from_checkpoint`."""
         from ..engines.densepose import read_densepose

@@ -73,11 +73,11 @@ class DensePoseStages:
 
 
 #: backends that load an engine directory, ``module:attribute`` of ``f(engine_dir, device)``,
-#: imported only when asked for (the ONNX Runtime one needs no PyTorch model code)
+#: imported only when asked for (the ONNX Runtime and TensorRT ones need no PyTorch model code)
 BACKENDS = {
     "onnxruntime": "magicanimate_rt.densepose.onnxruntime_stages:OnnxRuntimeDensePoseStages.from_engines",
     "torch": "magicanimate_rt.densepose.model:TorchDensePoseStages.from_engines",
-    "tensorrt": "magicanimate_rt.densepose.stages:tensorrt_not_wired",
+    "tensorrt": "magicanimate_rt.densepose.tensorrt_stages:TensorRTDensePoseStages.from_engines",
 }
 
 
@@ -91,11 +91,6 @@ def engine_stages(backend: str, engine_dir, device="cpu") -> DensePoseStages:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj(engine_dir, device)
-
-
-def tensorrt_not_wired(engine_dir, device="cpu"):
-    raise InputError("--backend tensorrt: the DensePose stages have no TensorRT plans yet (issue 28); "
-                     "use --backend onnxruntime (CUDA where onnxruntime-gpu is installed) or torch")
 
 
 # --------------------------------------------------------------------------- the glue

@@ -20,6 +20,7 @@ profiled). They are recorded under ``"densepose"`` in ``manifest.json``:
 | min_size, max_size | ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` the profiles are built for |
 | precision | "fp32" or "fp16" (``--densepose-precision``) |
 | stages.<name> | as the animation's stages (``onnx``, ``files``, ``signature``, ``validation``, ``plans``) |
+| tensorrt | null, or {version, gpu, compute_capability} of the stages' TensorRT plans (``python -m magicanimate_rt.plans DIR`` fills it and each stage's ``plans``) |
 
 A directory may hold the DensePose stages alone (``--densepose-weights`` without ``--models``);
 its manifest then has ``format_version`` and ``densepose`` only. Pure data, as ``manifest.py``.
@@ -32,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ..errors import EngineError
 from .manifest import FORMAT_VERSION, MANIFEST, FileRecord, StageRecord, _sha256
@@ -99,6 +100,7 @@ class DensePoseManifest:
     max_size: int
     precision: str
     stages: Mapping[str, StageRecord]
+    tensorrt: Optional[Mapping[str, Any]] = None  #: what the plans were built for (``PlanTarget.to_dict()``)
 
     def onnx_path(self, stage: str) -> Path:
         return self.directory / self.stages[stage].onnx
@@ -109,17 +111,24 @@ class DensePoseManifest:
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dict(self.weights), "blocks": list(self.blocks), "min_size": self.min_size,
                 "max_size": self.max_size, "precision": self.precision,
-                "stages": {n: s.to_dict() for n, s in self.stages.items()}}
+                "stages": {n: s.to_dict() for n, s in self.stages.items()},
+                "tensorrt": None if self.tensorrt is None else dict(self.tensorrt)}
 
     @classmethod
     def from_dict(cls, directory: Path, d: Mapping[str, Any]) -> "DensePoseManifest":
         return cls(Path(directory), dict(d["weights"]), tuple(int(b) for b in d["blocks"]), int(d["min_size"]),
                    int(d["max_size"]), str(d["precision"]),
-                   {n: StageRecord.from_dict(n, s) for n, s in d["stages"].items()})
+                   {n: StageRecord.from_dict(n, s) for n, s in d["stages"].items()}, d.get("tensorrt"))
 
     def content_hash(self) -> str:
-        """sha256 of the section (it holds every graph file's sha256): equal hashes, equal stages."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the section (it holds every graph file's sha256): equal hashes, equal stages.
+        The TensorRT plans are left out: building them changes no graph, so the DensePose clips
+        cached under this hash stay valid (and the hash is the one of a section without plans)."""
+        d = self.to_dict()
+        d.pop("tensorrt")
+        for s in d["stages"].values():
+            s["plans"] = {}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def weights_path(self) -> Path:
         """The checkpoint the stages were built from, checked against its recorded size and sha256

@@ -22,6 +22,12 @@ GPU machine without the models. For each stage:
    ``stages.<stage>.plans`` = {file, onnx_sha256, settings, profile, seconds}, and
    ``tensorrt`` = {version, gpu, compute_capability} (:class:`PlanTarget`).
 
+The DensePose estimator's stages (``build_engines.py --densepose-weights``) get their plans
+the same way from :func:`build_densepose_plans` (the same loop, :func:`_build_stages`): their
+profiles are their specs' (batch 1/4/8 and the padded image sides for the backbone, RoIs and
+instances for the heads), recorded in the manifest's ``"densepose"`` section, which has its
+own ``tensorrt`` target.
+
 A plan serves exactly one TensorRT version and one GPU model:
 :func:`~.tensorrt_plan.check_plans` (the plan format, shared with the TensorRT backend)
 refuses plans built for anything else; :func:`plan_staleness` says which plans a build has
@@ -35,6 +41,7 @@ to run every call sequence against a recording fake on a machine without a GPU.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, replace
@@ -42,7 +49,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import EngineError, InputError
-from .manifest import EngineManifest, FileRecord, load_manifest
+from .densepose import DENSEPOSE_STAGES, SECTION, DensePoseManifest, read_densepose, write_densepose
+from .manifest import MANIFEST, EngineManifest, FileRecord, load_manifest
 from .specs import STAGE_NAMES, StageSpec
 from .tensorrt_plan import (
     TIMING_CACHE, PlanTarget, import_tensorrt, log_to_stderr, make_logger, onnx_sha256, plan_file,
@@ -63,7 +71,8 @@ class PlanBuildSettings:
         timing_cache: load ``timing.cache`` from the engine directory when present and save
             it back after each stage.
         force: rebuild every plan even where it is up to date.
-        stages: the stages to build (default: all).
+        stages: the stages to build (default: all, the animation's and the DensePose
+            estimator's; each builder takes the names that are its own).
         verbose: print TensorRT's warnings (errors are always reported).
     """
 
@@ -71,7 +80,7 @@ class PlanBuildSettings:
     workspace_bytes: Optional[int] = None
     timing_cache: bool = True
     force: bool = False
-    stages: tuple[str, ...] = STAGE_NAMES
+    stages: tuple[str, ...] = STAGE_NAMES + DENSEPOSE_STAGES
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -80,9 +89,10 @@ class PlanBuildSettings:
         if self.workspace_bytes is not None and (not isinstance(self.workspace_bytes, int)
                                                  or self.workspace_bytes < (1 << 20)):
             raise InputError(f"workspace must be at least 1 MiB, got {self.workspace_bytes!r} bytes")
-        unknown = [s for s in self.stages if s not in STAGE_NAMES]
+        known = STAGE_NAMES + DENSEPOSE_STAGES
+        unknown = [s for s in self.stages if s not in known]
         if unknown:
-            raise InputError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_NAMES)}")
+            raise InputError(f"unknown stage {unknown[0]!r}; stages are {', '.join(known)}")
 
     def recorded(self) -> dict[str, Any]:
         """The settings that change a plan (stored in its manifest record)."""
@@ -91,12 +101,13 @@ class PlanBuildSettings:
 
 # --------------------------------------------------------------------------- staleness and refusal
 def plan_staleness(m: EngineManifest, target: PlanTarget,
-                   settings: Optional[PlanBuildSettings] = None) -> dict[str, Optional[str]]:
+                   settings: Optional[PlanBuildSettings] = None, stages=STAGE_NAMES) -> dict[str, Optional[str]]:
     """Per stage, why its plan must be (re)built for ``target`` — None where it is up to
-    date. ``settings`` given: a plan built with other settings is stale too."""
+    date. ``settings`` given: a plan built with other settings is stale too. ``m`` may be
+    the DensePose section too (``stages=DENSEPOSE_STAGES``)."""
     built_for = PlanTarget.from_dict(m.tensorrt)
     out: dict[str, Optional[str]] = {}
-    for stage in STAGE_NAMES:
+    for stage in stages:
         if built_for is not None and built_for != target and m.stages[stage].plans:
             out[stage] = f"built for {built_for.describe()}"
             continue
@@ -194,7 +205,7 @@ class PlanReport:
     skipped: Optional[str] = None  #: "up to date", or None when built
 
 
-def _build_one(trt, builder, logger, m: EngineManifest, stage: str, s: PlanBuildSettings,
+def _build_one(trt, builder, logger, m: EngineManifest | DensePoseManifest, stage: str, s: PlanBuildSettings,
                cache: Optional[_TimingCache]) -> tuple[Any, dict]:
     """Parse, check and build one stage; returns (serialized plan, its profile)."""
     spec = m.spec(stage)
@@ -235,32 +246,85 @@ def _build_one(trt, builder, logger, m: EngineManifest, stage: str, s: PlanBuild
 def build_plans(engine_dir, settings: PlanBuildSettings = PlanBuildSettings(), *, trt=None,
                 target: Optional[PlanTarget] = None, timing_cache_seed: Optional[Path] = None,
                 log: Callable[[str], None] = log_to_stderr) -> list[PlanReport]:
-    """Build the TensorRT plans of ``engine_dir`` that are missing or stale (all of them
-    with ``settings.force``), in place, and record them in its manifest.
+    """Build the TensorRT plans of ``engine_dir``'s animation stages that are missing or
+    stale (all of them with ``settings.force``), in place, and record them in its manifest.
 
     ``trt``: the tensorrt module (default :func:`import_tensorrt`); ``target``: what the
     plans are for (default :meth:`PlanTarget.current`); ``timing_cache_seed``: a timing
     cache file to start from when the directory has none (e.g. that of the directory a
     ``--force`` rebuild replaces). Each plan is written atomically and the manifest is
     rewritten after each stage, so an interrupted build leaves a consistent directory
-    (the unfinished stages simply stay stale).
+    (the unfinished stages simply stay stale). :func:`build_densepose_plans` does the same
+    for the DensePose stages.
     """
+    def record(m: EngineManifest, stages=None, tensorrt=None) -> EngineManifest:
+        m = replace(m, stages=stages or m.stages, tensorrt=tensorrt or m.tensorrt)
+        m.write()
+        return m
+
+    return _build_stages(load_manifest(engine_dir), STAGE_NAMES, record, settings, trt, target, timing_cache_seed,
+                         log)
+
+
+def build_densepose_plans(engine_dir, settings: PlanBuildSettings = PlanBuildSettings(), *, trt=None,
+                          target: Optional[PlanTarget] = None, timing_cache_seed: Optional[Path] = None,
+                          log: Callable[[str], None] = log_to_stderr) -> list[PlanReport]:
+    """:func:`build_plans` for the DensePose stages (``build_engines.py --densepose-weights``),
+    recorded in the manifest's ``"densepose"`` section (its own ``tensorrt`` target). One
+    profile per stage from the specs' declared ranges (:func:`~.densepose.densepose_specs`:
+    batch 1/4/8 and the padded image sides for the backbone, RoIs and instances for the
+    heads); the precision is the graphs' own (a strongly typed network, as for the animation)."""
+    directory = Path(engine_dir)
+
+    def record(m: DensePoseManifest, stages=None, tensorrt=None) -> DensePoseManifest:
+        m = replace(m, stages=stages or m.stages, tensorrt=tensorrt or m.tensorrt)
+        write_densepose(directory, m)
+        return m
+
+    return _build_stages(read_densepose(directory), DENSEPOSE_STAGES, record, settings, trt, target,
+                         timing_cache_seed, log)
+
+
+def has_densepose(engine_dir) -> bool:
+    """Whether ``engine_dir``'s manifest has a DensePose section (read raw: a directory may
+    hold the DensePose stages alone, without the animation's)."""
+    return SECTION in _raw_manifest(engine_dir)
+
+
+def has_animation(engine_dir) -> bool:
+    """Whether ``engine_dir``'s manifest has the animation's stages."""
+    return "stages" in _raw_manifest(engine_dir)
+
+
+def _raw_manifest(engine_dir) -> dict:
+    try:
+        raw = json.loads((Path(engine_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {"stages": None}  # let load_manifest give its own error
+    return raw if isinstance(raw, dict) else {"stages": None}
+
+
+def _build_stages(m, names, record, settings: PlanBuildSettings, trt, target: Optional[PlanTarget],
+                  timing_cache_seed: Optional[Path], log: Callable[[str], None]) -> list[PlanReport]:
+    """The build loop shared by the animation's stages and the DensePose ones: ``m`` is the
+    manifest (or section) holding ``names``; ``record(m, stages=, tensorrt=)`` writes a
+    changed one and returns it."""
     trt = trt if trt is not None else import_tensorrt()
-    m = load_manifest(engine_dir)
     target = target or PlanTarget.current(trt)
-    stale = plan_staleness(m, target, settings)
-    todo = [st for st in settings.stages if settings.force or stale[st] is not None]
+    stale = plan_staleness(m, target, settings, names)
+    wanted = [st for st in names if st in settings.stages]
+    todo = [st for st in wanted if settings.force or stale[st] is not None]
     reports = [PlanReport(st, plan_file(st) if m.stages[st].plans else None, skipped="up to date")
-               for st in settings.stages if st not in todo]
+               for st in wanted if st not in todo]
     if not todo:
-        log(f"{m.directory}: TensorRT plans up to date ({target.describe()})")
+        if wanted:
+            log(f"{m.directory}: TensorRT plans of {', '.join(wanted)} up to date ({target.describe()})")
         return reports
 
     if PlanTarget.from_dict(m.tensorrt) != target:
         # every recorded plan was for another TensorRT/GPU: forget them before building any
-        stages = {name: replace(rec, plans={}) for name, rec in m.stages.items()}
-        m = replace(m, stages=stages, tensorrt=target.to_dict())
-        m.write()
+        m = record(m, stages={name: replace(rec, plans={}) for name, rec in m.stages.items()},
+                   tensorrt=target.to_dict())
 
     logger = make_logger(trt, settings.verbose, log)
     builder = trt.Builder(logger)
@@ -274,14 +338,11 @@ def build_plans(engine_dir, settings: PlanBuildSettings = PlanBuildSettings(), *
         nbytes = _write_atomic(m.directory / name, plan)
         del plan
         seconds = time.perf_counter() - t0
-        record = {"file": FileRecord.of(m.directory, name).to_dict(), "onnx_sha256": onnx_sha256(m, stage),
-                  "settings": settings.recorded(), "profile": profile, "seconds": round(seconds, 1)}
-        stages = dict(m.stages)
-        stages[stage] = replace(stages[stage], plans=record)
-        m = replace(m, stages=stages)
-        m.write()
+        rec = {"file": FileRecord.of(m.directory, name).to_dict(), "onnx_sha256": onnx_sha256(m, stage),
+               "settings": settings.recorded(), "profile": profile, "seconds": round(seconds, 1)}
+        m = record(m, stages={**m.stages, stage: replace(m.stages[stage], plans=rec)})
         reports.append(PlanReport(stage, name, nbytes, seconds))
         why = stale[stage] or "forced"
         log(f"[{k}/{len(todo)}] {stage}: {name} built in {seconds:.1f} s ({nbytes / 2**20:.1f} MiB; was: {why})")
-    order = {s: i for i, s in enumerate(STAGE_NAMES)}
+    order = {s: i for i, s in enumerate(names)}
     return sorted(reports, key=lambda r: order[r.stage])

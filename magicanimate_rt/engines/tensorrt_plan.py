@@ -132,29 +132,33 @@ def plan_record_problem(m: EngineManifest, stage: str) -> Optional[str]:
     return None
 
 
-def check_plans(m: EngineManifest, target: PlanTarget, verify_hashes: bool = False) -> None:
+def check_plans(m, target: PlanTarget, verify_hashes: bool = False, *, stages=STAGE_NAMES,
+                hint: Optional[str] = None) -> None:
     """Refuse (EngineError with the rebuild command) an engine directory whose plans are
-    missing, damaged, or built for another TensorRT version or GPU than ``target``."""
+    missing, damaged, or built for another TensorRT version or GPU than ``target``.
+
+    ``m``: the animation's :class:`EngineManifest` (``stages`` its stages), or any record
+    with the same ``directory``, ``tensorrt`` and ``stages`` (the DensePose section, with
+    its ``stages`` and ``hint``); ``hint`` defaults to :func:`plan_rebuild_hint`."""
+    hint = hint or plan_rebuild_hint(m)
     built_for = PlanTarget.from_dict(m.tensorrt)
     if built_for is None:
-        raise EngineError(f"{m.directory}: has no TensorRT plans (built with --onnx-only?); {plan_rebuild_hint(m)}")
+        raise EngineError(f"{m.directory}: has no TensorRT plans (built with --onnx-only?); {hint}")
     if built_for.version != target.version:
         raise EngineError(f"{m.directory}: its TensorRT plans were built with TensorRT {built_for.version}, this is "
-                          f"TensorRT {target.version} (a plan loads only in the version that built it); "
-                          f"{plan_rebuild_hint(m)}")
+                          f"TensorRT {target.version} (a plan loads only in the version that built it); {hint}")
     if (built_for.gpu, built_for.compute_capability) != (target.gpu, target.compute_capability):
         raise EngineError(f"{m.directory}: its TensorRT plans were built for {built_for.gpu} (compute capability "
                           f"{built_for.compute_capability}), this GPU is {target.gpu} (compute capability "
-                          f"{target.compute_capability}); {plan_rebuild_hint(m)}")
-    for stage in STAGE_NAMES:
+                          f"{target.compute_capability}); {hint}")
+    for stage in stages:
         problem = plan_record_problem(m, stage)
         if problem is not None:
-            raise EngineError(f"{m.directory}: stage {stage}: {problem}; {plan_rebuild_hint(m)}")
+            raise EngineError(f"{m.directory}: stage {stage}: {problem}; {hint}")
         if verify_hashes:
             rec = FileRecord.from_dict(m.stages[stage].plans["file"])
             if FileRecord.of(m.directory, rec.name).sha256 != rec.sha256:
-                raise EngineError(f"{m.directory}: {rec.name} does not match its recorded sha256 (corrupt); "
-                                  f"{plan_rebuild_hint(m)}")
+                raise EngineError(f"{m.directory}: {rec.name} does not match its recorded sha256 (corrupt); {hint}")
 
 
 # --------------------------------------------------------------------------- TensorRT helpers

@@ -81,10 +81,40 @@ class TensorRTOptions:
     verify_hashes: bool = False
 
 
-class _HostStream:
+class HostStream:
     """Stand-in for a CUDA stream when a fake TensorRT runs on the CPU (tests only)."""
 
     cuda_stream = 0
+
+
+def plan_device(device, fake: bool = False) -> torch.device:
+    """The CUDA device TensorRT plans run on (with its index), or one clear error; a fake
+    ``tensorrt`` module (tests) may run on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {device}: torch sees no CUDA GPU; the tensorrt backend needs one")
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if not (fake and device.type == "cpu"):
+        raise InputError(f"the tensorrt backend runs on a CUDA device, not {device} (give --device cuda)")
+    return device
+
+
+def run_ordered(device: torch.device, stream, enqueue: Callable[[], None]) -> None:
+    """Run ``enqueue`` on ``stream``, after the caller's current stream's work and before
+    its later work (event waits only, no host synchronisation); directly off CUDA."""
+    if device.type != "cuda":
+        enqueue()
+        return
+    with torch.cuda.device(device):  # TensorRT enqueues on the current device
+        current = torch.cuda.current_stream(device)
+        if current == stream:
+            enqueue()
+            return
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            enqueue()
+        current.wait_stream(stream)
 
 
 def _capture_graph(stream, launch: Callable[[], None]) -> Callable[[], None]:
@@ -96,8 +126,9 @@ def _capture_graph(stream, launch: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-class _Stage:
-    """One stage's engine and execution context, and what is bound to it."""
+class PlanStage:
+    """One stage's engine and execution context, and what is bound to it (also what the
+    DensePose estimator's TensorRT stages run, ``densepose/tensorrt_stages.py``)."""
 
     def __init__(self, trt, runtime, path, spec: StageSpec):
         try:
@@ -169,24 +200,17 @@ class TensorRTStages(EngineStages):
     def __init__(self, manifest: EngineManifest, device="cuda", options: Optional[TensorRTOptions] = None, *,
                  trt=None, target: Optional[PlanTarget] = None):
         self.options = options or TensorRTOptions()
-        self.device = torch.device(device)
         fake = trt is not None
-        if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise EngineError(f"device {self.device}: torch sees no CUDA GPU; the tensorrt backend needs one")
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.device = torch.device("cuda", index)
-        elif not (fake and self.device.type == "cpu"):
-            raise InputError(f"the tensorrt backend runs on a CUDA device, not {self.device}")
+        self.device = plan_device(device, fake)
         trt = trt if fake else import_tensorrt()
         target = target or PlanTarget.current(trt, self.device.index or 0)
         check_plans(manifest, target, verify_hashes=self.options.verify_hashes)
 
         self.target = target
         self._init_from_manifest(manifest)  # one window per UNet call, batches up to the profiles' max
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else _HostStream()
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else HostStream()
         self._closed = False
-        self._stages: dict[str, _Stage] = {}
+        self._stages: dict[str, PlanStage] = {}
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         # TensorRT works on the current CUDA device: make it ours while loading and capturing
@@ -195,7 +219,7 @@ class TensorRTStages(EngineStages):
             with loading:
                 for stage, rec in manifest.stages.items():
                     path = manifest.directory / rec.plans["file"]["name"]
-                    self._stages[stage] = _Stage(trt, self._runtime, path, rec.spec)
+                    self._stages[stage] = PlanStage(trt, self._runtime, path, rec.spec)
             # one activation buffer for every context: the stages run one at a time
             size = max(s.memory_size for s in self._stages.values())
             self._activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
@@ -229,28 +253,15 @@ class TensorRTStages(EngineStages):
     def _empty(self, shape, dtype: str) -> Tensor:
         return torch.empty(shape, dtype=torch_dtype(dtype), device=self.device)
 
-    def _stage(self, name: str) -> _Stage:
+    def _stage(self, name: str) -> PlanStage:
         if self._closed:
             raise EngineError("this tensorrt backend is closed")
         return self._stages[name]
 
     def _ordered(self, enqueue: Callable[[], None]) -> None:
-        """Run ``enqueue`` on the backend's stream, after the caller's current stream's
-        work and before its later work (event waits only, no host synchronisation)."""
-        if self.device.type != "cuda":
-            enqueue()
-            return
-        with torch.cuda.device(self.device):  # TensorRT enqueues on the current device
-            current = torch.cuda.current_stream(self.device)
-            if current == self.stream:
-                enqueue()
-                return
-            self.stream.wait_stream(current)
-            with torch.cuda.stream(self.stream):
-                enqueue()
-            current.wait_stream(self.stream)
+        run_ordered(self.device, self.stream, enqueue)
 
-    def _execute(self, s: _Stage) -> None:
+    def _execute(self, s: PlanStage) -> None:
         if not s.context.execute_async_v3(self.stream.cuda_stream):
             detail = "; ".join(self._logger.errors[-3:]) or "no error message"
             raise EngineError(f"{s.name}: TensorRT failed to enqueue the plan: {detail}")
