@@ -30,7 +30,7 @@ installed and reported as skipped where not. Within ``--budget-s`` (default 450 
     cold and warm start of a compiled pipeline (process start to first step, each in a
     fresh process with its own empty inductor cache: only the project's compile artifacts
     make the second warm); ours compiled (``reduce-overhead``: inductor + CUDA graphs) at
-    16 and 64 frames beside eager and the original schedule; ``--gpu-memory-gb`` 8 and 12
+    16 and 64 frames beside eager and the original schedule; ``--memory-gb`` 8 and 12
     (enforced with ``set_per_process_memory_fraction``) at 16, 64 and 256 frames (256 at
     5 steps) with the uncapped default and the original schedule at 256 beside them; each
     call's measured peak and the memory factors it implies; device time by kernel class;
@@ -469,7 +469,7 @@ def sd15_engines(c: Check, args, models_dir: Path, cache: Path, setup: Setup) ->
 #: the compile mode of the compiled rows on a GPU ("max-autotune" would spend minutes of the
 #: budget autotuning: "reduce-overhead" is inductor's kernels plus CUDA graphs)
 GPU_COMPILE_MODE = "reduce-overhead"
-#: --gpu-memory-gb caps of the memory rows, and their frame counts (256 frames at fewer
+#: --memory-gb caps of the memory rows, and their frame counts (256 frames at fewer
 #: steps: the loop's memory does not grow with the steps, and the budget would not fit 25)
 MEMORY_CAPS_GIB = (8.0, 12.0)
 LONG_FRAMES, LONG_STEPS = 256, 5
@@ -597,7 +597,7 @@ def compiled_rows(c: Check, setup: Setup, models, inputs, cache: Path, budget: B
 
 
 def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
-    """``--gpu-memory-gb`` caps (on CUDA emulated by ``set_per_process_memory_fraction``, so
+    """``--memory-gb`` caps (on CUDA emulated by ``set_per_process_memory_fraction``, so
     an allocation beyond the cap fails as on a smaller card) at 16, 64 and 256 frames, with
     the uncapped default and the original schedule at 256 frames beside them; on the CPU
     dry run caps of a few tens of MiB on the tiny set (the plan's choices, no allocator)."""
@@ -645,8 +645,8 @@ def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
             TorchOptions.original(setup.device))
     for cap in caps:
         for frames in frames_list:
-            run(f"ours (torch), --gpu-memory-gb {cap:g}", frames, cap,
-                PipelineOptions(reference_cache_entries=0, gpu_memory_gb=cap))
+            run(f"ours (torch), --memory-gb {cap:g}", frames, cap,
+                PipelineOptions(reference_cache_entries=0, memory_gb=cap))
 
 
 def memory_factors(c: Check, setup: Setup, models) -> None:
@@ -835,10 +835,10 @@ def markdown_issue17(c: Check) -> list[str]:
             lines.append(f"| {r['frames']} | {eager['timings']['total'] if eager else '-'} | {t:.2f} | "
                          f"{r.get('vs_eager', '-')}x | "
                          f"{round(orig['timings']['total'] / t, 2) if orig else '-'}x |")
-    capped = [r for r in c.timings if r["config"].startswith("memory") or "--gpu-memory-gb" in r["config"]
+    capped = [r for r in c.timings if r["config"].startswith("memory") or "--memory-gb" in r["config"]
               or "uncapped" in r["config"]]
     if capped:
-        lines += ["", "## Memory caps (--gpu-memory-gb; on CUDA the cap is enforced on the allocator)", "",
+        lines += ["", "## Memory caps (--memory-gb; on CUDA the cap is enforced on the allocator)", "",
                   "| config | frames | steps | cap GiB | total s | peak allocated GiB | plan |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['config']} | {r['frames']} | {r['steps']} | {r.get('memory_cap_gib') or '-'} | "

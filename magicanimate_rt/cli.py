@@ -65,9 +65,10 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
                    help="torch (default with --models) or onnxruntime (default with --engines)")
     r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     r.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
-    r.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
-                   help="device memory the request may use, weights included: stages leave the GPU when idle and "
-                        "the loop runs leaner until the plan fits (default: what the device has)")
+    r.add_argument("--memory-gb", "--gpu-memory-gb", dest="memory_gb", type=float, default=None, metavar="G",
+                   help="memory the request may use on its device, weights included: stages leave the GPU when "
+                        "idle and the loop runs leaner until the plan fits (default: what the device has; "
+                        "--gpu-memory-gb is the old name)")
     r.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch backend: torch.compile the stages with this mode (default, reduce-overhead: CUDA "
                         "graphs, or max-autotune; off by default). The first request at a shape compiles (minutes) "
@@ -207,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile mode: default (default), reduce-overhead (CUDA graphs) or max-autotune; the "
                         "same as the requests' --compile")
-    w.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
-                   help="the requests' --gpu-memory-gb, when they give one (it sets their plan, so the compiled "
+    w.add_argument("--memory-gb", "--gpu-memory-gb", dest="memory_gb", type=float, default=None, metavar="G",
+                   help="the requests' --memory-gb, when they give one (it sets their plan, so the compiled "
                         "shapes)")
     _add_compile_cache(w, "--cache-dir")
     w.set_defaults(func=cmd_warmup)
@@ -285,7 +286,7 @@ def _load_pipeline(args, backend_options=None):
     ``backend_options``: the torch backend's (:func:`_backend_options`)."""
     from .runtime.pipeline import AnimationPipeline, PipelineOptions
 
-    options = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)  # checked before anything loads
+    options = PipelineOptions(memory_gb=args.memory_gb)  # checked before anything loads
     if args.models is not None:
         _log(f"loading models from {args.models} ...")
         return AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch", device=args.device,
@@ -380,7 +381,7 @@ def cmd_warmup(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("warmup runs in one process, not under torchrun")
     options = _compile_options(args.compile_mode, args)
-    planning = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)
+    planning = PipelineOptions(memory_gb=args.memory_gb)
     t0 = time.perf_counter()
     pipe = AnimationPipeline.from_pretrained(args.models, device=args.device, dtype=args.dtype,
                                              backend_options=options, options=planning)

@@ -1,4 +1,4 @@
-"""The residency planner (``--gpu-memory-gb``), banks up front, and the out-of-memory
+"""The residency planner (``--memory-gb``), banks up front, and the out-of-memory
 step-down: what of issue 17's "8 GB at any length" runs without a GPU.
 
 The plans under device budgets are checked on SD 1.5's real architecture, built on the
@@ -41,7 +41,7 @@ def sd15_cuda_stages():
 
 
 def sd15_plan(stages, gib: float, frames: int):
-    pipe = AnimationPipeline(stages, options=PipelineOptions(gpu_memory_gb=gib), ranks=None)
+    pipe = AnimationPipeline(stages, options=PipelineOptions(memory_gb=gib), ranks=None)
     return pipe.plan_request(512, frames, steps=25)
 
 
@@ -229,7 +229,7 @@ def test_banks_up_front_equal_banks_per_step(tiny_stages, inputs):
     # a budget between "everything resident" and "the appearance encoder off after the banks"
     budget = resident.predicted_peak - w / 2
     rec = Recording(tiny_stages)
-    got = run(rec, inputs, gpu_memory_gb=budget / GIB / HEADROOM, **EXPLICIT)
+    got = run(rec, inputs, memory_gb=budget / GIB / HEADROOM, **EXPLICIT)
     assert got.residency.banks_up_front and got.residency.offload == ("appearance_encoder",)
     assert got.residency.predicted_peak <= budget
     # the reference phase has the appearance encoder; the loop and the decode do not
@@ -314,17 +314,17 @@ def test_bank_and_weight_bytes_are_the_tensors(tiny_stages):
         assert tiny_stages.weight_bytes()[name] >= want  # state dict, plus any non-persistent buffers
 
 
-def test_gpu_memory_gb_checked(tiny_models):
+def test_memory_gb_checked(tiny_models):
     from magicanimate_rt.serve.settings import ServeSettings
 
-    with pytest.raises(InputError, match="--gpu-memory-gb must be a number of GiB > 0, got 0"):
-        PipelineOptions(gpu_memory_gb=0)
-    with pytest.raises(InputError, match="--gpu-memory-gb must be a number of GiB > 0, got -2"):
-        ServeSettings(models=tiny_models, gpu_memory_gb=-2).check()
-    assert ServeSettings(models=tiny_models, gpu_memory_gb=8).check().gpu_memory_gb == 8
+    with pytest.raises(InputError, match="--memory-gb must be a number of GiB > 0, got 0"):
+        PipelineOptions(memory_gb=0)
+    with pytest.raises(InputError, match="--memory-gb must be a number of GiB > 0, got -2"):
+        ServeSettings(models=tiny_models, memory_gb=-2).check()
+    assert ServeSettings(models=tiny_models, memory_gb=8).check().memory_gb == 8
 
 
-def test_cli_gpu_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_dir):
+def test_cli_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_dir):
     from PIL import Image
 
     from magicanimate_rt.runtime.media import write_video
@@ -336,9 +336,10 @@ def test_cli_gpu_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_d
     out = tmp_path / "o.mp4"
     cmd = [sys.executable, "-m", "magicanimate_rt.cli", "animate", "--models", str(tiny_models), "--source", str(src),
            "--driving", str(drv), "--output", str(out), "--size", "64", "--steps", "1"]
+    # the old name (--gpu-memory-gb) is the same setting, checked in the same place
     bad = subprocess.run(cmd + ["--gpu-memory-gb", "-1"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--gpu-memory-gb" in bad.stderr
-    small = subprocess.run(cmd + ["--gpu-memory-gb", "0.001"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--memory-gb" in bad.stderr
+    small = subprocess.run(cmd + ["--memory-gb", "0.001"], capture_output=True, text=True, timeout=300)
     assert small.returncode == 2, small.stderr
     assert small.stderr.strip().startswith("magicanimate-rt: error: the request does not fit in 0.00 GiB")
     assert small.stderr.strip().count("\n") == 0  # one line, no traceback

@@ -22,6 +22,7 @@ from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchSt
 from magicanimate_rt.runtime.cache import ReferenceCache
 from magicanimate_rt.runtime.ddim import DDIMSampler, DDIMSettings
 from magicanimate_rt.runtime.pipeline import PipelineOptions
+from magicanimate_rt.runtime.residency import GIB, HEADROOM, state_bytes
 from magicanimate_rt.runtime.sampling import LoopPlan, MemoryModel, denoise, initial_noise, plan_loop
 
 SIZE, FRAMES = 64, 32  # 32 frames: three windows, the last wrapping around to frames 0..7
@@ -449,7 +450,16 @@ def test_decode_in_chunks_is_the_same_function(models, inputs):
 
 def test_plan_reported_and_budget_respected(models, clip):
     source, driving = clip
-    tight = AnimationPipeline(stages(models), options=PipelineOptions(memory_budget_mb=1))
+    st = stages(models)
+    # a budget (weights included) with room for the weights, one step's bank, the step
+    # state and the loop's per-window plan (one call's residuals, its ControlNet call), but
+    # short of the residuals of all 16 frames with their conditioning embeddings by half
+    # the embeddings: per-window residuals, one window per call, one frame per decode call
+    m, n = st.memory_model(SIZE), 16
+    need = (sum(st.weight_bytes().values()) + m.bank_per_step + state_bytes(n, SIZE, SIZE, 8)
+            + n * m.residuals_per_frame + max(m.unet_per_window, 16 * m.controlnet_per_frame))
+    budget = need + n * m.control_embedding_per_frame / 2
+    tight = AnimationPipeline(st, options=PipelineOptions(memory_gb=budget / GIB / HEADROOM))
     result = tight.animate(source, driving[:2], size=SIZE, steps=1)
     assert result.plan == LoopPlan(windows_per_call=1, controlnet_residuals="per_window", decode_chunk=1)
 
@@ -499,8 +509,8 @@ def test_decode_never_sets_the_peak():
 def test_options_validated():
     with pytest.raises(InputError, match="controlnet_residuals"):
         PipelineOptions(controlnet_residuals="sometimes")
-    with pytest.raises(InputError, match="memory_budget_mb"):
-        PipelineOptions(memory_budget_mb=0)
+    with pytest.raises(InputError, match="--memory-gb"):
+        PipelineOptions(memory_gb=0)
     with pytest.raises(InputError, match="windows_per_call"):
         PipelineOptions(windows_per_call=0)
 

@@ -34,8 +34,8 @@ from .media import Box, crop_frames
 from .modes import SamplingMode, make_sampler
 from .cache import ReferenceCache
 from .request import DEFAULTS, AnimationRequest
-from .residency import ALL_STAGES, HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
-from .sampling import AUTO_LIMITS, LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise, plan_loop
+from .residency import ALL_STAGES, GIB, HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
+from .sampling import AUTO_LIMITS, LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
@@ -57,13 +57,17 @@ class PipelineOptions:
         controlnet_residuals: "all": ControlNet residuals of every frame computed once per
             step and kept through it (the original; memory grows with the frame count);
             "per_window": computed for each UNet call's windows (bounded memory, frames in
-            two calls computed twice); "auto": "all" if it fits ``memory_budget_mb``.
-        memory_budget_mb: working memory, in MiB, that the denoising loop and the decode
-            may use on top of the weights (residual store, UNet/ControlNet/VAE calls).
-            None: half of what the device has available when the request starts (CPU:
-            ``MemAvailable``; CUDA: free device memory). Estimates come from the backend's
-            ``memory_model`` (docs/PERFORMANCE.md, "Memory"); a backend without one gets
-            the unbudgeted choices (residuals "all", one window per call unless it says more).
+            two calls computed twice); "auto": "all" if it fits ``memory_gb``.
+        memory_gb: memory, in GiB, a request may use on its device, weights included
+            (``--memory-gb``; ``--gpu-memory-gb`` is its old name): the planner
+            (``runtime/residency.py``) decides which stages stay on the device, whether the
+            banks of all timesteps are computed up front, the loop's batching and the UNet's
+            lean settings so that the predicted peak fits ``HEADROOM`` of it. None: what the
+            device has (CUDA: free memory plus this process's allocations, times
+            ``HEADROOM``; CPU: the weights plus half of ``MemAvailable``). Estimates come
+            from the backend's ``memory_model`` (docs/PERFORMANCE.md, "Memory"); a backend
+            without one gets the unbudgeted choices (residuals "all", one window per call
+            unless it says more).
         embed_control_once: compute the ControlNet conditioning embedding of each driving
             frame once per request instead of once per step (the original), when the
             backend offers it and the residuals of all frames are kept (it is kept with
@@ -74,14 +78,6 @@ class PipelineOptions:
         reference_cache_entries: source images whose reference latent and banks are kept
             for later requests (``runtime/cache.py``); 0 disables the cache (the original).
         reference_cache_mb: bound, in MiB, on the cache's tensors.
-        gpu_memory_gb: device memory, in GiB, a request may use, weights included
-            (``--gpu-memory-gb``): the residency planner (``runtime/residency.py``) decides
-            which stages stay on the device, whether the banks of all timesteps are computed
-            up front, the loop's batching and the UNet's lean settings so that the
-            predicted peak fits. None: on CUDA what the device has (free memory plus this
-            process's allocations); on the CPU the loop is planned within
-            ``memory_budget_mb`` as before. ``memory_budget_mb``, when given, plans the
-            working memory alone instead.
     """
 
     overlap: int = 4
@@ -89,12 +85,11 @@ class PipelineOptions:
     decode_chunk: Optional[int] = None
     windows_per_call: Optional[int] = None
     controlnet_residuals: str = "auto"
-    memory_budget_mb: Optional[float] = None
+    memory_gb: Optional[float] = None
     embed_control_once: bool = True
     control_uint8: bool = True
     reference_cache_entries: int = 4
     reference_cache_mb: float = 512.0
-    gpu_memory_gb: Optional[float] = None
 
     @classmethod
     def original(cls) -> "PipelineOptions":
@@ -112,12 +107,10 @@ class PipelineOptions:
         if self.controlnet_residuals not in ("auto", "all", "per_window"):
             raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', "
                              f"got {self.controlnet_residuals!r}")
-        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
-            raise InputError(f"memory_budget_mb must be > 0 (or None), got {self.memory_budget_mb!r}")
         if self.reference_cache_entries < 0 or self.reference_cache_mb < 0:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
-        if self.gpu_memory_gb is not None and (isinstance(self.gpu_memory_gb, bool) or not self.gpu_memory_gb > 0):
-            raise InputError(f"--gpu-memory-gb must be a number of GiB > 0, got {self.gpu_memory_gb!r}")
+        if self.memory_gb is not None and (isinstance(self.memory_gb, bool) or not self.memory_gb > 0):
+            raise InputError(f"--memory-gb must be a number of GiB > 0, got {self.memory_gb!r}")
 
 
 #: receives the decoded video chunk by chunk: (index of the chunk's first frame, (n, H, W, 3) uint8)
@@ -466,7 +459,7 @@ class AnimationPipeline:
         failed or stopped request the backend is as a fresh one: its own lean UNet settings
         and every stage's weights on the device. After a request that ran to its end they
         stay as its plan left them (the next request's plan sets both before its first
-        call, and moving every stage back could exceed ``gpu_memory_gb``)."""
+        call, and moving every stage back could exceed ``memory_gb``)."""
         st = self.stages
         try:
             st.end_request()
@@ -510,12 +503,6 @@ class AnimationPipeline:
             deep_cache_bytes=kept,
         )
         memory = st.memory_model(width, height)
-        total = self.device_budget_bytes()
-        if total is None:  # the working memory alone, within memory_budget_mb (or half the available)
-            budget = max(self.memory_budget_bytes() - kept, 0.0)
-            settings.pop("deep_cache_bytes")
-            loop = plan_loop(num_frames, n_windows, budget, memory, window=st.window, **settings)
-            return ResidencyPlan(replace(loop, deep_cache_bytes=kept))
         item = torch.empty((), dtype=st.dtype).element_size()
         cache = self.reference_cache
         cached = 0 if memory is None or not cache.enabled else \
@@ -524,27 +511,19 @@ class AnimationPipeline:
             num_frames, n_windows, steps, width, height,
             state_bytes=state_bytes(num_frames, width, height, item, 1 if o.control_uint8 else item, guided),
             frames_bytes=0 if to_sink else 2 * num_frames * height * width * 3, cache_bytes=cached)
-        return plan_residency(total, memory, st.weight_bytes(), shape, can_offload=caps.residency,
+        return plan_residency(self.budget_bytes(), memory, st.weight_bytes(), shape, can_offload=caps.residency,
                               lean_unet=caps.lean_unet, window=st.window, **settings)
 
-    def device_budget_bytes(self) -> Optional[float]:
-        """The budget of the residency planner, weights included: ``gpu_memory_gb``, or on
-        CUDA (without ``memory_budget_mb``) what the device has for this process, each times
-        ``residency.HEADROOM``; None: plan the working memory alone
-        (:meth:`memory_budget_bytes`)."""
-        o = self.options
-        if o.gpu_memory_gb is not None:
-            return o.gpu_memory_gb * 2**30 * HEADROOM
+    def budget_bytes(self) -> float:
+        """What the planner may plan for, weights included: ``memory_gb`` times
+        ``HEADROOM``, or what the device has (CUDA: free memory plus this process's
+        allocations, times ``HEADROOM``; CPU: the weights plus half of ``MemAvailable``)."""
+        if self.options.memory_gb is not None:
+            return self.options.memory_gb * GIB * HEADROOM
         device = torch.device(self.stages.device)
-        if device.type == "cuda" and o.memory_budget_mb is None:
+        if device.type == "cuda":
             return float(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)) * HEADROOM
-        return None
-
-    def memory_budget_bytes(self) -> float:
-        """``memory_budget_mb`` in bytes, or half of the device's available memory now."""
-        if self.options.memory_budget_mb is not None:
-            return self.options.memory_budget_mb * 2**20
-        return available_memory(self.stages.device) / 2
+        return float(sum(self.stages.weight_bytes().values()) + available_memory(device) / 2)
 
     # ------------------------------------------------------------------ pieces
     def _decode(self, latents: Tensor, chunk: int, sink: Optional[FrameSink] = None,

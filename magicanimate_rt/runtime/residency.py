@@ -1,5 +1,5 @@
 """What stays on the device, and how lean the loop runs, to fit a request in a memory budget
-that counts the weights too (``--gpu-memory-gb``, ``PipelineOptions.gpu_memory_gb``).
+that counts the weights too (``--memory-gb``, ``PipelineOptions.memory_gb``).
 
 A request has three phases, each needing some stages' weights and some working memory:
 
@@ -47,7 +47,7 @@ from .stages import MemoryModel
 PHASE_STAGES = PHASE_WEIGHTS
 ALL_STAGES = WEIGHTS
 GIB = 2**30
-#: the share of ``--gpu-memory-gb`` the plan's predicted tensors may take: the rest is for
+#: the share of ``--memory-gb`` the plan's predicted tensors may take: the rest is for
 #: what the prediction does not see (the caching allocator's rounding and fragmentation,
 #: cuBLAS/cuDNN workspaces), so that the measured peak stays under the figure given
 HEADROOM = 0.9
@@ -224,4 +224,4 @@ def plan_residency(
     raise InputError(
         f"the request does not fit in {budget_bytes / GIB:.2f} GiB of device memory: its leanest plan needs about "
         f"{best.predicted_peak / GIB:.2f} GiB (its {phase} phase, {held / GIB:.2f} GiB of it weights); raise "
-        "--gpu-memory-gb, or lower the size or the frames")
+        "--memory-gb, or lower the size or the frames")
