@@ -606,7 +606,7 @@ def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
     from magicanimate_rt import AnimationPipeline
     from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchStages
     from magicanimate_rt.runtime.pipeline import PipelineOptions
-    from magicanimate_rt.runtime.residency import ALL_STAGES
+    from magicanimate_rt.runtime.planner import ALL_STAGES
 
     cuda = setup.device == "cuda"
     dtype = models.unet.conv_in.weight.dtype

@@ -55,7 +55,7 @@ def meta_stages(preset: str = "sd15", device: str = "cuda", dtype: str = "float1
 def plan_rows(stages, size: int, steps: int, frames: list[int], gibs: list[float]) -> list[dict]:
     from magicanimate_rt.errors import InputError
     from magicanimate_rt.runtime.pipeline import AnimationPipeline, PipelineOptions
-    from magicanimate_rt.runtime.residency import GIB
+    from magicanimate_rt.runtime.planner import GIB
 
     rows = []
     for n in frames:

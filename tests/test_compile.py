@@ -28,7 +28,7 @@ from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchSt
 from magicanimate_rt.runtime.compiled import (STAGES, CompileCache, CompiledCall, CompileFallbackWarning,
                                               CompileKey)
 from magicanimate_rt.runtime.pipeline import AnimationPipeline, PipelineOptions
-from magicanimate_rt.runtime.sampling import LoopPlan
+from magicanimate_rt.runtime.planner import LoopPlan
 
 CPU = torch.device("cpu")
 SIZE, FRAMES = 64, 16

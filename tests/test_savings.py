@@ -22,8 +22,10 @@ from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchSt
 from magicanimate_rt.runtime.cache import ReferenceCache
 from magicanimate_rt.runtime.ddim import DDIMSampler, DDIMSettings
 from magicanimate_rt.runtime.pipeline import PipelineOptions
-from magicanimate_rt.runtime.residency import GIB, HEADROOM, state_bytes
-from magicanimate_rt.runtime.sampling import LoopPlan, MemoryModel, denoise, initial_noise, plan_loop
+from magicanimate_rt.runtime.planner import GIB, HEADROOM, state_bytes
+from magicanimate_rt.runtime.planner import LoopPlan, RequestPlan, plan_loop
+from magicanimate_rt.runtime.sampling import denoise, initial_noise
+from magicanimate_rt.runtime.stages import MemoryModel
 
 SIZE, FRAMES = 64, 32  # 32 frames: three windows, the last wrapping around to frames 0..7
 DT = torch.float64
@@ -133,7 +135,7 @@ def run_loop(st, inputs, plan: LoopPlan, uint8: bool = True) -> tuple[torch.Tens
         control = control.to(latents.dtype) / 255.0
     sampler = RecordingSampler(1, ONE_STEP)
     with torch.inference_mode():
-        out = denoise(st, ref, control, latents, sampler, 7.5, plan=plan)
+        out = denoise(st, ref, control, latents, sampler, 7.5, plan=RequestPlan(plan))
     assert out.dtype == DT and len(sampler.eps) == 1 and sampler.eps[0].dtype == DT
     return out, sampler.eps[0]
 
@@ -461,7 +463,7 @@ def test_plan_reported_and_budget_respected(models, clip):
     budget = need + n * m.control_embedding_per_frame / 2
     tight = AnimationPipeline(st, options=PipelineOptions(memory_gb=budget / GIB / HEADROOM))
     result = tight.animate(source, driving[:2], size=SIZE, steps=1)
-    assert result.plan == LoopPlan(windows_per_call=1, controlnet_residuals="per_window", decode_chunk=1)
+    assert result.plan.loop == LoopPlan(windows_per_call=1, controlnet_residuals="per_window", decode_chunk=1)
 
 
 # --------------------------------------------------------------------------- the planner

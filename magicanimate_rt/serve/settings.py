@@ -141,7 +141,7 @@ class ServeSettings:
                                        MODELS, ray=False, parse=_devices, show_default=False)
     dtype: str = setting("float32", "the stages' dtype: float32, float16 (CUDA) or bfloat16 (--models only)", MODELS)
     memory_gb: Optional[float] = setting(
-        None, "memory each worker's requests may use on its device, weights included (runtime/residency.py; "
+        None, "memory each worker's requests may use on its device, weights included (runtime/planner.py; "
               "default: what the device has; --gpu-memory-gb is the old name)", MODELS, parse=float, metavar="G",
         alias="gpu_memory_gb")
     host: str = setting("127.0.0.1", "address to bind; any but a loopback one needs --api-key-file", NETWORK,

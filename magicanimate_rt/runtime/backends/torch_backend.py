@@ -26,7 +26,7 @@ from ..dtypes import float_torch_dtype
 from ..stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
 
 if TYPE_CHECKING:
-    from ..sampling import LoopPlan
+    from ..planner import LoopPlan
 
 @dataclass(frozen=True)
 class TorchOptions:
