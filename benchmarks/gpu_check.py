@@ -212,8 +212,8 @@ def correctness(c: Check, args, shared: Path, cache: Path) -> None:
 
     # issue 17's configurations: compiled stages, and the leanest plan (the CFG halves one
     # after the other, chunked feed-forwards, 4-frame ControlNet calls per window)
-    lean = (TorchOptions(cfg_sequential=True, ff_chunk=64),
-            PipelineOptions(windows_per_call=1, controlnet_residuals="per_window", controlnet_chunk=4, decode_chunk=1))
+    lean = (TorchOptions(), PipelineOptions(windows_per_call=1, controlnet_residuals="per_window", controlnet_chunk=4,
+                                            decode_chunk=1, cfg_sequential=True, ff_chunk=64))
     if args.dry_run:
         case_c_check(c, "torch cpu fp32", torch_pipe("cpu", torch.float32), case, TOLERANCE["cpu-fp32"])
         case_c_check(c, "torch cpu fp32, lean plan", torch_pipe("cpu", torch.float32, *lean), case,
@@ -655,6 +655,7 @@ def memory_factors(c: Check, setup: Setup, models) -> None:
     import torch
 
     from magicanimate_rt.runtime.backends.torch_backend import MEMORY_FACTORS, TorchStages
+    from magicanimate_rt.runtime.planner import LoopPlan, RequestPlan
 
     if setup.device != "cuda":
         c.skip("memory factors", "dry run: CUDA allocator statistics only")
@@ -684,11 +685,11 @@ def memory_factors(c: Check, setup: Setup, models) -> None:
         residuals = st.controlnet(lat[0].transpose(0, 1), t, cond)
         cn = peak(lambda: st.controlnet(lat[0].transpose(0, 1), t, cond))
         unet = peak(lambda: st.unet_guided(lat, t, residuals, bank))
-        st.set_unet_memory(True, None)
+        st.follow_plan(RequestPlan(LoopPlan(cfg_sequential=True)))
         seq = peak(lambda: st.unet_guided(lat, t, residuals, bank))
-        st.set_unet_memory(True, 1024)
+        st.follow_plan(RequestPlan(LoopPlan(cfg_sequential=True, ff_chunk=1024)))
         lean = peak(lambda: st.unet_guided(lat, t, residuals, bank))
-        st.set_unet_memory(False, None)
+        st.end_request()
         dec = peak(lambda: st.decode(lat[0, :, :4].transpose(0, 1).contiguous()))
     cuda = MEMORY_FACTORS["cuda"]
     row = {

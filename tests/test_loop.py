@@ -135,7 +135,8 @@ def test_the_mode_decides_guidance_and_reuse_per_step():
 def fake_loop(policy=StepPolicy(), execution=None, lean=True):
     memory = []
     stages = SimpleNamespace(capabilities=Capabilities(lean_unet=lean, max_windows_per_call=None, deep_cache=True),
-                             set_unet_memory=lambda cfg, ff: memory.append((cfg, ff)), shallow_skips=lambda depth: 3)
+                             follow_plan=lambda p: memory.append((p.loop.cfg_sequential, p.loop.ff_chunk)),
+                             shallow_skips=lambda depth: 3)
     s = WindowSchedule(40, 16, 4, torch.device("cpu"), torch.float32)
     plan = RequestPlan(LoopPlan(windows_per_call=4))
     loop = DenoiseLoop(stages, torch.zeros(40, 3, 8, 8), torch.float32, s, None, 7.5, plan, None, policy,

@@ -160,8 +160,8 @@ class Recording(Stages):
     def set_resident(self, stages):
         self.placements.append(tuple(stages))
 
-    def set_unet_memory(self, cfg_sequential, ff_chunk):
-        self.inner.set_unet_memory(cfg_sequential, ff_chunk)
+    def follow_plan(self, plan):
+        self.inner.follow_plan(plan)
 
     def encode_reference(self, image):
         return self.inner.encode_reference(image)
@@ -268,21 +268,20 @@ def test_out_of_memory_steps_the_loop_down_once_and_retries(tiny_stages64, input
 
 
 def test_out_of_memory_with_a_lean_unet_runs_the_halves_in_turn(tiny_stages64, inputs):
-    from magicanimate_rt.runtime.backends.torch_backend import TorchOptions
-
     rec = Recording(tiny_stages64, oom=lambda kind, batch: kind == "unet" and batch > 1, lean_unet=True)
     try:
         got = run(rec, inputs, windows_per_call=2)
         new = got.stepped_down[1]
         assert new.loop.cfg_sequential and new.loop.ff_chunk == 1024
         assert tiny_stages64._arithmetic.cfg_sequential  # the stages were told
-        lean = TorchStages(tiny_stages64.models, torch.device("cpu"), torch.float64,
-                           TorchOptions(cfg_sequential=True, ff_chunk=1024))
-        want = run(lean, inputs, windows_per_call=1, controlnet_residuals="per_window",
+        tiny_stages64.end_request()  # (the recording stages leave it to the pipeline's own)
+        want = run(tiny_stages64, inputs, cfg_sequential=True, ff_chunk=1024, windows_per_call=1,
+                   controlnet_residuals="per_window",
                    controlnet_chunk=new.loop.controlnet_chunk, decode_chunk=new.loop.decode_chunk)
         assert rel(got.latents, want.latents) < F64_TOL
+        assert want.plan.loop.cfg_sequential and not tiny_stages64._arithmetic.cfg_sequential  # restored
     finally:
-        tiny_stages64.set_unet_memory(False, None)
+        tiny_stages64.end_request()
 
 
 def test_a_second_out_of_memory_is_raised(tiny_stages, inputs):

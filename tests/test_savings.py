@@ -37,8 +37,11 @@ def models(shared_dir):
     return load_model_set(shared_dir / "conformance" / "tiny-models", dtype=DT)
 
 
-def stages(models, **options) -> TorchStages:
-    return TorchStages(models, CPU, DT, TorchOptions(**options))
+def stages(models, cfg_sequential: bool = False, ff_chunk=None, **options) -> TorchStages:
+    """The torch stages with ``options``, following a plan with these lean UNet settings."""
+    st = TorchStages(models, CPU, DT, TorchOptions(**options))
+    st.follow_plan(RequestPlan(LoopPlan(cfg_sequential=cfg_sequential, ff_chunk=ff_chunk)))
+    return st
 
 
 class Counting(TorchStages):

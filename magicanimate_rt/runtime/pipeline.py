@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, MagicAnimateError
+from ..models.layers import Arithmetic
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSettings
 from .distributed import Ranks, request_digest
@@ -79,6 +80,11 @@ class PipelineOptions:
         reference_cache_entries: source images whose reference latent and banks are kept
             for later requests (``runtime/cache.py``); 0 disables the cache (the original).
         reference_cache_mb: bound, in MiB, on the cache's tensors.
+        cfg_sequential, ff_chunk: the UNet's lean settings asked for whatever the budget (the
+            guided call's CFG halves one after the other; feed-forwards that many tokens at
+            a time), where the backend has them (``Capabilities.lean_unet``): every plan is at
+            least that lean (``models/layers.py`` ``Arithmetic`` says what each does and
+            checks it). Default: as lean as the budget needs.
     """
 
     overlap: int = 4
@@ -91,6 +97,8 @@ class PipelineOptions:
     control_uint8: bool = True
     reference_cache_entries: int = 4
     reference_cache_mb: float = 512.0
+    cfg_sequential: bool = False
+    ff_chunk: Optional[int] = None
 
     @classmethod
     def original(cls) -> "PipelineOptions":
@@ -110,6 +118,10 @@ class PipelineOptions:
                              f"got {self.controlnet_residuals!r}")
         if self.reference_cache_entries < 0 or self.reference_cache_mb < 0:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
+        try:
+            Arithmetic(cfg_sequential=self.cfg_sequential, ff_chunk=self.ff_chunk)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if self.memory_gb is not None and (isinstance(self.memory_gb, bool) or not self.memory_gb > 0):
             raise InputError(f"--memory-gb must be a number of GiB > 0, got {self.memory_gb!r}")
 
@@ -391,9 +403,7 @@ class AnimationPipeline:
         cache), the banks and the denoising loop: (latents, the plan that ran, whether the
         reference was cached)."""
         st, o, m = self.stages, self.options, request.mode
-        if st.capabilities.lean_unet:  # this request's settings (restored if it fails)
-            st.set_unet_memory(plan.loop.cfg_sequential, plan.loop.ff_chunk)
-        st.begin_request(*request.shape, plan.loop)  # compiled stages: this shape's compile cache
+        st.begin_request(*request.shape, plan)  # the backend follows the plan (until end_request)
         key = ReferenceCache.key(request.source, st.device, st.dtype)
         entry = self.reference_cache.lookup(key)
         cached = entry is not None
@@ -455,17 +465,16 @@ class AnimationPipeline:
             self.stages.set_resident(plan.resident(phase))
 
     def _end_request(self, failed: bool) -> None:
-        """The end of a request: the compile key ends (what compiled is saved); after a
-        failed or stopped request the backend is as a fresh one: its own lean UNet settings
-        and every stage's weights on the device. After a request that ran to its end they
-        stay as its plan left them (the next request's plan sets both before its first
-        call, and moving every stage back could exceed ``memory_gb``)."""
+        """The end of a request: the backend's per-request state ends (its own UNet settings
+        again; the compile key, what compiled saved); after a failed or stopped request every
+        stage's weights are on the device again, as in a fresh pipeline. After a request
+        that ran to its end they stay where its plan left them (the next request's plan
+        places them before its first call, and moving every stage back could exceed
+        ``memory_gb``)."""
         st = self.stages
         try:
             st.end_request()
         finally:
-            if failed and st.capabilities.lean_unet:
-                st.set_unet_memory(False, None)
             if failed and st.capabilities.residency:
                 st.set_resident(ALL_STAGES)
 
@@ -507,7 +516,8 @@ class AnimationPipeline:
             state_bytes=state_bytes(num_frames, width, height, item, 1 if o.control_uint8 else item, guided),
             frames_bytes=0 if to_sink else 2 * num_frames * height * width * 3, cache_bytes=cached)
         return planner.plan_request(self.budget_bytes(), memory, st.weight_bytes(), shape, caps, st.window,
-                                    deep_cache_bytes=kept, **settings)
+                                    deep_cache_bytes=kept, cfg_sequential=o.cfg_sequential, ff_chunk=o.ff_chunk,
+                                    **settings)
 
     def budget_bytes(self) -> float:
         """What the planner may plan for, weights included: ``memory_gb`` times

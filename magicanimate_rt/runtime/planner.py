@@ -390,6 +390,8 @@ def plan_request(
 
     InputError when even the leanest plan does not fit, with the least it needs."""
     caps = capabilities
+    if (cfg_sequential or ff_chunk is not None) and not caps.lean_unet:
+        raise InputError("cfg_sequential and ff_chunk need a backend with lean UNet settings (the torch backend)")
     loop_settings.update(max_windows_per_call=caps.max_windows_per_call,
                          max_controlnet_chunk=caps.max_controlnet_frames, max_decode_chunk=caps.max_decode_frames,
                          embed_control=loop_settings.get("embed_control", False) and caps.controlnet_in_two_parts)

@@ -357,8 +357,7 @@ class DenoiseLoop:
         if on_plan_change is not None:
             on_plan_change(self.plan, lean)
         self.plan = lean
-        if lean.loop.cfg_sequential or lean.loop.ff_chunk is not None:
-            self.stages.set_unet_memory(lean.loop.cfg_sequential, lean.loop.ff_chunk)
+        self.stages.follow_plan(lean)
         self.calls = self.schedule.calls(lean.loop, self.execution.share)
         return True
 
