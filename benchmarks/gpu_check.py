@@ -334,8 +334,9 @@ def time_one(c: Check, label: str, pipe, frames: int, setup: Setup, inputs, warm
     row = {"config": label, "frames": frames, "steps": steps, "size": setup.size, "width": width,
            "height": height, "timings": {k: round(v, 4) for k, v in result.timings.items()},
            "memory_cap_gib": memory_cap_gib}
-    if result.residency is not None:
-        row["plan"] = result.residency.describe().removeprefix("plan: ")
+    if result.plan is not None:  # as planned (stepped_down's first), before any step-down
+        planned = result.stepped_down[0] if result.stepped_down is not None else result.plan
+        row["plan"] = planned.describe().removeprefix("plan: ")
     if result.stepped_down is not None:
         row["stepped_down"] = result.stepped_down[1].describe()
     if cuda:

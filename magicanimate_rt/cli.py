@@ -398,7 +398,7 @@ def cmd_warmup(args) -> int:
         p, graphs = result.plan, graph_cache_counts()
         _log(f"compiled and ran one {width}x{height} request of {args.frames} frames in "
              f"{time.perf_counter() - t1:.1f} s ({graphs.get('miss', '?')} graph(s) compiled, "
-             f"{graphs.get('hit', '?')} from the cache; plan: {p.describe()}, ControlNet {p.controlnet_chunk} "
+             f"{graphs.get('hit', '?')} from the cache; plan: {p.describe()}, ControlNet {p.loop.controlnet_chunk} "
              f"frames per call)")
         for stage, why in pipe.stages.compile_failures().items():
             _log(f"{PROG}: warning: the {stage} stage did not compile and runs eager ({why[:200]})")

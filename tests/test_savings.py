@@ -403,7 +403,7 @@ def test_control_embedded_once_is_the_same_function(models, clip):
         pipe = AnimationPipeline(st, options=PipelineOptions(embed_control_once=once, reference_cache_entries=0))
         runs[once] = (pipe.animate(source, driving, size=SIZE, steps=2, seed=3), st)
     (a, st_once), (b, st_each) = runs[True], runs[False]
-    assert a.plan.embed_control_once and not b.plan.embed_control_once
+    assert a.plan.loop.embed_control_once and not b.plan.loop.embed_control_once
     # the 16 frames embedded once per request (then 2 steps from the embedding) vs once per
     # step inside every ControlNet call
     assert st_once.work("controlnet_embed") == (1, 16) and st_once.work("controlnet_embedded") == (2, 32)
@@ -413,7 +413,7 @@ def test_control_embedded_once_is_the_same_function(models, clip):
     assert torch.equal(a.latents, b.latents)
     # bounded-memory residuals compute the embedding per call, as the original
     bounded = AnimationPipeline(stages(models), options=PipelineOptions(controlnet_residuals="per_window"))
-    assert not bounded.animate(source, driving[:2], size=SIZE, steps=1).plan.embed_control_once
+    assert not bounded.animate(source, driving[:2], size=SIZE, steps=1).plan.loop.embed_control_once
 
 
 def test_control_uint8_is_bitwise_the_same(models, clip):
@@ -441,7 +441,7 @@ def test_decode_in_chunks_is_the_same_function(models, inputs):
     runs = {}
     for chunk in (1, 3, 7, 16):
         st = Counting(models, CPU, DT)
-        frames = AnimationPipeline(st)._decode(latents, chunk)
+        frames, _ = AnimationPipeline(st)._decode(latents, RequestPlan(LoopPlan(decode_chunk=chunk)))
         runs[chunk] = frames, torch.cat(st.decoded), st.decode_rows
     one, video_one, rows_one = runs[1]
     assert one.shape == (7, SIZE, SIZE, 3) and one.dtype == np.uint8 and rows_one == [1] * 7
