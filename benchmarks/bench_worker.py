@@ -110,7 +110,7 @@ def run_timing(spec) -> dict:
             reference_latents = result.latents
         out["variants"][v.key] = {
             "label": v.label, "note": v.note, "backend": v.backend, "warm_reference": v.warm_reference,
-            "plan": None if result.plan is None else vars(result.plan),
+            "plan": None if result.plan is None else vars(result.plan.loop),
             "flops": dict(counting.flops) if v.backend == "torch" else None,
             "calls": dict(counting.calls), "warmup_s": warm_s,
             "rel_l2_vs_reference": rel_l2(result.latents, reference_latents), "runs": [],
@@ -141,7 +141,7 @@ def run_memory(spec) -> dict:
     else:
         pipe.reference_cache.clear()
     record, result = timed(pipe, spec, src, drv, device)
-    record["plan"] = None if result.plan is None else vars(result.plan)
+    record["plan"] = None if result.plan is None else vars(result.plan.loop)
     record["weights_bytes"] = sum(p.numel() * p.element_size() for m in (
         models.vae, models.appearance_encoder, models.controlnet, models.unet) for p in m.parameters())
     return record

@@ -30,7 +30,7 @@ installed and reported as skipped where not. Within ``--budget-s`` (default 450 
     cold and warm start of a compiled pipeline (process start to first step, each in a
     fresh process with its own empty inductor cache: only the project's compile artifacts
     make the second warm); ours compiled (``reduce-overhead``: inductor + CUDA graphs) at
-    16 and 64 frames beside eager and the original schedule; ``--gpu-memory-gb`` 8 and 12
+    16 and 64 frames beside eager and the original schedule; ``--memory-gb`` 8 and 12
     (enforced with ``set_per_process_memory_fraction``) at 16, 64 and 256 frames (256 at
     5 steps) with the uncapped default and the original schedule at 256 beside them; each
     call's measured peak and the memory factors it implies; device time by kernel class;
@@ -226,8 +226,8 @@ def correctness(c: Check, args, shared: Path, cache: Path) -> None:
 
     # issue 17's configurations: compiled stages, and the leanest plan (the CFG halves one
     # after the other, chunked feed-forwards, 4-frame ControlNet calls per window)
-    lean = (TorchOptions(cfg_sequential=True, ff_chunk=64),
-            PipelineOptions(windows_per_call=1, controlnet_residuals="per_window", controlnet_chunk=4, decode_chunk=1))
+    lean = (TorchOptions(), PipelineOptions(windows_per_call=1, controlnet_residuals="per_window", controlnet_chunk=4,
+                                            decode_chunk=1, cfg_sequential=True, ff_chunk=64))
     if args.dry_run:
         case_c_check(c, "torch cpu fp32", torch_pipe("cpu", torch.float32), case, TOLERANCE["cpu-fp32"])
         case_c_check(c, "torch cpu fp32, lean plan", torch_pipe("cpu", torch.float32, *lean), case,
@@ -348,8 +348,9 @@ def time_one(c: Check, label: str, pipe, frames: int, setup: Setup, inputs, warm
     row = {"config": label, "frames": frames, "steps": steps, "size": setup.size, "width": width,
            "height": height, "timings": {k: round(v, 4) for k, v in result.timings.items()},
            "memory_cap_gib": memory_cap_gib}
-    if result.residency is not None:
-        row["plan"] = result.residency.describe().removeprefix("plan: ")
+    if result.plan is not None:  # as planned (stepped_down's first), before any step-down
+        planned = result.stepped_down[0] if result.stepped_down is not None else result.plan
+        row["plan"] = planned.describe().removeprefix("plan: ")
     if result.stepped_down is not None:
         row["stepped_down"] = result.stepped_down[1].describe()
     if cuda:
@@ -483,7 +484,7 @@ def sd15_engines(c: Check, args, models_dir: Path, cache: Path, setup: Setup) ->
 #: the compile mode of the compiled rows on a GPU ("max-autotune" would spend minutes of the
 #: budget autotuning: "reduce-overhead" is inductor's kernels plus CUDA graphs)
 GPU_COMPILE_MODE = "reduce-overhead"
-#: --gpu-memory-gb caps of the memory rows, and their frame counts (256 frames at fewer
+#: --memory-gb caps of the memory rows, and their frame counts (256 frames at fewer
 #: steps: the loop's memory does not grow with the steps, and the budget would not fit 25)
 MEMORY_CAPS_GIB = (8.0, 12.0)
 LONG_FRAMES, LONG_STEPS = 256, 5
@@ -611,7 +612,7 @@ def compiled_rows(c: Check, setup: Setup, models, inputs, cache: Path, budget: B
 
 
 def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
-    """``--gpu-memory-gb`` caps (on CUDA emulated by ``set_per_process_memory_fraction``, so
+    """``--memory-gb`` caps (on CUDA emulated by ``set_per_process_memory_fraction``, so
     an allocation beyond the cap fails as on a smaller card) at 16, 64 and 256 frames, with
     the uncapped default and the original schedule at 256 frames beside them; on the CPU
     dry run caps of a few tens of MiB on the tiny set (the plan's choices, no allocator)."""
@@ -620,7 +621,7 @@ def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
     from magicanimate_rt import AnimationPipeline
     from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchStages
     from magicanimate_rt.runtime.pipeline import PipelineOptions
-    from magicanimate_rt.runtime.residency import ALL_STAGES
+    from magicanimate_rt.runtime.planner import ALL_STAGES
 
     cuda = setup.device == "cuda"
     dtype = models.unet.conv_in.weight.dtype
@@ -659,8 +660,8 @@ def memory_rows(c: Check, setup: Setup, models, inputs, budget: Budget) -> None:
             TorchOptions.original(setup.device))
     for cap in caps:
         for frames in frames_list:
-            run(f"ours (torch), --gpu-memory-gb {cap:g}", frames, cap,
-                PipelineOptions(reference_cache_entries=0, gpu_memory_gb=cap))
+            run(f"ours (torch), --memory-gb {cap:g}", frames, cap,
+                PipelineOptions(reference_cache_entries=0, memory_gb=cap))
 
 
 def memory_factors(c: Check, setup: Setup, models) -> None:
@@ -669,6 +670,7 @@ def memory_factors(c: Check, setup: Setup, models) -> None:
     import torch
 
     from magicanimate_rt.runtime.backends.torch_backend import MEMORY_FACTORS, TorchStages
+    from magicanimate_rt.runtime.planner import LoopPlan, RequestPlan
 
     if setup.device != "cuda":
         c.skip("memory factors", "dry run: CUDA allocator statistics only")
@@ -698,11 +700,11 @@ def memory_factors(c: Check, setup: Setup, models) -> None:
         residuals = st.controlnet(lat[0].transpose(0, 1), t, cond)
         cn = peak(lambda: st.controlnet(lat[0].transpose(0, 1), t, cond))
         unet = peak(lambda: st.unet_guided(lat, t, residuals, bank))
-        st.set_unet_memory(True, None)
+        st.follow_plan(RequestPlan(LoopPlan(cfg_sequential=True)))
         seq = peak(lambda: st.unet_guided(lat, t, residuals, bank))
-        st.set_unet_memory(True, 1024)
+        st.follow_plan(RequestPlan(LoopPlan(cfg_sequential=True, ff_chunk=1024)))
         lean = peak(lambda: st.unet_guided(lat, t, residuals, bank))
-        st.set_unet_memory(False, None)
+        st.end_request()
         dec = peak(lambda: st.decode(lat[0, :, :4].transpose(0, 1).contiguous()))
     cuda = MEMORY_FACTORS["cuda"]
     row = {
@@ -994,10 +996,10 @@ def markdown_issue17(c: Check) -> list[str]:
             lines.append(f"| {r['frames']} | {eager['timings']['total'] if eager else '-'} | {t:.2f} | "
                          f"{r.get('vs_eager', '-')}x | "
                          f"{round(orig['timings']['total'] / t, 2) if orig else '-'}x |")
-    capped = [r for r in c.timings if r["config"].startswith("memory") or "--gpu-memory-gb" in r["config"]
+    capped = [r for r in c.timings if r["config"].startswith("memory") or "--memory-gb" in r["config"]
               or "uncapped" in r["config"]]
     if capped:
-        lines += ["", "## Memory caps (--gpu-memory-gb; on CUDA the cap is enforced on the allocator)", "",
+        lines += ["", "## Memory caps (--memory-gb; on CUDA the cap is enforced on the allocator)", "",
                   "| config | frames | steps | cap GiB | total s | peak allocated GiB | plan |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['config']} | {r['frames']} | {r['steps']} | {r.get('memory_cap_gib') or '-'} | "

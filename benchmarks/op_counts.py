@@ -138,7 +138,7 @@ def pipelines(models, device: torch.device, dtype: torch.dtype) -> dict:
 
     out = {}
     for v in (REFERENCE, DEFAULT):
-        options = v.pipeline if device.type != "meta" else replace(v.pipeline, memory_budget_mb=8192)
+        options = v.pipeline if device.type != "meta" else replace(v.pipeline, memory_gb=64.0)
         out[v.key] = AnimationPipeline(TorchStages(models, device, dtype, v.torch), options=options)
     return out
 

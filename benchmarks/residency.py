@@ -1,4 +1,4 @@
-"""What the residency planner (``--gpu-memory-gb``) chooses for a model preset, without
+"""What the residency planner (``--memory-gb``) chooses for a model preset, without
 weights or a GPU: the preset's stages are built on PyTorch's meta device (shapes, no
 storage), so the weight bytes and the backend's memory model are the real ones.
 
@@ -55,13 +55,13 @@ def meta_stages(preset: str = "sd15", device: str = "cuda", dtype: str = "float1
 def plan_rows(stages, size: int, steps: int, frames: list[int], gibs: list[float]) -> list[dict]:
     from magicanimate_rt.errors import InputError
     from magicanimate_rt.runtime.pipeline import AnimationPipeline, PipelineOptions
-    from magicanimate_rt.runtime.residency import GIB
+    from magicanimate_rt.runtime.planner import GIB
 
     rows = []
     for n in frames:
         for gib in gibs:
-            pipe = AnimationPipeline(stages, options=PipelineOptions(gpu_memory_gb=gib), ranks=None)
-            row = {"gpu_memory_gb": gib, "frames": n, "size": size, "steps": steps}
+            pipe = AnimationPipeline(stages, options=PipelineOptions(memory_gb=gib), ranks=None)
+            row = {"memory_gb": gib, "frames": n, "size": size, "steps": steps}
             try:
                 plan = pipe.plan_request(size, n, steps=steps)
             except InputError as e:
@@ -76,14 +76,14 @@ def plan_rows(stages, size: int, steps: int, frames: list[int], gibs: list[float
 
 def markdown(rows: list[dict], weights: dict, preset: str) -> str:
     lines = [f"Weights on the device ({preset}): " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in weights.items()),
-             "", "| --gpu-memory-gb | frames | predicted peak GiB (reference / loop / decode) | plan |",
+             "", "| --memory-gb | frames | predicted peak GiB (reference / loop / decode) | plan |",
              "|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['gpu_memory_gb']:g} | {r['frames']} | - | does not fit: {r['error'].split(': ', 1)[1]} |")
+            lines.append(f"| {r['memory_gb']:g} | {r['frames']} | - | does not fit: {r['error'].split(': ', 1)[1]} |")
         else:
             p = r["phases_gib"]
-            lines.append(f"| {r['gpu_memory_gb']:g} | {r['frames']} | {r['predicted_peak_gib']:.2f} "
+            lines.append(f"| {r['memory_gb']:g} | {r['frames']} | {r['predicted_peak_gib']:.2f} "
                          f"({p['reference']:.2f} / {p['loop']:.2f} / {p['decode']:.2f}) | {r['plan']} |")
     return "\n".join(lines) + "\n"
 

@@ -71,9 +71,10 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
                    help="torch (default with --models) or onnxruntime (default with --engines)")
     r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     r.add_argument("--dtype", default="float32", help="float32 (default), float16 (CUDA) or bfloat16")
-    r.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
-                   help="device memory the request may use, weights included: stages leave the GPU when idle and "
-                        "the loop runs leaner until the plan fits (default: what the device has)")
+    r.add_argument("--memory-gb", "--gpu-memory-gb", dest="memory_gb", type=float, default=None, metavar="G",
+                   help="memory the request may use on its device, weights included: stages leave the GPU when "
+                        "idle and the loop runs leaner until the plan fits (default: what the device has; "
+                        "--gpu-memory-gb is the old name)")
     r.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch backend: torch.compile the stages with this mode (default, reduce-overhead: CUDA "
                         "graphs, or max-autotune; off by default). The first request at a shape compiles (minutes) "
@@ -213,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile mode: default (default), reduce-overhead (CUDA graphs) or max-autotune; the "
                         "same as the requests' --compile")
-    w.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
-                   help="the requests' --gpu-memory-gb, when they give one (it sets their plan, so the compiled "
+    w.add_argument("--memory-gb", "--gpu-memory-gb", dest="memory_gb", type=float, default=None, metavar="G",
+                   help="the requests' --memory-gb, when they give one (it sets their plan, so the compiled "
                         "shapes)")
     _add_compile_cache(w, "--cache-dir")
     w.set_defaults(func=cmd_warmup)
@@ -291,7 +292,7 @@ def _load_pipeline(args, backend_options=None):
     ``backend_options``: the torch backend's (:func:`_backend_options`)."""
     from .runtime.pipeline import AnimationPipeline, PipelineOptions
 
-    options = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)  # checked before anything loads
+    options = PipelineOptions(memory_gb=args.memory_gb)  # checked before anything loads
     if args.models is not None:
         _log(f"loading models from {args.models} ...")
         return AnimationPipeline.from_pretrained(args.models, backend=args.backend or "torch", device=args.device,
@@ -392,7 +393,7 @@ def cmd_warmup(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("warmup runs in one process, not under torchrun")
     options = _compile_options(args.compile_mode, args)
-    planning = PipelineOptions(gpu_memory_gb=args.gpu_memory_gb)
+    planning = PipelineOptions(memory_gb=args.memory_gb)
     t0 = time.perf_counter()
     pipe = AnimationPipeline.from_pretrained(args.models, device=args.device, dtype=args.dtype,
                                              backend_options=options, options=planning)
@@ -409,7 +410,7 @@ def cmd_warmup(args) -> int:
         p, graphs = result.plan, graph_cache_counts()
         _log(f"compiled and ran one {width}x{height} request of {args.frames} frames in "
              f"{time.perf_counter() - t1:.1f} s ({graphs.get('miss', '?')} graph(s) compiled, "
-             f"{graphs.get('hit', '?')} from the cache; plan: {p.describe()}, ControlNet {p.controlnet_chunk} "
+             f"{graphs.get('hit', '?')} from the cache; plan: {p.describe()}, ControlNet {p.loop.controlnet_chunk} "
              f"frames per call)")
         for stage, why in pipe.stages.compile_failures().items():
             _log(f"{PROG}: warning: the {stage} stage did not compile and runs eager ({why[:200]})")

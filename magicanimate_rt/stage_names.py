@@ -6,7 +6,7 @@ them from this table:
 
 - ``engines/specs.py`` ``STAGE_NAMES``: the engine files (:data:`ENGINES`);
 - ``runtime/compiled.py`` ``STAGES``: the calls a torch backend compiles (:data:`CALLS`);
-- ``runtime/residency.py`` ``ALL_STAGES`` / ``PHASE_STAGES``: the weights that may leave
+- ``runtime/planner.py`` ``ALL_STAGES`` / ``PHASE_STAGES``: the weights that may leave
   the device, and those each phase needs (:data:`WEIGHTS`, :data:`PHASE_WEIGHTS`);
 - ``runtime/timing.py``: stage timings are labelled by the calls (the ControlNet's
   embedding is timed with it, as "controlnet") and by the request's and the loop's own

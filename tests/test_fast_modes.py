@@ -207,8 +207,8 @@ def test_deep_feature_reuse_runs_the_shallow_part_between_whole_steps(models, in
     assert calls["unet_cached whole guided"] == 2 * 3 and calls["unet_cached shallow guided"] == 2 * 3
     assert calls["unet_guided"] == 0 and calls["controlnet_shallow"] == 2 * 2  # 2 shallow steps x 2 chunks of 16
     assert float((got.latents - exact[0].latents).norm() / exact[0].latents.norm()) > 1e-4
-    assert got.plan.deep_cache_bytes == 3 * TorchStages(models, CPU, DT).deep_feature_bytes(SIZE, SIZE, 1)
-    assert exact[0].plan.deep_cache_bytes == 0
+    assert got.plan.loop.deep_cache_bytes == 3 * TorchStages(models, CPU, DT).deep_feature_bytes(SIZE, SIZE, 1)
+    assert exact[0].plan.loop.deep_cache_bytes == 0
     # with the guidance cut off as well, the kept guided features serve the conditional calls
     _, calls = run(models, inputs, SamplingMode(cache_interval=2, guidance_until=0.25))
     assert calls["unet_cached whole guided"] == 3 and calls["unet_cached shallow cond"] == 2 * 3

@@ -15,11 +15,11 @@ import torch
 
 from magicanimate_rt import stage_names
 from magicanimate_rt.engines.specs import SPEC_BUILDERS, STAGE_NAMES
-from magicanimate_rt.runtime import compiled, residency, timing
+from magicanimate_rt.runtime import compiled, planner, timing
 from magicanimate_rt.runtime.backends.torch_backend import COMPILED_CALLS
 from magicanimate_rt.runtime.modes import PRESETS, SamplingMode, StepPolicy
-from magicanimate_rt.runtime.sampling import (DenoiseLoop, LoopPlan, OneProcess, SplitOverRanks, WindowSchedule,
-                                              call_windows)
+from magicanimate_rt.runtime.planner import LoopPlan, RequestPlan, next_rung
+from magicanimate_rt.runtime.sampling import DenoiseLoop, OneProcess, SplitOverRanks, WindowSchedule, call_windows
 from magicanimate_rt.runtime.stages import Capabilities
 from magicanimate_rt.runtime.timing import StageTimer
 from magicanimate_rt.runtime.windows import context_windows
@@ -135,9 +135,10 @@ def test_the_mode_decides_guidance_and_reuse_per_step():
 def fake_loop(policy=StepPolicy(), execution=None, lean=True):
     memory = []
     stages = SimpleNamespace(capabilities=Capabilities(lean_unet=lean, max_windows_per_call=None, deep_cache=True),
-                             set_unet_memory=lambda cfg, ff: memory.append((cfg, ff)), shallow_skips=lambda depth: 3)
+                             follow_plan=lambda p: memory.append((p.loop.cfg_sequential, p.loop.ff_chunk)),
+                             shallow_skips=lambda depth: 3)
     s = WindowSchedule(40, 16, 4, torch.device("cpu"), torch.float32)
-    plan = LoopPlan(windows_per_call=4)
+    plan = RequestPlan(LoopPlan(windows_per_call=4))
     loop = DenoiseLoop(stages, torch.zeros(40, 3, 8, 8), torch.float32, s, None, 7.5, plan, None, policy,
                        execution or OneProcess(), StageTimer(torch.device("cpu")))
     return loop, memory
@@ -150,7 +151,8 @@ def test_step_down_regroups_the_calls_once():
     assert loop.step_down(lambda old, new: changes.append((old, new)))
     assert [c.windows for c in loop.calls] == [(0,), (1,), (2,), (3,)]
     assert all(c.distinct is not None for c in loop.calls)  # residuals per window now
-    assert changes == [(LoopPlan(windows_per_call=4), loop.plan)] and memory == [(True, loop.plan.ff_chunk)]
+    assert changes == [(RequestPlan(LoopPlan(windows_per_call=4)), loop.plan)] and loop.plan.steps_down == 1
+    assert memory == [(True, loop.plan.loop.ff_chunk)]
     assert not loop.step_down()  # once
 
 
@@ -165,9 +167,9 @@ def test_no_step_down_over_ranks_or_with_kept_features():
 def test_one_vocabulary_of_stage_names():
     assert STAGE_NAMES == stage_names.ENGINES == tuple(SPEC_BUILDERS)
     assert compiled.STAGES == stage_names.CALLS == tuple(COMPILED_CALLS)
-    assert residency.ALL_STAGES == stage_names.WEIGHTS
-    assert residency.PHASE_STAGES == stage_names.PHASE_WEIGHTS
-    assert set().union(*residency.PHASE_STAGES.values()) == set(residency.ALL_STAGES)
+    assert planner.ALL_STAGES == stage_names.WEIGHTS
+    assert planner.PHASE_STAGES == stage_names.PHASE_WEIGHTS
+    assert set().union(*planner.PHASE_STAGES.values()) == set(planner.ALL_STAGES)
     assert timing.LABELS == stage_names.TIMER_LABELS
 
 
@@ -192,20 +194,22 @@ def test_timings_and_compiled_calls_use_the_vocabulary():
 
 # --------------------------------------------------------------------------- one ladder
 def test_the_out_of_memory_step_downs_are_the_ladders_rungs():
-    from magicanimate_rt.runtime import pipeline, sampling
+    from magicanimate_rt.runtime import pipeline
     from magicanimate_rt.runtime.stages import FF_CHUNK_TOKENS
 
-    # the residency ladder ends with the UNet's lean rungs; the step-down takes the last
-    assert sampling.lean_unet_rungs(False) == [(False, None)]
-    assert sampling.lean_unet_rungs(True) == [(False, None), (True, None), (True, FF_CHUNK_TOKENS)]
-    down = LoopPlan(windows_per_call=3, decode_chunk=8).stepped_down(Capabilities(lean_unet=True))
-    assert (down.cfg_sequential, down.ff_chunk) == (True, FF_CHUNK_TOKENS)
-    plain = LoopPlan(windows_per_call=3, decode_chunk=8).stepped_down(Capabilities())
+    # the ladder ends with the UNet's lean rungs; the out-of-memory step-down takes the last
+    assert planner.lean_unet_rungs(False) == [(False, None)]
+    assert planner.lean_unet_rungs(True) == [(False, None), (True, None), (True, FF_CHUNK_TOKENS)]
+    plan = RequestPlan(LoopPlan(windows_per_call=3, decode_chunk=8), rung=2)
+    down = next_rung(plan, Capabilities(lean_unet=True))
+    assert (down.loop.cfg_sequential, down.loop.ff_chunk, down.rung, down.steps_down) == (True, FF_CHUNK_TOKENS, 2, 1)
+    plain = next_rung(plan, Capabilities()).loop
     assert (plain.cfg_sequential, plain.ff_chunk, plain.windows_per_call) == (False, None, 1)
-    # the decode's step-down (pipeline._decode) reads the same function's decode chunk: a
-    # quarter, and at 1 nothing left to step down to
-    assert down.decode_chunk == 2 and LoopPlan(decode_chunk=1).stepped_down(Capabilities()).decode_chunk == 1
+    # the decode's step-down (pipeline._decode) is the same function: a quarter of the
+    # chunk, and at the leanest nothing left to step down to
+    assert down.loop.decode_chunk == 2 and next_rung(next_rung(down, Capabilities(lean_unet=True)),
+                                                     Capabilities(lean_unet=True)) is None
     # "auto"'s limits: one table, plan_loop's defaults are its CUDA row
-    assert pipeline.AUTO_LIMITS is sampling.AUTO_LIMITS
-    assert sampling.plan_loop(64, 6, None, None) == LoopPlan(windows_per_call=sampling.AUTO_LIMITS["cuda"][0],
-                                                            decode_chunk=sampling.AUTO_LIMITS["cuda"][1])
+    assert pipeline.AUTO_LIMITS is planner.AUTO_LIMITS
+    assert planner.plan_loop(64, 6, None, None) == LoopPlan(windows_per_call=planner.AUTO_LIMITS["cuda"][0],
+                                                           decode_chunk=planner.AUTO_LIMITS["cuda"][1])

@@ -26,6 +26,7 @@ from magicanimate_rt.runtime.cache import ReferenceCache
 from magicanimate_rt.runtime.media import (
     content_box, crop_frames, fit_image, grid_frames, load_source_image, read_video, resize_frames, write_video,
 )
+from magicanimate_rt.runtime.planner import LoopPlan, RequestPlan
 from magicanimate_rt.runtime.sampling import initial_noise
 from magicanimate_rt.runtime.stages import Stages
 
@@ -400,9 +401,10 @@ def test_decode_across_ranks_pads_chunks_to_the_frame_shape():
 
     pipe = AnimationPipeline(ShapeStages(), ranks=None)
     latents = torch.randn(1, 4, 7, H // 8, W // 8)
-    alone = pipe._decode(latents, 3)
+    plan = RequestPlan(LoopPlan(decode_chunk=3))
+    alone, _ = pipe._decode(latents, plan)
     pipe.ranks = OneRank()
-    shared = pipe._decode(latents, 3, shape=(W, H))
+    shared, _ = pipe._decode(latents, plan, shape=(W, H))
     assert OneRank.sent == [(3, H, W, 3)] * 3 and np.array_equal(alone, shared) and shared.shape == (7, H, W, 3)
 
 

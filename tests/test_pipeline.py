@@ -206,11 +206,11 @@ def test_a_stopped_or_failed_request_leaves_the_pipeline_as_a_fresh_one(shared_d
     from magicanimate_rt.runtime.pipeline import PipelineOptions
     from magicanimate_rt.runtime.request import AnimationRequest
 
-    models, options = shared_dir / "conformance" / "tiny-models", PipelineOptions(gpu_memory_gb=0.12)
+    models, options = shared_dir / "conformance" / "tiny-models", PipelineOptions(memory_gb=0.12)
     request = AnimationRequest(demo.source_image(64), demo.driving_clip(16, 64), size=64, steps=3, seed=5)
     with AnimationPipeline.from_pretrained(models, dtype="float64", options=options, ranks=None) as fresh:
         want = fresh.run(request)
-    assert want.plan.cfg_sequential  # the request runs lean: set on the backend, to be restored after it
+    assert want.plan.loop.cfg_sequential  # the request runs lean: set on the backend, to be restored after it
     steps_seen = []
 
     def stop_at_2(step, steps):

@@ -1,4 +1,4 @@
-"""The residency planner (``--gpu-memory-gb``), banks up front, and the out-of-memory
+"""The residency planner (``--memory-gb``), banks up front, and the out-of-memory
 step-down: what of issue 17's "8 GB at any length" runs without a GPU.
 
 The plans under device budgets are checked on SD 1.5's real architecture, built on the
@@ -20,10 +20,9 @@ from equality import F64_TOL, rel  # tests/ is on sys.path
 from magicanimate_rt.errors import InputError
 from magicanimate_rt.runtime.backends.torch_backend import TorchStages
 from magicanimate_rt.runtime.pipeline import AnimationPipeline, PipelineOptions
-from magicanimate_rt.runtime.residency import (
-    ALL_STAGES, GIB, HEADROOM, RequestShape, phase_bytes, plan_residency, state_bytes,
+from magicanimate_rt.runtime.planner import (
+    ALL_STAGES, GIB, HEADROOM, LoopPlan, RequestPlan, RequestShape, phase_bytes, plan_request, state_bytes,
 )
-from magicanimate_rt.runtime.sampling import LoopPlan
 from magicanimate_rt.runtime.stages import Capabilities, Stages
 from magicanimate_rt.runtime.windows import context_windows
 
@@ -41,7 +40,7 @@ def sd15_cuda_stages():
 
 
 def sd15_plan(stages, gib: float, frames: int):
-    pipe = AnimationPipeline(stages, options=PipelineOptions(gpu_memory_gb=gib), ranks=None)
+    pipe = AnimationPipeline(stages, options=PipelineOptions(memory_gb=gib), ranks=None)
     return pipe.plan_request(512, frames, steps=25)
 
 
@@ -116,14 +115,13 @@ def test_sd15_lean_unet_when_offloading_is_not_enough(sd15_cuda_stages):
 def test_plan_counts_what_the_phases_hold():
     """phase_bytes by hand on a small made-up model: weights of the resident stages, the
     banks, the state and the loop's calls."""
-    from magicanimate_rt.runtime.residency import ResidencyPlan
     from magicanimate_rt.runtime.stages import MemoryModel
 
     m = MemoryModel(residuals_per_frame=10, unet_per_window=1000, controlnet_per_frame=20, decode_per_frame=300,
                     bank_per_step=7, appearance_call=50)
     w = {"vae": 100, "appearance_encoder": 200, "controlnet": 400, "unet": 800}
     shape = RequestShape(num_frames=32, num_windows=3, steps=5, width=64, height=64, state_bytes=99, frames_bytes=11)
-    plan = ResidencyPlan(LoopPlan(1, "all", 16, 2), True, ("appearance_encoder",), None, w)
+    plan = RequestPlan(LoopPlan(1, "all", 16, 2), True, ("appearance_encoder",), None, w)
     got = phase_bytes(plan, m, shape)
     latents = 32 * 4 * 8 * 8 * 4
     assert got == {
@@ -162,8 +160,8 @@ class Recording(Stages):
     def set_resident(self, stages):
         self.placements.append(tuple(stages))
 
-    def set_unet_memory(self, cfg_sequential, ff_chunk):
-        self.inner.set_unet_memory(cfg_sequential, ff_chunk)
+    def follow_plan(self, plan):
+        self.inner.follow_plan(plan)
 
     def encode_reference(self, image):
         return self.inner.encode_reference(image)
@@ -218,8 +216,8 @@ def tiny_resident_plan(stages):
     """The tiny set's plan with the explicit batching and no budget: everything resident."""
     n = len(context_windows(FRAMES, 16, 4))
     shape = RequestShape(FRAMES, n, STEPS, SIZE, SIZE, state_bytes(FRAMES, SIZE, SIZE, 4), 2 * FRAMES * SIZE * SIZE * 3)
-    return plan_residency(float("inf"), stages.memory_model(SIZE), stages.weight_bytes(), shape, can_offload=True,
-                          **EXPLICIT)
+    return plan_request(float("inf"), stages.memory_model(SIZE), stages.weight_bytes(), shape,
+                        Capabilities(max_windows_per_call=None, residency=True), **EXPLICIT)
 
 
 def test_banks_up_front_equal_banks_per_step(tiny_stages, inputs):
@@ -229,14 +227,14 @@ def test_banks_up_front_equal_banks_per_step(tiny_stages, inputs):
     # a budget between "everything resident" and "the appearance encoder off after the banks"
     budget = resident.predicted_peak - w / 2
     rec = Recording(tiny_stages)
-    got = run(rec, inputs, gpu_memory_gb=budget / GIB / HEADROOM, **EXPLICIT)
-    assert got.residency.banks_up_front and got.residency.offload == ("appearance_encoder",)
-    assert got.residency.predicted_peak <= budget
+    got = run(rec, inputs, memory_gb=budget / GIB / HEADROOM, **EXPLICIT)
+    assert got.plan.banks_up_front and got.plan.offload == ("appearance_encoder",) and got.plan.rung == 1
+    assert got.plan.predicted_peak <= budget and got.stepped_down is None
     # the reference phase has the appearance encoder; the loop and the decode do not
     assert rec.placements == [("vae", "appearance_encoder", "controlnet", "unet"),
                               ("vae", "controlnet", "unet"), ("vae", "controlnet", "unet")]
     want = run(tiny_stages, inputs, **EXPLICIT)  # banks per step, on the CPU's own plan
-    assert want.residency.banks_up_front is False
+    assert want.plan.banks_up_front is False and want.plan.rung == 0
     # the same calls on the same values in another order: bitwise equal
     assert torch.equal(got.latents, want.latents)
     assert np.array_equal(got.frames, want.frames)
@@ -256,9 +254,9 @@ def test_out_of_memory_steps_the_loop_down_once_and_retries(tiny_stages64, input
     got = run(rec, inputs, windows_per_call=3, controlnet_residuals="all", decode_chunk=4)
     assert rec.refused == [("unet", 3)]  # once: the retried step and the rest run lean
     old, new = got.stepped_down
-    assert (old.windows_per_call, old.controlnet_residuals) == (3, "all")
-    assert (new.windows_per_call, new.controlnet_residuals, new.controlnet_chunk, new.decode_chunk) == \
-        (1, "per_window", 4, 1)
+    assert (old.loop.windows_per_call, old.loop.controlnet_residuals, old.steps_down) == (3, "all", 0)
+    assert (new.loop.windows_per_call, new.loop.controlnet_residuals, new.loop.controlnet_chunk,
+            new.loop.decode_chunk, new.steps_down) == (1, "per_window", 4, 1, 1)
     assert got.plan == new
     # the same function as planning lean from the start: the failed call left nothing behind
     want = run(tiny_stages, inputs, windows_per_call=1, controlnet_residuals="per_window", controlnet_chunk=4,
@@ -270,21 +268,20 @@ def test_out_of_memory_steps_the_loop_down_once_and_retries(tiny_stages64, input
 
 
 def test_out_of_memory_with_a_lean_unet_runs_the_halves_in_turn(tiny_stages64, inputs):
-    from magicanimate_rt.runtime.backends.torch_backend import TorchOptions
-
     rec = Recording(tiny_stages64, oom=lambda kind, batch: kind == "unet" and batch > 1, lean_unet=True)
     try:
         got = run(rec, inputs, windows_per_call=2)
         new = got.stepped_down[1]
-        assert new.cfg_sequential and new.ff_chunk == 1024
+        assert new.loop.cfg_sequential and new.loop.ff_chunk == 1024
         assert tiny_stages64._arithmetic.cfg_sequential  # the stages were told
-        lean = TorchStages(tiny_stages64.models, torch.device("cpu"), torch.float64,
-                           TorchOptions(cfg_sequential=True, ff_chunk=1024))
-        want = run(lean, inputs, windows_per_call=1, controlnet_residuals="per_window",
-                   controlnet_chunk=new.controlnet_chunk, decode_chunk=new.decode_chunk)
+        tiny_stages64.end_request()  # (the recording stages leave it to the pipeline's own)
+        want = run(tiny_stages64, inputs, cfg_sequential=True, ff_chunk=1024, windows_per_call=1,
+                   controlnet_residuals="per_window",
+                   controlnet_chunk=new.loop.controlnet_chunk, decode_chunk=new.loop.decode_chunk)
         assert rel(got.latents, want.latents) < F64_TOL
+        assert want.plan.loop.cfg_sequential and not tiny_stages64._arithmetic.cfg_sequential  # restored
     finally:
-        tiny_stages64.set_unet_memory(False, None)
+        tiny_stages64.end_request()
 
 
 def test_a_second_out_of_memory_is_raised(tiny_stages, inputs):
@@ -314,17 +311,17 @@ def test_bank_and_weight_bytes_are_the_tensors(tiny_stages):
         assert tiny_stages.weight_bytes()[name] >= want  # state dict, plus any non-persistent buffers
 
 
-def test_gpu_memory_gb_checked(tiny_models):
+def test_memory_gb_checked(tiny_models):
     from magicanimate_rt.serve.settings import ServeSettings
 
-    with pytest.raises(InputError, match="--gpu-memory-gb must be a number of GiB > 0, got 0"):
-        PipelineOptions(gpu_memory_gb=0)
-    with pytest.raises(InputError, match="--gpu-memory-gb must be a number of GiB > 0, got -2"):
-        ServeSettings(models=tiny_models, gpu_memory_gb=-2).check()
-    assert ServeSettings(models=tiny_models, gpu_memory_gb=8).check().gpu_memory_gb == 8
+    with pytest.raises(InputError, match="--memory-gb must be a number of GiB > 0, got 0"):
+        PipelineOptions(memory_gb=0)
+    with pytest.raises(InputError, match="--memory-gb must be a number of GiB > 0, got -2"):
+        ServeSettings(models=tiny_models, memory_gb=-2).check()
+    assert ServeSettings(models=tiny_models, memory_gb=8).check().memory_gb == 8
 
 
-def test_cli_gpu_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_dir):
+def test_cli_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_dir):
     from PIL import Image
 
     from magicanimate_rt.runtime.media import write_video
@@ -336,9 +333,10 @@ def test_cli_gpu_memory_gb_too_small_is_one_line(tiny_models, tmp_path, shared_d
     out = tmp_path / "o.mp4"
     cmd = [sys.executable, "-m", "magicanimate_rt.cli", "animate", "--models", str(tiny_models), "--source", str(src),
            "--driving", str(drv), "--output", str(out), "--size", "64", "--steps", "1"]
+    # the old name (--gpu-memory-gb) is the same setting, checked in the same place
     bad = subprocess.run(cmd + ["--gpu-memory-gb", "-1"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--gpu-memory-gb" in bad.stderr
-    small = subprocess.run(cmd + ["--gpu-memory-gb", "0.001"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--memory-gb" in bad.stderr
+    small = subprocess.run(cmd + ["--memory-gb", "0.001"], capture_output=True, text=True, timeout=300)
     assert small.returncode == 2, small.stderr
     assert small.stderr.strip().startswith("magicanimate-rt: error: the request does not fit in 0.00 GiB")
     assert small.stderr.strip().count("\n") == 0  # one line, no traceback

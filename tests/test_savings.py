@@ -22,7 +22,10 @@ from magicanimate_rt.runtime.backends.torch_backend import TorchOptions, TorchSt
 from magicanimate_rt.runtime.cache import ReferenceCache
 from magicanimate_rt.runtime.ddim import DDIMSampler, DDIMSettings
 from magicanimate_rt.runtime.pipeline import PipelineOptions
-from magicanimate_rt.runtime.sampling import LoopPlan, MemoryModel, denoise, initial_noise, plan_loop
+from magicanimate_rt.runtime.planner import GIB, HEADROOM, state_bytes
+from magicanimate_rt.runtime.planner import LoopPlan, RequestPlan, plan_loop
+from magicanimate_rt.runtime.sampling import denoise, initial_noise
+from magicanimate_rt.runtime.stages import MemoryModel
 
 SIZE, FRAMES = 64, 32  # 32 frames: three windows, the last wrapping around to frames 0..7
 DT = torch.float64
@@ -34,8 +37,11 @@ def models(shared_dir):
     return load_model_set(shared_dir / "conformance" / "tiny-models", dtype=DT)
 
 
-def stages(models, **options) -> TorchStages:
-    return TorchStages(models, CPU, DT, TorchOptions(**options))
+def stages(models, cfg_sequential: bool = False, ff_chunk=None, **options) -> TorchStages:
+    """The torch stages with ``options``, following a plan with these lean UNet settings."""
+    st = TorchStages(models, CPU, DT, TorchOptions(**options))
+    st.follow_plan(RequestPlan(LoopPlan(cfg_sequential=cfg_sequential, ff_chunk=ff_chunk)))
+    return st
 
 
 class Counting(TorchStages):
@@ -132,7 +138,7 @@ def run_loop(st, inputs, plan: LoopPlan, uint8: bool = True) -> tuple[torch.Tens
         control = control.to(latents.dtype) / 255.0
     sampler = RecordingSampler(1, ONE_STEP)
     with torch.inference_mode():
-        out = denoise(st, ref, control, latents, sampler, 7.5, plan=plan)
+        out = denoise(st, ref, control, latents, sampler, 7.5, plan=RequestPlan(plan))
     assert out.dtype == DT and len(sampler.eps) == 1 and sampler.eps[0].dtype == DT
     return out, sampler.eps[0]
 
@@ -397,7 +403,7 @@ def test_control_embedded_once_is_the_same_function(models, clip):
         pipe = AnimationPipeline(st, options=PipelineOptions(embed_control_once=once, reference_cache_entries=0))
         runs[once] = (pipe.animate(source, driving, size=SIZE, steps=2, seed=3), st)
     (a, st_once), (b, st_each) = runs[True], runs[False]
-    assert a.plan.embed_control_once and not b.plan.embed_control_once
+    assert a.plan.loop.embed_control_once and not b.plan.loop.embed_control_once
     # the 16 frames embedded once per request (then 2 steps from the embedding) vs once per
     # step inside every ControlNet call
     assert st_once.work("controlnet_embed") == (1, 16) and st_once.work("controlnet_embedded") == (2, 32)
@@ -407,7 +413,7 @@ def test_control_embedded_once_is_the_same_function(models, clip):
     assert torch.equal(a.latents, b.latents)
     # bounded-memory residuals compute the embedding per call, as the original
     bounded = AnimationPipeline(stages(models), options=PipelineOptions(controlnet_residuals="per_window"))
-    assert not bounded.animate(source, driving[:2], size=SIZE, steps=1).plan.embed_control_once
+    assert not bounded.animate(source, driving[:2], size=SIZE, steps=1).plan.loop.embed_control_once
 
 
 def test_control_uint8_is_bitwise_the_same(models, clip):
@@ -435,7 +441,7 @@ def test_decode_in_chunks_is_the_same_function(models, inputs):
     runs = {}
     for chunk in (1, 3, 7, 16):
         st = Counting(models, CPU, DT)
-        frames = AnimationPipeline(st)._decode(latents, chunk)
+        frames, _ = AnimationPipeline(st)._decode(latents, RequestPlan(LoopPlan(decode_chunk=chunk)))
         runs[chunk] = frames, torch.cat(st.decoded), st.decode_rows
     one, video_one, rows_one = runs[1]
     assert one.shape == (7, SIZE, SIZE, 3) and one.dtype == np.uint8 and rows_one == [1] * 7
@@ -449,9 +455,18 @@ def test_decode_in_chunks_is_the_same_function(models, inputs):
 
 def test_plan_reported_and_budget_respected(models, clip):
     source, driving = clip
-    tight = AnimationPipeline(stages(models), options=PipelineOptions(memory_budget_mb=1))
+    st = stages(models)
+    # a budget (weights included) with room for the weights, one step's bank, the step
+    # state and the loop's per-window plan (one call's residuals, its ControlNet call), but
+    # short of the residuals of all 16 frames with their conditioning embeddings by half
+    # the embeddings: per-window residuals, one window per call, one frame per decode call
+    m, n = st.memory_model(SIZE), 16
+    need = (sum(st.weight_bytes().values()) + m.bank_per_step + state_bytes(n, SIZE, SIZE, 8)
+            + n * m.residuals_per_frame + max(m.unet_per_window, 16 * m.controlnet_per_frame))
+    budget = need + n * m.control_embedding_per_frame / 2
+    tight = AnimationPipeline(st, options=PipelineOptions(memory_gb=budget / GIB / HEADROOM))
     result = tight.animate(source, driving[:2], size=SIZE, steps=1)
-    assert result.plan == LoopPlan(windows_per_call=1, controlnet_residuals="per_window", decode_chunk=1)
+    assert result.plan.loop == LoopPlan(windows_per_call=1, controlnet_residuals="per_window", decode_chunk=1)
 
 
 # --------------------------------------------------------------------------- the planner
@@ -499,8 +514,8 @@ def test_decode_never_sets_the_peak():
 def test_options_validated():
     with pytest.raises(InputError, match="controlnet_residuals"):
         PipelineOptions(controlnet_residuals="sometimes")
-    with pytest.raises(InputError, match="memory_budget_mb"):
-        PipelineOptions(memory_budget_mb=0)
+    with pytest.raises(InputError, match="--memory-gb"):
+        PipelineOptions(memory_gb=0)
     with pytest.raises(InputError, match="windows_per_call"):
         PipelineOptions(windows_per_call=0)
 

@@ -27,7 +27,7 @@ def test_flags_and_ray_args_give_the_same_settings(tmp_path):
     # every setting given once as a flag and once as Ray's key=value text: the same objects
     key = tmp_path / "key"
     key.write_text("a-key-of-twenty-chars\n")
-    values = {"models": str(tmp_path), "backend": "torch", "dtype": "bfloat16", "gpu_memory_gb": "6.5",
+    values = {"models": str(tmp_path), "backend": "torch", "dtype": "bfloat16", "memory_gb": "6.5",
               "data_dir": str(tmp_path / "d"), "max_queue": "3", "max_upload_mb": "1.5", "max_frames": "20",
               "max_steps": "7", "max_side": "256", "keep_hours": "0.5", "shutdown_grace_s": "2",
               "examples_dir": str(tmp_path), "api_key_file": str(key), "densepose_weights": str(tmp_path / "dp.pkl"),
@@ -39,12 +39,16 @@ def test_flags_and_ray_args_give_the_same_settings(tmp_path):
     from_ray = from_given(parse_ray_args(values))
     assert from_cli == from_ray
     settings, ray = from_ray
-    assert (settings.max_upload_bytes, settings.shutdown_grace_s, settings.api_key, settings.gpu_memory_gb) == \
+    assert (settings.max_upload_bytes, settings.shutdown_grace_s, settings.api_key, settings.memory_gb) == \
         (int(1.5 * 2**20), 2.0, "a-key-of-twenty-chars", 6.5)
     options = RayOptions(**ray).check()
     assert options.rank_resources() == {"num_cpus": 2.0, "num_gpus": 1.0}
     # the keys Ray takes: the declared ones, and no command-line-only setting
     assert set(values) <= set(RAY_ARGS) and not {"host", "port", "address", "dashboard_port", "devices"} & set(RAY_ARGS)
+    # the budget's old name, as a flag and as a key, gives the same setting
+    old_flag = serve_parser().parse_args(["--models", str(tmp_path), "--gpu-memory-gb", "6.5"])
+    assert from_given(vars(old_flag))[0].memory_gb == from_given(parse_ray_args({"gpu_memory_gb": "6.5"}))[0].memory_gb \
+        == 6.5
 
 
 def test_help_shows_the_declared_defaults():
@@ -62,7 +66,8 @@ def test_help_shows_the_declared_defaults():
     ({"shutdown_grace_s": -1}, "--shutdown-grace must be >= 0, got -1"),
     ({"max_side": 32}, "--max-side must be >= 64, got 32"),
     ({"max_side": 4096}, "--max-side must be <= 2048, got 4096"),
-    ({"gpu_memory_gb": 0}, "--gpu-memory-gb must be a number of GiB > 0, got 0.0"),
+    ({"memory_gb": 0}, "--memory-gb must be a number of GiB > 0, got 0.0"),
+    ({"gpu_memory_gb": -1}, "--memory-gb must be a number of GiB > 0, got -1.0"),  # the old name, the same check
 ])
 def test_bounds_are_one_line_naming_the_flag(tmp_path, args, message):
     settings, _ = from_given(parse_ray_args(dict(args, models=str(tmp_path), data_dir=str(tmp_path / "d"))))

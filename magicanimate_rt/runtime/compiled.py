@@ -200,7 +200,7 @@ class CompileKey:
             controlnet_residuals, embed_control_once: the plan, which sets each call's
             batch (the frame count only adds the shorter last chunks, saved with the key's
             file when a request compiles them); cfg_sequential, ff_chunk: the plan's lean
-            UNet settings (``runtime/residency.py``), which change the UNet's graphs.
+            UNet settings (``runtime/planner.py``), which change the UNet's graphs.
     """
 
     torch_version: str

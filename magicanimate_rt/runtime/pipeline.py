@@ -18,7 +18,7 @@ ratio become W x H (runtime/media.py ``fit_image``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, MagicAnimateError
+from ..models.layers import Arithmetic
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSettings
 from .distributed import Ranks, request_digest
@@ -34,8 +35,9 @@ from .media import Box, crop_frames
 from .modes import SamplingMode, make_sampler
 from .cache import ReferenceCache
 from .request import DEFAULTS, AnimationRequest
-from .residency import ALL_STAGES, HEADROOM, RequestShape, ResidencyPlan, plan_residency, state_bytes
-from .sampling import AUTO_LIMITS, LoopPlan, check_deep_cache, denoise, empty_device_cache, initial_noise, plan_loop
+from . import planner
+from .planner import ALL_STAGES, AUTO_LIMITS, GIB, HEADROOM, LoopPlan, RequestPlan, RequestShape, next_rung, state_bytes
+from .sampling import check_deep_cache, denoise, empty_device_cache, initial_noise
 from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows, padded_length
@@ -57,13 +59,17 @@ class PipelineOptions:
         controlnet_residuals: "all": ControlNet residuals of every frame computed once per
             step and kept through it (the original; memory grows with the frame count);
             "per_window": computed for each UNet call's windows (bounded memory, frames in
-            two calls computed twice); "auto": "all" if it fits ``memory_budget_mb``.
-        memory_budget_mb: working memory, in MiB, that the denoising loop and the decode
-            may use on top of the weights (residual store, UNet/ControlNet/VAE calls).
-            None: half of what the device has available when the request starts (CPU:
-            ``MemAvailable``; CUDA: free device memory). Estimates come from the backend's
-            ``memory_model`` (docs/PERFORMANCE.md, "Memory"); a backend without one gets
-            the unbudgeted choices (residuals "all", one window per call unless it says more).
+            two calls computed twice); "auto": "all" if it fits ``memory_gb``.
+        memory_gb: memory, in GiB, a request may use on its device, weights included
+            (``--memory-gb``; ``--gpu-memory-gb`` is its old name): the planner
+            (``runtime/planner.py``) decides which stages stay on the device, whether the
+            banks of all timesteps are computed up front, the loop's batching and the UNet's
+            lean settings so that the predicted peak fits ``HEADROOM`` of it. None: what the
+            device has (CUDA: free memory plus this process's allocations, times
+            ``HEADROOM``; CPU: the weights plus half of ``MemAvailable``). Estimates come
+            from the backend's ``memory_model`` (docs/PERFORMANCE.md, "Memory"); a backend
+            without one gets the unbudgeted choices (residuals "all", one window per call
+            unless it says more).
         embed_control_once: compute the ControlNet conditioning embedding of each driving
             frame once per request instead of once per step (the original), when the
             backend offers it and the residuals of all frames are kept (it is kept with
@@ -74,14 +80,11 @@ class PipelineOptions:
         reference_cache_entries: source images whose reference latent and banks are kept
             for later requests (``runtime/cache.py``); 0 disables the cache (the original).
         reference_cache_mb: bound, in MiB, on the cache's tensors.
-        gpu_memory_gb: device memory, in GiB, a request may use, weights included
-            (``--gpu-memory-gb``): the residency planner (``runtime/residency.py``) decides
-            which stages stay on the device, whether the banks of all timesteps are computed
-            up front, the loop's batching and the UNet's lean settings so that the
-            predicted peak fits. None: on CUDA what the device has (free memory plus this
-            process's allocations); on the CPU the loop is planned within
-            ``memory_budget_mb`` as before. ``memory_budget_mb``, when given, plans the
-            working memory alone instead.
+        cfg_sequential, ff_chunk: the UNet's lean settings asked for whatever the budget (the
+            guided call's CFG halves one after the other; feed-forwards that many tokens at
+            a time), where the backend has them (``Capabilities.lean_unet``): every plan is at
+            least that lean (``models/layers.py`` ``Arithmetic`` says what each does and
+            checks it). Default: as lean as the budget needs.
     """
 
     overlap: int = 4
@@ -89,12 +92,13 @@ class PipelineOptions:
     decode_chunk: Optional[int] = None
     windows_per_call: Optional[int] = None
     controlnet_residuals: str = "auto"
-    memory_budget_mb: Optional[float] = None
+    memory_gb: Optional[float] = None
     embed_control_once: bool = True
     control_uint8: bool = True
     reference_cache_entries: int = 4
     reference_cache_mb: float = 512.0
-    gpu_memory_gb: Optional[float] = None
+    cfg_sequential: bool = False
+    ff_chunk: Optional[int] = None
 
     @classmethod
     def original(cls) -> "PipelineOptions":
@@ -112,12 +116,14 @@ class PipelineOptions:
         if self.controlnet_residuals not in ("auto", "all", "per_window"):
             raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', "
                              f"got {self.controlnet_residuals!r}")
-        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
-            raise InputError(f"memory_budget_mb must be > 0 (or None), got {self.memory_budget_mb!r}")
         if self.reference_cache_entries < 0 or self.reference_cache_mb < 0:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
-        if self.gpu_memory_gb is not None and (isinstance(self.gpu_memory_gb, bool) or not self.gpu_memory_gb > 0):
-            raise InputError(f"--gpu-memory-gb must be a number of GiB > 0, got {self.gpu_memory_gb!r}")
+        try:
+            Arithmetic(cfg_sequential=self.cfg_sequential, ff_chunk=self.ff_chunk)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if self.memory_gb is not None and (isinstance(self.memory_gb, bool) or not self.memory_gb > 0):
+            raise InputError(f"--memory-gb must be a number of GiB > 0, got {self.memory_gb!r}")
 
 
 #: receives the decoded video chunk by chunk: (index of the chunk's first frame, (n, H, W, 3) uint8)
@@ -129,7 +135,9 @@ class AnimationResult:
     frames: Optional[np.ndarray]  #: (F0, H, W, 3) uint8; None when they went to a ``frame_sink``
     latents: Tensor  #: (1, 4, N, H/8, W/8) float32 on the CPU, before decode
     timings: dict[str, float] = field(default_factory=dict)  #: seconds per stage, and "total"
-    plan: Optional[LoopPlan] = None  #: how the work was batched
+    #: the plan that ran (``runtime/planner.py``): where the weights were in each phase, how
+    #: the work was batched, the UNet's lean settings, the predicted peak and its rung
+    plan: Optional[RequestPlan] = None
     reference_cached: bool = False  #: the source's latent came from the reference cache
     #: (left, top, right, bottom) of the W x H output that shows the driving frames' own
     #: content: the whole frame unless ``fit="pad"`` padded them (then the frames were
@@ -137,10 +145,9 @@ class AnimationResult:
     content_box: Optional[Box] = None
     #: the sampling mode it ran (``runtime/modes.py``): "exact" reproduces the original
     mode: SamplingMode = SamplingMode()
-    #: where the weights were in each phase and the predicted peak (``runtime/residency.py``)
-    residency: Optional[ResidencyPlan] = None
-    #: the loop plans before and after an out-of-memory step-down (None: none happened)
-    stepped_down: Optional[tuple[LoopPlan, LoopPlan]] = None
+    #: the plan as planned and as it ran after out-of-memory step-downs (``planner.next_rung``;
+    #: None: none happened)
+    stepped_down: Optional[tuple[RequestPlan, RequestPlan]] = None
 
 
 class AnimationPipeline:
@@ -350,14 +357,13 @@ class AnimationPipeline:
                 control = control.to(st.dtype) / 255.0
             latents = initial_noise(request.seed, n, (shape[1] // 8, shape[0] // 8), st.window).to(st.device,
                                                                                                     st.dtype)
-            residency = self.plan_request(shape, n, m, steps, request.guidance_scale != 1.0, frame_sink is not None)
+            planned = self.plan_request(shape, n, m, steps, request.guidance_scale != 1.0, frame_sink is not None)
         done = False
         try:
-            latents, plan, cached, changes = self._sample(request, image, control, latents, sampler, residency,
-                                                          timer, progress)
-            self._place(residency, "decode")
+            latents, plan, cached = self._sample(request, image, control, latents, sampler, planned, timer, progress)
+            self._place(plan, "decode")
             with timer.stage("vae_decode"):
-                frames = self._decode(latents[:, :, :f0], plan.decode_chunk, frame_sink, shape)
+                frames, plan = self._decode(latents[:, :, :f0], plan, frame_sink, shape)
                 if frames is not None and crop:
                     frames = np.ascontiguousarray(crop_frames(frames, box))
             done = True
@@ -366,8 +372,8 @@ class AnimationPipeline:
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
         return AnimationResult(frames=frames, latents=latents.float().cpu(), timings=timings, plan=plan,
-                               reference_cached=cached, content_box=box, mode=m, residency=residency,
-                               stepped_down=changes[0] if changes else None)
+                               reference_cached=cached, content_box=box, mode=m,
+                               stepped_down=(planned, plan) if plan is not planned else None)
 
     def _read_request(self, make_request, timer: StageTimer) -> tuple[AnimationRequest, Box]:
         """The request with its inputs read and checked, and the driving content's box; under
@@ -392,39 +398,36 @@ class AnimationPipeline:
         return request, box
 
     def _sample(self, request: AnimationRequest, image: Tensor, control: Tensor, latents: Tensor, sampler,
-                residency: ResidencyPlan, timer: StageTimer, progress):
+                plan: RequestPlan, timer: StageTimer, progress):
         """The backend set up for the request, the reference encoded (or taken from the
-        cache), the banks and the denoising loop: (latents, the loop plan that ran, whether
-        the reference was cached, the plan's step-downs)."""
+        cache), the banks and the denoising loop: (latents, the plan that ran, whether the
+        reference was cached)."""
         st, o, m = self.stages, self.options, request.mode
-        plan = residency.loop
-        if st.capabilities.lean_unet:  # this request's settings (restored if it fails)
-            st.set_unet_memory(plan.cfg_sequential, plan.ff_chunk)
-        st.begin_request(*request.shape, plan)  # compiled stages: this shape's compile cache
+        st.begin_request(*request.shape, plan)  # the backend follows the plan (until end_request)
         key = ReferenceCache.key(request.source, st.device, st.dtype)
         entry = self.reference_cache.lookup(key)
         cached = entry is not None
-        if not cached or residency.banks_up_front:
-            self._place(residency, "reference")
+        if not cached or plan.banks_up_front:
+            self._place(plan, "reference")
         with timer.stage("vae_encode"):
             if entry is None:
                 entry = self.reference_cache.insert(key, st.encode_reference(image))
-        bank_fn = self._bank_source(key, entry, sampler, residency, timer)
-        self._place(residency, "loop")
+        bank_fn = self._bank_source(key, entry, sampler, plan, timer)
+        self._place(plan, "loop")
         on_step, bar = self._step_callback(progress, request.num_steps)
-        changes: list[tuple[LoopPlan, LoopPlan]] = []
+        ran = [plan]
         try:
             latents = denoise(st, entry.latent, control, latents, sampler, float(request.guidance_scale), o.overlap,
                               o.controlnet_chunk, timer, on_step, plan=plan, bank_fn=bank_fn, ranks=self.ranks,
                               guided_steps=m.guided_steps(request.num_steps) if m.guidance_until < 1.0 else None,
                               cache_interval=m.cache_interval, cache_depth=m.cache_depth,
-                              on_plan_change=lambda old, new: changes.append((old, new)))
+                              on_plan_change=lambda old, new: ran.append(new))
         finally:
             if bar is not None:
                 bar.close()
-        return latents, (changes[-1][1] if changes else plan), cached, changes
+        return latents, ran[-1], cached
 
-    def _bank_source(self, key, entry, sampler, residency: ResidencyPlan, timer: StageTimer):
+    def _bank_source(self, key, entry, sampler, plan: RequestPlan, timer: StageTimer):
         """The loop's ``bank_fn(i, t)``: each timestep's reference bank, from the cache or
         computed (and offered to the cache); with ``banks_up_front`` every timestep's now,
         so the appearance encoder can leave the device before the loop."""
@@ -439,7 +442,7 @@ class AnimationPipeline:
                 cache.add_bank(key, entry, ts, bank)
             return bank
 
-        if residency.banks_up_front:
+        if plan.banks_up_front:
             with timer.stage("appearance_encoder"):
                 for i, t in enumerate(sampler.timestep_tensors):
                     banks[sampler.timesteps[i]] = bank_fn(i, t)
@@ -456,23 +459,22 @@ class AnimationPipeline:
             return (lambda i: progress(i + 1, steps)), None
         return None, None
 
-    def _place(self, residency: ResidencyPlan, phase: str) -> None:
+    def _place(self, plan: RequestPlan, phase: str) -> None:
         """The stages ``phase`` needs on the device, the others off it (where the backend can)."""
         if self.stages.capabilities.residency:
-            self.stages.set_resident(residency.resident(phase))
+            self.stages.set_resident(plan.resident(phase))
 
     def _end_request(self, failed: bool) -> None:
-        """The end of a request: the compile key ends (what compiled is saved); after a
-        failed or stopped request the backend is as a fresh one: its own lean UNet settings
-        and every stage's weights on the device. After a request that ran to its end they
-        stay as its plan left them (the next request's plan sets both before its first
-        call, and moving every stage back could exceed ``gpu_memory_gb``)."""
+        """The end of a request: the backend's per-request state ends (its own UNet settings
+        again; the compile key, what compiled saved); after a failed or stopped request every
+        stage's weights are on the device again, as in a fresh pipeline. After a request
+        that ran to its end they stay where its plan left them (the next request's plan
+        places them before its first call, and moving every stage back could exceed
+        ``memory_gb``)."""
         st = self.stages
         try:
             st.end_request()
         finally:
-            if failed and st.capabilities.lean_unet:
-                st.set_unet_memory(False, None)
             if failed and st.capabilities.residency:
                 st.set_resident(ALL_STAGES)
 
@@ -485,10 +487,10 @@ class AnimationPipeline:
 
     def plan_request(self, size: Union[int, tuple[int, int]], num_frames: int,
                      mode: Optional[SamplingMode] = None, steps: Optional[int] = None, guided: bool = True,
-                     to_sink: bool = False) -> ResidencyPlan:
-        """Where the weights live and how the work is batched for a request of
-        ``num_frames`` padded frames at output ``size``, from the options, the budget and
-        the backend's memory model (``runtime/residency.py``). With deep-feature reuse
+                     to_sink: bool = False) -> RequestPlan:
+        """The plan of a request of ``num_frames`` padded frames at output ``size``
+        (``planner.plan_request``): from the options, the budget (:meth:`budget_bytes`), the
+        backend's capabilities, memory model and weights. With deep-feature reuse
         (``mode``) the kept features of every window (both CFG halves) are counted first.
         ``to_sink``: the frames go to a frame sink (none are kept on the device)."""
         st, o = self.stages, self.options
@@ -501,21 +503,10 @@ class AnimationPipeline:
         kept = 0
         if mode.cache_interval > 1:
             kept = n_windows * st.deep_feature_bytes(width, height, mode.cache_depth)
-        settings = dict(
-            windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
-            controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk,
-            max_windows_per_call=caps.max_windows_per_call, max_auto_windows=win_cap, max_auto_decode=dec_cap,
-            embed_control=o.embed_control_once and caps.controlnet_in_two_parts,
-            max_controlnet_chunk=caps.max_controlnet_frames, max_decode_chunk=caps.max_decode_frames,
-            deep_cache_bytes=kept,
-        )
+        settings = dict(windows_per_call=o.windows_per_call, controlnet_residuals=o.controlnet_residuals,
+                        controlnet_chunk=o.controlnet_chunk, decode_chunk=o.decode_chunk, max_auto_windows=win_cap,
+                        max_auto_decode=dec_cap, embed_control=o.embed_control_once)
         memory = st.memory_model(width, height)
-        total = self.device_budget_bytes()
-        if total is None:  # the working memory alone, within memory_budget_mb (or half the available)
-            budget = max(self.memory_budget_bytes() - kept, 0.0)
-            settings.pop("deep_cache_bytes")
-            loop = plan_loop(num_frames, n_windows, budget, memory, window=st.window, **settings)
-            return ResidencyPlan(replace(loop, deep_cache_bytes=kept))
         item = torch.empty((), dtype=st.dtype).element_size()
         cache = self.reference_cache
         cached = 0 if memory is None or not cache.enabled else \
@@ -524,47 +515,37 @@ class AnimationPipeline:
             num_frames, n_windows, steps, width, height,
             state_bytes=state_bytes(num_frames, width, height, item, 1 if o.control_uint8 else item, guided),
             frames_bytes=0 if to_sink else 2 * num_frames * height * width * 3, cache_bytes=cached)
-        return plan_residency(total, memory, st.weight_bytes(), shape, can_offload=caps.residency,
-                              lean_unet=caps.lean_unet, window=st.window, **settings)
+        return planner.plan_request(self.budget_bytes(), memory, st.weight_bytes(), shape, caps, st.window,
+                                    deep_cache_bytes=kept, cfg_sequential=o.cfg_sequential, ff_chunk=o.ff_chunk,
+                                    **settings)
 
-    def device_budget_bytes(self) -> Optional[float]:
-        """The budget of the residency planner, weights included: ``gpu_memory_gb``, or on
-        CUDA (without ``memory_budget_mb``) what the device has for this process, each times
-        ``residency.HEADROOM``; None: plan the working memory alone
-        (:meth:`memory_budget_bytes`)."""
-        o = self.options
-        if o.gpu_memory_gb is not None:
-            return o.gpu_memory_gb * 2**30 * HEADROOM
+    def budget_bytes(self) -> float:
+        """What the planner may plan for, weights included: ``memory_gb`` times
+        ``HEADROOM``, or what the device has (CUDA: free memory plus this process's
+        allocations, times ``HEADROOM``; CPU: the weights plus half of ``MemAvailable``)."""
+        if self.options.memory_gb is not None:
+            return self.options.memory_gb * GIB * HEADROOM
         device = torch.device(self.stages.device)
-        if device.type == "cuda" and o.memory_budget_mb is None:
+        if device.type == "cuda":
             return float(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)) * HEADROOM
-        return None
-
-    def memory_budget_bytes(self) -> float:
-        """``memory_budget_mb`` in bytes, or half of the device's available memory now."""
-        if self.options.memory_budget_mb is not None:
-            return self.options.memory_budget_mb * 2**20
-        return available_memory(self.stages.device) / 2
+        return float(sum(self.stages.weight_bytes().values()) + available_memory(device) / 2)
 
     # ------------------------------------------------------------------ pieces
-    def _decode(self, latents: Tensor, chunk: int, sink: Optional[FrameSink] = None,
-                shape: Optional[tuple[int, int]] = None) -> Optional[np.ndarray]:
-        """(1, 4, F0, h, w) -> (F0, H, W, 3) uint8, decoded ``chunk`` frames at a time, each
-        chunk made uint8 at once (the float video is never whole); the host sees the frames
-        once. With ``sink`` each chunk goes there instead and nothing is returned.
-        ``shape``: the frames' (width, height) (default: 8 x the latents').
+    def _decode(self, latents: Tensor, plan: RequestPlan, sink: Optional[FrameSink] = None,
+                shape: Optional[tuple[int, int]] = None) -> tuple[Optional[np.ndarray], RequestPlan]:
+        """(1, 4, F0, h, w) -> ((F0, H, W, 3) uint8, the plan that ran), decoded
+        ``plan.loop.decode_chunk`` frames at a time, each chunk made uint8 at once (the float
+        video is never whole); the host sees the frames once. With ``sink`` each chunk goes
+        there instead and no frames are returned. ``shape``: the frames' (width, height)
+        (default: 8 x the latents').
 
-        With several ranks the chunks go round-robin over the ranks; each round's chunks
-        reach rank 0, which keeps or sinks them in frame order (a round at a time); the
-        other ranks return None."""
+        Out of device memory in a call (one process): the plan's next rung
+        (``planner.next_rung``: a quarter of the chunk; each frame decodes alone, so the
+        chunking changes nothing but rounding), once. With several ranks the chunks go
+        round-robin over the ranks (:meth:`_decode_over_ranks`); the other ranks than 0
+        return no frames."""
         frames = latents[0].transpose(0, 1).to(self.stages.dtype)
-        n = frames.shape[0]
         out: list[Tensor] = []
-
-        def decode(i: int, chunk: int = chunk) -> Tensor:
-            video = self.stages.decode(frames[i : i + chunk]).float()
-            # (video * 255) truncated to uint8, as the original saves it
-            return (video * 255).to(torch.uint8).permute(0, 2, 3, 1)
 
         def emit(i: int, part: Tensor) -> None:
             if sink is None:
@@ -572,44 +553,52 @@ class AnimationPipeline:
             else:
                 sink(i, part.cpu().numpy())
 
-        starts = list(range(0, n, chunk))
-        if self.ranks is None:
+        if self.ranks is not None:
+            width, height = shape if shape is not None else (latents.shape[-1] * 8, latents.shape[-2] * 8)
+            self._decode_over_ranks(frames, plan.loop.decode_chunk, emit, width, height)
+            if self.ranks.rank != 0:
+                return None, plan
+        else:
             i, stepped = 0, False
-            while i < n:
+            while i < frames.shape[0]:
+                chunk = plan.loop.decode_chunk
                 try:
-                    part = decode(i, chunk)
+                    part = self._decode_frames(frames[i : i + chunk])
                 except torch.OutOfMemoryError:
-                    # out of device memory: the decode's plan one rung down, once (the loop's
-                    # step-down, LoopPlan.stepped_down: a quarter of the chunk; each frame
-                    # decodes alone, so the chunking changes nothing but rounding)
-                    lean = None if stepped else LoopPlan(decode_chunk=chunk).stepped_down(self.stages.capabilities)
-                    if lean is None or lean.decode_chunk == chunk:
+                    lean = None if stepped else next_rung(plan, self.stages.capabilities)
+                    if lean is None or lean.loop.decode_chunk == chunk:
                         raise
-                    stepped, chunk = True, lean.decode_chunk
+                    stepped, plan = True, lean
                     empty_device_cache(self.stages.device)
                     continue
                 emit(i, part)
                 i += part.shape[0]
-        else:
-            ranks = self.ranks
-            width, height = shape if shape is not None else (latents.shape[-1] * 8, latents.shape[-2] * 8)
-            for first in range(0, len(starts), ranks.size):
-                k = first + ranks.rank
-                part = decode(starts[k]) if k < len(starts) else None
-                padded = torch.zeros((chunk, height, width, 3), dtype=torch.uint8, device=self.stages.device)
-                if part is not None:
-                    padded[: part.shape[0]].copy_(part)
-                got = ranks.gather_to_root(padded, 0 if part is None else part.shape[0])
-                if got is None:
-                    continue
-                i = starts[first]
-                for p in got:
-                    if p.shape[0]:
-                        emit(i, p)
-                        i += p.shape[0]
-            if ranks.rank != 0:
-                return None
-        return None if sink is not None else torch.cat(out).cpu().numpy()
+        return (None if sink is not None else torch.cat(out).cpu().numpy()), plan
+
+    def _decode_frames(self, latents: Tensor) -> Tensor:
+        """(n, 4, h, w) -> (n, H, W, 3) uint8: (video * 255) truncated, as the original saves it."""
+        video = self.stages.decode(latents).float()
+        return (video * 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    def _decode_over_ranks(self, frames: Tensor, chunk: int, emit, width: int, height: int) -> None:
+        """The decode's chunks round-robin over the ranks: each round's chunks reach rank 0,
+        which emits them in frame order (a round at a time)."""
+        ranks, n = self.ranks, frames.shape[0]
+        starts = list(range(0, n, chunk))
+        for first in range(0, len(starts), ranks.size):
+            k = first + ranks.rank
+            part = self._decode_frames(frames[starts[k] : starts[k] + chunk]) if k < len(starts) else None
+            padded = torch.zeros((chunk, height, width, 3), dtype=torch.uint8, device=self.stages.device)
+            if part is not None:
+                padded[: part.shape[0]].copy_(part)
+            got = ranks.gather_to_root(padded, 0 if part is None else part.shape[0])
+            if got is None:
+                continue
+            i = starts[first]
+            for p in got:
+                if p.shape[0]:
+                    emit(i, p)
+                    i += p.shape[0]
 
 
 def available_memory(device: torch.device) -> int:

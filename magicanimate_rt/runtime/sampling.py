@@ -3,16 +3,17 @@
 It knows only the stage interface (:class:`~.stages.Stages`); tensors stay on the
 backend's device for the whole loop, and nothing here reads them back to the host.
 
-How the work is batched never changes the result (:class:`LoopPlan`): several windows may
-go through one UNet call, and the ControlNet residuals may be computed once per step for
-all frames (the original; memory grows with the frame count) or per group of windows
-(bounded memory, overlapping frames computed twice). :func:`plan_loop` picks these from a
-memory budget and the backend's :class:`MemoryModel`.
+How the work is batched never changes the result (``planner.LoopPlan``): several windows
+may go through one UNet call, and the ControlNet residuals may be computed once per step
+for all frames (the original; memory grows with the frame count) or per group of windows
+(bounded memory, overlapping frames computed twice). The request's plan
+(``runtime/planner.py``) picks these, and its next rung is the loop's out-of-memory
+step-down.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
@@ -21,16 +22,13 @@ from torch import Tensor
 from ..errors import InputError
 from .ddim import DDIMSampler
 from .modes import StepPolicy
-from .stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
+from .planner import LoopPlan, RequestPlan, next_rung
+from .stages import Stages
 from .timing import StageTimer
 from .windows import context_windows
 
 if TYPE_CHECKING:
     from .distributed import Ranks
-
-#: how ``LoopPlan.controlnet_residuals`` may be set
-RESIDUAL_MODES = ("all", "per_window")
-
 
 def initial_noise(seed: int, num_frames: int, latent_size: Union[int, tuple[int, int]], window: int = 16) -> Tensor:
     """z ~ N(0, 1) of shape (1, 4, window, h, w) from a CPU float32 generator seeded with
@@ -121,200 +119,6 @@ def embed_control(stages: Stages, control: Tensor, chunk: int, dtype: torch.dtyp
     n = control.shape[0]
     return _in_chunks(lambda i, j: (stages.controlnet_embed(control_slice(control, slice(i, j), dtype)),), n, chunk,
                       needed)[0]
-
-
-# --------------------------------------------------------------------------- planning
-#: the most windows per UNet call and frames per decode call that "auto" picks, per device
-#: type (``plan_loop``'s defaults are CUDA's): larger calls do not pay on the CPU, where one
-#: window already fills both cores and bigger working sets fall out of the caches
-#: (docs/PERFORMANCE.md)
-AUTO_LIMITS = {"cpu": (1, 4), "cuda": (4, 16)}
-
-
-@dataclass(frozen=True)
-class LoopPlan:
-    """How one request's work is batched (every plan gives the same result).
-
-    Fields:
-        windows_per_call: windows per UNet call (the last call may hold fewer).
-        controlnet_residuals: "all": residuals of every frame computed once per step and
-            kept for the step (the original; memory grows with the frame count);
-            "per_window": computed for each UNet call's windows just before it (bounded
-            memory; frames shared by windows of different calls are computed again).
-        controlnet_chunk: frames per ControlNet call.
-        decode_chunk: frames per VAE decode call.
-        embed_control_once: the driving frames' ControlNet conditioning embedding is
-            computed once for the request and kept (with residuals "all" only: it grows
-            with the frame count) instead of once per step, as the original.
-        deep_cache_bytes: with deep-feature reuse (``runtime/modes.py``), the memory of the
-            features kept for every window between whole steps, taken from the budget
-            before the rest was planned (0 without it).
-        cfg_sequential: the guided UNet call runs its two CFG halves' mid/up path one
-            after the other (``Stages.set_unet_memory``; about half its working memory).
-        ff_chunk: tokens per feed-forward chunk in the UNet (None: whole).
-    """
-
-    windows_per_call: int = 1
-    controlnet_residuals: str = "all"
-    controlnet_chunk: int = 16
-    decode_chunk: int = 1
-    embed_control_once: bool = False
-    deep_cache_bytes: int = 0
-    cfg_sequential: bool = False
-    ff_chunk: Optional[int] = None
-
-    def __post_init__(self):
-        for name in ("windows_per_call", "controlnet_chunk", "decode_chunk"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.controlnet_residuals not in RESIDUAL_MODES:
-            raise InputError(f"controlnet_residuals must be one of {RESIDUAL_MODES}, got {self.controlnet_residuals!r}")
-        if self.ff_chunk is not None and self.ff_chunk < 1:
-            raise InputError(f"ff_chunk must be >= 1 (or None), got {self.ff_chunk!r}")
-
-    def stepped_down(self, capabilities: Capabilities) -> Optional["LoopPlan"]:
-        """The leanest plan of the same request that the backend runs (one window per call,
-        ControlNet residuals per window, and where offered the CFG halves one after the
-        other and chunked feed-forwards; the ControlNet and decode chunks a quarter), or None when this
-        plan is that already. Same function: what the loop does after a CUDA
-        out-of-memory error instead of failing."""
-        cfg_sequential, ff_chunk = lean_unet_rungs(capabilities.lean_unet)[-1]  # the leanest
-        down = replace(self, windows_per_call=1, controlnet_residuals="per_window",
-                       decode_chunk=max(1, self.decode_chunk // 4), controlnet_chunk=max(1, self.controlnet_chunk // 4),
-                       cfg_sequential=self.cfg_sequential or cfg_sequential,
-                       ff_chunk=self.ff_chunk if self.ff_chunk is not None else ff_chunk)
-        return None if down == self else down
-
-    def describe(self) -> str:
-        """One line: e.g. '2 windows per UNet call, ControlNet residuals of all frames, ...'."""
-        parts = [f"{self.windows_per_call} window{'s' if self.windows_per_call > 1 else ''} per UNet call",
-                 "ControlNet residuals " + ("of all frames" if self.controlnet_residuals == "all" else "per window"),
-                 f"{self.decode_chunk} frame{'s' if self.decode_chunk > 1 else ''} per decode call"]
-        if self.cfg_sequential:
-            parts.append("CFG halves one after the other")
-        if self.ff_chunk is not None:
-            parts.append(f"feed-forward in chunks of {self.ff_chunk} tokens")
-        return ", ".join(parts)
-
-
-def lean_unet_rungs(lean_unet: bool) -> list[tuple[bool, Optional[int]]]:
-    """The UNet's settings (``cfg_sequential``, ``ff_chunk``), cheapest first, on a backend
-    that offers ``set_unet_memory`` (``lean_unet``) or not: the rungs the residency ladder
-    ends with, and whose last the out-of-memory step-down takes."""
-    return [(False, None)] + ([(True, None), (True, FF_CHUNK_TOKENS)] if lean_unet else [])
-
-
-def loop_working_bytes(plan: LoopPlan, memory: MemoryModel, num_frames: int, window: int = 16,
-                       embed_control: Optional[bool] = None) -> int:
-    """Predicted working memory of the denoising loop under ``plan``: the residual store
-    ("all": every frame's residuals, and their conditioning embeddings when kept; "per
-    window": one call's frames), plus the larger of one UNet call (its windows, with the
-    plan's lean settings) and one ControlNet call. Weights, the bank and the step state
-    are counted by the caller (``runtime/residency.py``)."""
-    m = memory
-    embed = plan.embed_control_once if embed_control is None else embed_control
-    cn_call = m.controlnet_per_frame * plan.controlnet_chunk
-    unet = plan.windows_per_call * m.unet_window(plan.cfg_sequential, plan.ff_chunk is not None)
-    if plan.controlnet_residuals == "all":
-        store = (m.residuals_per_frame + (m.control_embedding_per_frame if embed else 0)) * num_frames
-    else:
-        store = m.residuals_per_frame * min(plan.windows_per_call * window, num_frames)
-    return store + max(unet, cn_call)
-
-
-def plan_loop(
-    num_frames: int,
-    num_windows: int,
-    budget_bytes: Optional[float],
-    memory: Optional[MemoryModel],
-    windows_per_call: Optional[int] = None,
-    controlnet_residuals: str = "auto",
-    controlnet_chunk: int = 16,
-    decode_chunk: Optional[int] = None,
-    max_windows_per_call: Optional[int] = None,
-    window: int = 16,
-    max_auto_windows: int = AUTO_LIMITS["cuda"][0],
-    max_auto_decode: int = AUTO_LIMITS["cuda"][1],
-    embed_control: bool = False,
-    max_controlnet_chunk: Optional[int] = None,
-    max_decode_chunk: Optional[int] = None,
-) -> LoopPlan:
-    """Choose the batching of one request within a working-memory budget.
-
-    Explicit settings are kept; ``None`` / "auto" ones are chosen in this order:
-
-    1. ControlNet residuals: "all" if keeping every frame's residuals plus one one-window
-       UNet call fits the budget, else "per_window".
-    2. Windows per UNet call: the most (at most ``max_auto_windows``, the backend's
-       ``max_windows_per_call`` and the number of windows) whose UNet working memory, plus
-       the residual store of step 1 (or the call's own residuals), fits.
-    3. Decode chunk: the most frames (at most ``max_auto_decode``) whose decode working
-       memory fits both the budget and the loop's own working memory (the loop's memory is
-       free by then). So the decode never sets the request's peak: on an H200 at 512 px,
-       16 frames per decode call took 8.2 GB for 0.21 s against 2.0 GB and 0.24 s for 4,
-       when the loop needed about 2.4 GB (docs/PERFORMANCE.md, "GPU").
-
-    ``embed_control`` (asked for and offered by the backend) keeps every frame's
-    ControlNet conditioning embedding with the residuals "all" store (counted in it); with
-    "per_window" residuals the embedding is computed per call, as the original.
-
-    Without a budget (``budget_bytes`` None) or without a memory model, "auto" means
-    residuals "all", the most windows allowed and decode chunks of ``max_auto_decode``.
-    Whatever the budget, at least one window per call and one frame per decode call.
-
-    The backend's declared maxima (:class:`~.stages.Capabilities`: ``max_windows_per_call``,
-    ``max_controlnet_chunk``, ``max_decode_chunk``; None: no limit) bound every choice,
-    explicit ones included, so no backend has to split a call the plan made.
-    """
-    cap = num_windows if max_windows_per_call is None else max(1, min(num_windows, max_windows_per_call))
-    if windows_per_call is not None:
-        windows_per_call = max(1, min(windows_per_call, cap))
-    if max_controlnet_chunk is not None:
-        controlnet_chunk = max(1, min(controlnet_chunk, max_controlnet_chunk))
-    if max_decode_chunk is not None:
-        max_auto_decode = max(1, min(max_auto_decode, max_decode_chunk))
-        if decode_chunk is not None:
-            decode_chunk = max(1, min(decode_chunk, max_decode_chunk))
-    if controlnet_residuals not in ("auto",) + RESIDUAL_MODES:
-        raise InputError(f"controlnet_residuals must be 'auto', 'all' or 'per_window', got {controlnet_residuals!r}")
-    if budget_bytes is None or memory is None:
-        residuals = "all" if controlnet_residuals == "auto" else controlnet_residuals
-        return LoopPlan(
-            windows_per_call=windows_per_call or min(cap, max_auto_windows),
-            controlnet_residuals=residuals,
-            controlnet_chunk=controlnet_chunk,
-            decode_chunk=decode_chunk or max_auto_decode,
-            embed_control_once=embed_control and residuals == "all",
-        )
-    return _plan_within(budget_bytes, memory, num_frames, min(cap, max_auto_windows), max_auto_decode, window,
-                        windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk, embed_control)
-
-
-def _plan_within(budget_bytes: float, m: MemoryModel, num_frames: int, max_windows: int, max_decode: int,
-                 window: int, windows_per_call: Optional[int], controlnet_residuals: str, controlnet_chunk: int,
-                 decode_chunk: Optional[int], embed_control: bool) -> LoopPlan:
-    """:func:`plan_loop`'s choices within a budget (its steps 1 to 3), the explicit settings
-    and the maxima already bounded by the backend's."""
-    store_all = (m.residuals_per_frame + (m.control_embedding_per_frame if embed_control else 0)) * num_frames
-    cn_call = m.controlnet_per_frame * controlnet_chunk
-    if controlnet_residuals == "auto":
-        fits = store_all + max(m.unet_per_window, cn_call) <= budget_bytes
-        controlnet_residuals = "all" if fits else "per_window"
-
-    def loop_bytes(b: int) -> float:
-        return loop_working_bytes(LoopPlan(b, controlnet_residuals, controlnet_chunk), m, num_frames, window,
-                                  embed_control)
-
-    if windows_per_call is None:
-        windows_per_call = 1
-        for b in range(2, max_windows + 1):
-            if loop_bytes(b) <= budget_bytes:
-                windows_per_call = b
-    if decode_chunk is None:
-        allowed = min(budget_bytes, loop_bytes(windows_per_call))
-        decode_chunk = max(1, min(max_decode, int(allowed // max(m.decode_per_frame, 1))))
-    return LoopPlan(windows_per_call, controlnet_residuals, controlnet_chunk, decode_chunk,
-                    embed_control_once=embed_control and controlnet_residuals == "all")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -463,7 +267,7 @@ class DenoiseLoop:
     out-of-memory error. Built once per request: nothing is planned per step."""
 
     def __init__(self, stages: Stages, control: Tensor, stage_dtype: torch.dtype, schedule: WindowSchedule,
-                 sampler: DDIMSampler, guidance_scale: float, plan: LoopPlan, bank_fn: BankFn,
+                 sampler: DDIMSampler, guidance_scale: float, plan: RequestPlan, bank_fn: BankFn,
                  policy: StepPolicy, execution: Union[OneProcess, SplitOverRanks], timer: StageTimer):
         self.stages, self.stage_dtype, self.schedule = stages, stage_dtype, schedule
         self.sampler, self.guidance_scale, self.plan, self.bank_fn = sampler, guidance_scale, plan, bank_fn
@@ -471,13 +275,13 @@ class DenoiseLoop:
         self.guided = guidance_scale != 1.0
         self.shallow = check_deep_cache(stages, policy.cache_interval, policy.cache_depth, execution.ranks)
         self.kept: dict[int, Tensor] = {}  # deep-feature reuse: each call's deep feature
-        self.calls = schedule.calls(plan, execution.share)
+        self.calls = schedule.calls(plan.loop, execution.share)
         self.stepped = False
         needed = execution.needed
-        self.embedded = plan.embed_control_once and stages.capabilities.controlnet_in_two_parts
+        self.embedded = plan.loop.embed_control_once and stages.capabilities.controlnet_in_two_parts
         if self.embedded and (needed is None or bool(needed.any())):  # the driving frames' embedding, once
             with timer.stage("controlnet"):
-                control = embed_control(stages, control, plan.controlnet_chunk, stage_dtype, needed)
+                control = embed_control(stages, control, plan.loop.controlnet_chunk, stage_dtype, needed)
         self.control = control
 
     def residuals(self, call: Call, latents: Tensor, t: Tensor, every: Optional[list[Tensor]],
@@ -487,8 +291,8 @@ class DenoiseLoop:
         if every is not None:
             return [r.index_select(0, call.rows) for r in every]
         with self.timer.stage("controlnet"):
-            own = controlnet_frames(self.stages, latents, t, self.control, call.distinct, self.plan.controlnet_chunk,
-                                    self.embedded, skips)
+            own = controlnet_frames(self.stages, latents, t, self.control, call.distinct,
+                                    self.plan.loop.controlnet_chunk, self.embedded, skips)
             return [r.index_select(0, call.where) for r in own]
 
     def unet(self, c: int, call: Call, latents: Tensor, t: Tensor, res: list[Tensor], bank: Sequence[Tensor],
@@ -516,10 +320,10 @@ class DenoiseLoop:
             bank = self.bank_fn(i, t)
         stage_latents = latents.to(self.stage_dtype)  # the stages' inputs, cast once per step
         every = None
-        if self.plan.controlnet_residuals != "per_window" and self.calls:
+        if self.plan.loop.controlnet_residuals != "per_window" and self.calls:
             with timer.stage("controlnet"):
-                every = controlnet_all_frames(self.stages, stage_latents, t, self.control, self.plan.controlnet_chunk,
-                                              self.embedded, execution.needed, skips)
+                every = controlnet_all_frames(self.stages, stage_latents, t, self.control,
+                                              self.plan.loop.controlnet_chunk, self.embedded, execution.needed, skips)
         sum_c = torch.zeros_like(latents)
         sum_u = torch.zeros_like(latents) if guided else None
         for c, call in enumerate(self.calls):
@@ -537,14 +341,14 @@ class DenoiseLoop:
             latents = self.sampler.step(i, latents, eps)
         return execution.settle(latents, timer)
 
-    def step_down(self, on_plan_change: Optional[Callable[[LoopPlan, LoopPlan], None]] = None) -> bool:
-        """After an out-of-memory error: the leanest plan (:meth:`LoopPlan.stepped_down`),
-        its calls and lean UNet settings; False when there is none to go to. Once per
-        request; not with several ranks (the others would wait in a gather), nor with
-        deep-feature reuse (its kept features belong to the old calls)."""
+    def step_down(self, on_plan_change: Optional[Callable[[RequestPlan, RequestPlan], None]] = None) -> bool:
+        """After an out-of-memory error: the plan's next rung (``planner.next_rung``), its
+        calls and lean UNet settings; False when there is none to go to. Once per request;
+        not with several ranks (the others would wait in a gather), nor with deep-feature
+        reuse (its kept features belong to the old calls)."""
         if self.stepped or self.execution.ranks is not None or self.policy.reuses_deep_features:
             return False
-        lean = self.plan.stepped_down(self.stages.capabilities)
+        lean = next_rung(self.plan, self.stages.capabilities)
         if lean is None:
             return False
         self.stepped = True
@@ -553,9 +357,8 @@ class DenoiseLoop:
         if on_plan_change is not None:
             on_plan_change(self.plan, lean)
         self.plan = lean
-        if lean.cfg_sequential or lean.ff_chunk is not None:
-            self.stages.set_unet_memory(lean.cfg_sequential, lean.ff_chunk)
-        self.calls = self.schedule.calls(lean, self.execution.share)
+        self.stages.follow_plan(lean)
+        self.calls = self.schedule.calls(lean.loop, self.execution.share)
         return True
 
 
@@ -570,13 +373,13 @@ def denoise(
     controlnet_chunk: int = 16,
     timer: Optional[StageTimer] = None,
     on_step: Optional[Callable[[int], None]] = None,
-    plan: Optional[LoopPlan] = None,
+    plan: Optional[RequestPlan] = None,
     bank_fn: Optional[BankFn] = None,
     ranks: Optional["Ranks"] = None,
     guided_steps: Optional[int] = None,
     cache_interval: int = 1,
     cache_depth: int = 1,
-    on_plan_change: Optional[Callable[[LoopPlan, LoopPlan], None]] = None,
+    on_plan_change: Optional[Callable[[RequestPlan, RequestPlan], None]] = None,
 ) -> Tensor:
     """Run every DDIM step on ``latents`` (1, 4, N, h, w), N a multiple of the window, in
     the stages' dtype; returns the final latents in float32 (float64 for float64 stages).
@@ -589,8 +392,8 @@ def denoise(
     half is computed (the guidance formula then gives eps_c).
 
     ``control`` (N, 3, H, W) is in [0, 1] or uint8 (see :func:`control_slice`). ``plan``
-    batches the work (default: one window per call, residuals of all frames, chunks of
-    ``controlnet_chunk``); every plan gives the same sums: each window's predictions are
+    (``planner.RequestPlan``) batches the work (default: one window per call, residuals of
+    all frames, chunks of ``controlnet_chunk``); every plan gives the same sums: each window's predictions are
     added in window order, one window at a time, whatever call computed them.
 
     ``ranks`` (:class:`~.distributed.Ranks`, several processes on one clip): the loop runs
@@ -604,7 +407,7 @@ def denoise(
     be any object with DDIMSampler's ``timestep_tensors`` and ``step``.
 
     Out of device memory (``torch.OutOfMemoryError``) in a step, the loop steps the plan
-    down once (:meth:`DenoiseLoop.step_down`), tells ``on_plan_change(old, new)`` and runs
+    down to its next rung once (:meth:`DenoiseLoop.step_down`), tells ``on_plan_change(old, new)`` and runs
     the step again; a second one propagates.
     """
     timer = timer or StageTimer(latents.device)
@@ -619,7 +422,7 @@ def denoise(
             return stages.bank(ref_latent, t)
 
     loop = DenoiseLoop(stages, control, stage_dtype, schedule, sampler, guidance_scale,
-                       plan or LoopPlan(controlnet_chunk=controlnet_chunk), bank_fn,
+                       plan or RequestPlan(LoopPlan(controlnet_chunk=controlnet_chunk)), bank_fn,
                        StepPolicy(guided_steps, cache_interval, cache_depth),
                        OneProcess() if ranks is None else SplitOverRanks(ranks, schedule), timer)
     for i, t in enumerate(sampler.timestep_tensors):

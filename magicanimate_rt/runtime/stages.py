@@ -6,7 +6,7 @@ float32 tensors of shape (1,)); shapes use W x H = the output width and height (
 for a square), (h, w) = (H, W) / 8, F = window length, N = a batch of frames. Backends are
 context managers; ``close()`` frees what they hold.
 
-What the planner (``runtime/sampling.py`` ``plan_loop``) may ask of a backend is declared,
+What the planner (``runtime/planner.py``) may ask of a backend is declared,
 with defaults, not probed: :attr:`Stages.capabilities` (:class:`Capabilities`: windows per
 UNet call, the two-part ControlNet, each stage's largest batch),
 :meth:`Stages.memory_model` (working memory per call, see docs/PERFORMANCE.md "Memory";
@@ -40,9 +40,9 @@ class Capabilities:
         max_encode_images: images one ``encode_reference`` call takes.
         deep_cache: the backend offers ``unet_cached`` and ``controlnet_shallow``, the two
             calls of deep-feature reuse (``runtime/modes.py``; the torch backend).
-        lean_unet: the backend offers :meth:`Stages.set_unet_memory`: the guided call's two
-            CFG halves one after the other, and feed-forwards in chunks of tokens (the
-            torch backend).
+        lean_unet: the backend follows a plan's lean UNet settings
+            (:meth:`Stages.follow_plan`): the guided call's two CFG halves one after the
+            other, and feed-forwards in chunks of tokens (the torch backend).
         residency: the backend offers :meth:`Stages.set_resident`: stages can leave the
             device while idle (the torch backend on CUDA: to pinned host memory).
     """
@@ -100,7 +100,7 @@ class MemoryModel:
         return max(base - self.ff_chunk_saving // (2 if sequential else 1), base // 4)
 
 
-#: tokens of each row per feed-forward chunk of the lean UNet (``Stages.set_unet_memory``):
+#: tokens of each row per feed-forward chunk of the lean UNet (``LoopPlan.ff_chunk``):
 #: at SD 1.5's top level at 512 px a row has 64 x 64 = 4096 tokens, whose GEGLU activations
 #: (12 x 320 channels) for the 32 rows of a guided window take 1 GB in fp16; in chunks of
 #: 1024 tokens a quarter of that
@@ -138,11 +138,14 @@ class Stages(ABC):
         :meth:`weight_bytes`) on the device and move the others' weights off it (copies
         queued without a host sync). Default: nothing moves."""
 
-    def set_unet_memory(self, cfg_sequential: bool, ff_chunk: Optional[int]) -> None:
-        """Where ``capabilities.lean_unet``: how the UNet calls that follow arrange their
-        work to use less memory (same function): the guided call's two CFG halves one after
-        the other, and feed-forwards ``ff_chunk`` tokens at a time (None: whole)."""
-        if cfg_sequential or ff_chunk is not None:
+    def follow_plan(self, plan) -> None:
+        """The calls that follow run as ``plan`` (``planner.RequestPlan``) says: at the start
+        of a request (:meth:`begin_request`) and after an out-of-memory step-down to the
+        plan's next rung. Where ``capabilities.lean_unet``: the UNet's lean settings (same
+        function): the guided call's two CFG halves one after the other
+        (``plan.loop.cfg_sequential``), feed-forwards ``plan.loop.ff_chunk`` tokens at a time
+        (None: whole). Default: a plan with lean settings is refused."""
+        if plan.loop.cfg_sequential or plan.loop.ff_chunk is not None:
             raise NotImplementedError(f"the {self.name} backend has no lean UNet settings")
 
     def check_shape(self, width: int, height: int) -> None:
@@ -150,13 +153,17 @@ class Stages(ABC):
         output; the pipeline asks before any work. Default: any shape."""
 
     def begin_request(self, width: int, height: int, plan) -> None:
-        """The pipeline calls this once a request's output shape and its
-        :class:`~.sampling.LoopPlan` are known, before the request's first stage call (the
-        torch backend loads its compile cache for those shapes). Default: nothing."""
+        """The pipeline calls this once a request's output shape and its whole plan
+        (``planner.RequestPlan``) are known, before the request's first stage call: the
+        backend follows the plan (:meth:`follow_plan`; the torch backend also loads its
+        compile cache for those shapes)."""
+        self.follow_plan(plan)
 
     def end_request(self) -> None:
-        """The pipeline calls this after a request's last stage call (the torch backend saves
-        what the request compiled). Default: nothing."""
+        """The pipeline calls this after a request's last stage call, or when it failed or
+        was stopped (in ``finally``): the backend's per-request state is a fresh one's again
+        (the torch backend: its own UNet settings; it saves what the request compiled).
+        Default: nothing."""
 
     @abstractmethod
     def encode_reference(self, image: Tensor) -> Tensor:

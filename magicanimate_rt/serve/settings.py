@@ -50,19 +50,27 @@ class Declared:
     high: Optional[float]  #: the greatest value (inclusive)
     metavar: Optional[str]
     show_default: bool
+    alias: Optional[str] = None  #: an old key (and its flag) that still gives this setting
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The command line's flags: its own, then the old name's."""
+        return (self.flag,) + (("--" + self.alias.replace("_", "-"),) if self.alias else ())
 
 
 def setting(default: Any, help: str, group: str, *, flag: Optional[str] = "", key: str = "", ray: bool = True,
             parse: Callable[[Any], Any] = str, to_field: Optional[Callable[[Any], Any]] = None,
             low: Optional[float] = None, above: Optional[float] = None, high: Optional[float] = None,
-            metavar: Optional[str] = None, show_default: bool = True, repr: bool = True):
+            metavar: Optional[str] = None, show_default: bool = True, repr: bool = True,
+            alias: Optional[str] = None):
     """A dataclass field with its declaration. ``flag`` "" is ``--<field name with dashes>``;
     ``key`` "" is the field's name (give another when the given value is not the field's
     own, e.g. ``api_key_file`` for ``api_key``); ``parse`` reads a flag's text or an arg's value;
     ``to_field`` turns the given value into the field's (e.g. reads the key file). ``help``
-    gets "(default X)" appended from ``default`` unless that is None or ``show_default`` is off."""
+    gets "(default X)" appended from ``default`` unless that is None or ``show_default`` is off.
+    ``alias``: an old name of the setting, still taken as a key and (with dashes) a flag."""
     declared = dict(help=help, group=group, flag=flag, key=key, ray=ray, parse=parse, to_field=to_field, low=low,
-                    above=above, high=high, metavar=metavar, show_default=show_default)
+                    above=above, high=high, metavar=metavar, show_default=show_default, alias=alias)
     return field(default=default, repr=repr, metadata={"declared": declared})
 
 
@@ -144,9 +152,10 @@ class ServeSettings:
                                                  "comma-separated (e.g. cuda:0,cuda:1 or cpu,cpu); overrides --device",
                                        MODELS, ray=False, parse=_devices, show_default=False)
     dtype: str = setting("float32", "the stages' dtype: float32, float16 (CUDA) or bfloat16 (--models only)", MODELS)
-    gpu_memory_gb: Optional[float] = setting(
-        None, "device memory each worker's requests may use, weights included (runtime/residency.py; default: "
-              "what the device has)", MODELS, parse=float, metavar="G")
+    memory_gb: Optional[float] = setting(
+        None, "memory each worker's requests may use on its device, weights included (runtime/planner.py; "
+              "default: what the device has; --gpu-memory-gb is the old name)", MODELS, parse=float, metavar="G",
+        alias="gpu_memory_gb")
     densepose_weights: Optional[Path] = setting(
         None, "DensePose R-CNN checkpoint (detectron2's model_final_162be9.pkl, README 'Driving videos from your own "
               "video'): jobs may then upload an ordinary video of a person (driving_kind=person), made a DensePose "
@@ -185,10 +194,10 @@ class ServeSettings:
         return int(self.max_upload_mb * 2**20)
 
     def pipeline_options(self):
-        """The options each worker's pipeline loads with (where ``gpu_memory_gb`` is checked)."""
+        """The options each worker's pipeline loads with (where ``memory_gb`` is checked)."""
         from ..runtime.pipeline import PipelineOptions
 
-        return PipelineOptions(gpu_memory_gb=self.gpu_memory_gb)
+        return PipelineOptions(memory_gb=self.memory_gb)
 
     def check(self) -> "ServeSettings":
         """Raise InputError naming the first bad flag."""
@@ -361,18 +370,21 @@ class RayOptions:
 #: the keys ``serve run magicanimate_rt.serve.ray_app:app key=value ...`` and a Serve config
 #: file's ``args:`` take (``deploy/ray-serve.yaml``), each with its declaration
 RAY_ARGS: dict[str, Declared] = {d.key: d for cls in (ServeSettings, RayOptions) for _, d in declared(cls) if d.ray}
+#: old keys still taken, and the key each gives
+RAY_ALIASES: dict[str, str] = {d.alias: key for key, d in RAY_ARGS.items() if d.alias}
 
 
 def parse_ray_args(args: Mapping[str, Any]) -> dict:
     """Ray's app args (text from ``serve run``, or a config file's YAML values) read as the
     command line reads its flags; an unknown key or a bad value is one line."""
-    unknown = sorted(set(args) - set(RAY_ARGS))
+    unknown = sorted(set(args) - set(RAY_ARGS) - set(RAY_ALIASES))
     if unknown:
         raise InputError(f"unknown argument {unknown[0]!r}; known: {', '.join(sorted(RAY_ARGS))}")
     given = {}
     for key, value in args.items():
         if value is None:
             continue
+        key = RAY_ALIASES.get(key, key)
         try:
             given[key] = RAY_ARGS[key].parse(value)
         except (TypeError, ValueError) as e:
@@ -412,7 +424,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 continue
             shown = f" (default {_shown(f.default)})" if d.show_default and f.default is not None else ""
             metavar = d.metavar or d.flag[2:].upper().replace("-", "_")
-            groups[d.group].add_argument(d.flag, dest=d.key, type=d.parse, default=None, metavar=metavar,
+            groups[d.group].add_argument(*d.flags, dest=d.key, type=d.parse, default=None, metavar=metavar,
                                          help=d.help + shown)
     groups[LIMITS].add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 

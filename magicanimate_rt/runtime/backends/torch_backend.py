@@ -26,7 +26,7 @@ from ..dtypes import float_torch_dtype
 from ..stages import FF_CHUNK_TOKENS, Capabilities, MemoryModel, Stages
 
 if TYPE_CHECKING:
-    from ..sampling import LoopPlan
+    from ..planner import LoopPlan, RequestPlan
 
 @dataclass(frozen=True)
 class TorchOptions:
@@ -66,12 +66,10 @@ class TorchOptions:
             backends ("cudnn", "flash", "efficient", "math", in order of preference) of the
             spatial self-attention (with the reference bank), the cross-attention to the
             text and the motion modules' attention; ``()``: PyTorch's choice.
-        ff_chunk: None, or the transformer blocks' feed-forwards on that many tokens per
-            row at a time (less memory for the 8x-wide hidden layer).
-        cfg_sequential: the guided UNet call (``share_cfg_prefix``) runs the two CFG
-            halves one after the other after their shared prefix (half the mid/up working
-            memory) instead of in one batch; deep-feature reuse's guided calls too.
-        All of these compute the same function (``models/layers.py`` ``Arithmetic``).
+        All of these compute the same function (``models/layers.py`` ``Arithmetic``). The
+        UNet's lean settings (``Arithmetic.cfg_sequential``, ``ff_chunk``) are the request
+        plan's (``runtime/planner.py``; forced with ``PipelineOptions``), followed by
+        :meth:`TorchStages.follow_plan`.
 
     Compiled stages: each call compiles at its first shape (``dynamic=False``), so a plan's
     fixed batches compile once each. A failed compile warns once and that stage runs eager.
@@ -96,8 +94,6 @@ class TorchOptions:
     spatial_sdpa: tuple[str, ...] = Arithmetic.spatial_sdpa
     cross_sdpa: tuple[str, ...] = Arithmetic.cross_sdpa
     temporal_sdpa: tuple[str, ...] = Arithmetic.temporal_sdpa
-    ff_chunk: Optional[int] = Arithmetic.ff_chunk
-    cfg_sequential: bool = Arithmetic.cfg_sequential
 
     @classmethod
     def original(cls, device: str = "cpu") -> "TorchOptions":
@@ -114,8 +110,7 @@ class TorchOptions:
         return Arithmetic(bank_kv_per_frame=not self.bank_kv_once, text_kv_per_frame=not self.text_kv_once,
                           temporal_attention=self.temporal_attention, group_norm=self.group_norm,
                           spatial_sdpa=self.spatial_sdpa, cross_sdpa=self.cross_sdpa,
-                          temporal_sdpa=self.temporal_sdpa, ff_chunk=self.ff_chunk,
-                          cfg_sequential=self.cfg_sequential)
+                          temporal_sdpa=self.temporal_sdpa)
 
     def __post_init__(self):
         if self.appearance_batch not in (1, 2):
@@ -382,14 +377,12 @@ class TorchStages(Stages):
                 for key, t in tensors.items():
                     t.data = host[key]
 
-    def set_unet_memory(self, cfg_sequential: bool, ff_chunk: Optional[int]) -> None:
-        """The UNet calls that follow run the guided call's CFG halves one after the other
-        and/or the feed-forwards ``ff_chunk`` tokens at a time (``models/layers.py``
-        ``Arithmetic``; the same function), on top of what the options ask for: a plan
-        can make the calls leaner than the options, never less lean."""
-        o = self.options
-        self._arithmetic = replace(o.arithmetic, cfg_sequential=o.cfg_sequential or cfg_sequential,
-                                   ff_chunk=ff_chunk if o.ff_chunk is None else min(o.ff_chunk, ff_chunk or o.ff_chunk))
+    def follow_plan(self, plan: "RequestPlan") -> None:
+        """The UNet calls that follow run the plan's lean settings: the guided call's CFG
+        halves one after the other and/or the feed-forwards ``ff_chunk`` tokens at a time
+        (``models/layers.py`` ``Arithmetic``; the same function)."""
+        self._arithmetic = replace(self.options.arithmetic, cfg_sequential=plan.loop.cfg_sequential,
+                                   ff_chunk=plan.loop.ff_chunk)
 
     def close(self) -> None:
         self.models = None  # type: ignore[assignment]
@@ -445,17 +438,23 @@ class TorchStages(Stages):
                           embed_control_once=plan.embed_control_once, cfg_sequential=plan.cfg_sequential,
                           ff_chunk=plan.ff_chunk)
 
-    def begin_request(self, width: int, height: int, plan: "LoopPlan") -> None:
-        """Compiling: load the compile cache file of these shapes (once per process)."""
+    def begin_request(self, width: int, height: int, plan: "RequestPlan") -> None:
+        """The plan's lean UNet settings (:meth:`follow_plan`); compiling, the compile cache
+        file of these shapes and this batching (loaded once per process)."""
+        self.follow_plan(plan)
         if self.compile_cache is not None:
-            self._compile_key = self.compile_key(width, height, plan)
+            self._compile_key = self.compile_key(width, height, plan.loop)
             self.compile_cache.load(self._compile_key)
 
     def end_request(self) -> None:
-        """Compiling: save what the request compiled that its cache file lacks."""
-        if self.compile_cache is not None and self._compile_key is not None:
-            self.compile_cache.save(self._compile_key)
+        """The options' own UNet settings again; compiling, what the request compiled that
+        its cache file lacks is saved."""
+        try:
+            if self.compile_cache is not None and self._compile_key is not None:
+                self.compile_cache.save(self._compile_key)
+        finally:
             self._compile_key = None
+            self._arithmetic = self.options.arithmetic
 
 
 def dense(x):
