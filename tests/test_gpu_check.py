@@ -62,7 +62,7 @@ def test_dry_run_end_to_end(shared_dir, tmp_path):
         assert ran_or_said(config, 16), config
     assert ran_or_said("ours (torch), portrait 128x192", 16, "timing ours (torch), portrait 128x192, 16 frames")
     for cap in ("0.12", "0.2"):
-        config = f"ours (torch), --gpu-memory-gb {cap}"
+        config = f"ours (torch), --memory-gb {cap}"
         assert ran_or_said(config, 16, f"memory {config}, 16 frames")
     for r in report["timings"]:
         assert r["steps"] == 2 and r["size"] == 128
