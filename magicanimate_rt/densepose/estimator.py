@@ -129,14 +129,19 @@ class DensePoseEstimator:
         # detector_postprocess: scale to the frame (float32 factors), clip, drop empty boxes
         sx = torch.tensor(width / image_size[1], dtype=torch.float32)
         sy = torch.tensor(height / image_size[0], dtype=torch.float32)
+        # every image's detections to the host in one copy (the one sync of the post-processing;
+        # the extractor's per-detection maps are the output and come over as they are made)
+        counts = [len(d[0]) for d in dets]
+        host = torch.cat([torch.cat([d[0].float(), d[1].float()[:, None]], 1) for d in dets]).cpu() if dets \
+            else torch.zeros((0, 5))
         results, start = [], 0
-        for boxes, scores, _ in dets:
-            sl = slice(start, start + len(boxes))
-            start += len(boxes)
-            boxes = boxes.float().cpu() * torch.stack([sx, sy, sx, sy])
+        for count in counts:
+            sl = slice(start, start + count)
+            start += count
+            boxes = host[sl, :4] * torch.stack([sx, sy, sx, sy])
             boxes = clip_boxes(boxes, height, width)
-            keep = nonempty(boxes)
-            boxes, scores = boxes[keep], scores.float().cpu()[keep]
+            keep = torch.nonzero(nonempty(boxes)).flatten()  # on the host: no sync
+            boxes, scores = boxes[keep], host[sl, 4][keep]
             labels, uv = extract(tuple(t[sl][keep.to(t.device)] for t in maps), boxes)
             results.append(DensePoseResult(boxes=boxes.numpy(), scores=scores.numpy(), labels=labels, uv=uv))
         return results
