@@ -97,3 +97,24 @@ def test_cancel_stops_the_reader(tmp_path, shared_dir):
 def test_prefetch_is_checked():
     with pytest.raises(InputError, match="prefetch"):
         PrepareSettings(prefetch=-1).check()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: pinned memory and a "
+                    "non_blocking copy are the GPU half of the reader's overlap")
+def test_prepare_pins_on_cuda(densepose_weights, shared_dir):
+    import torch
+
+    from magicanimate_rt.densepose.estimator import DensePoseEstimator
+    from magicanimate_rt.runtime.media import fit_image, iter_video_frames
+
+    frames = np.stack([fit_image(f, (144, 256), "crop")
+                       for f in iter_video_frames(shared_dir / "samples" / "person" / "input_video.mp4", max_frames=2)])
+    cpu = DensePoseEstimator.from_checkpoint(densepose_weights, min_size=320, max_size=576)
+    gpu = DensePoseEstimator.from_checkpoint(densepose_weights, device="cuda", min_size=320, max_size=576)
+    prepared = gpu.prepare(frames)
+    assert prepared.resized.is_pinned() and not cpu.prepare(frames).resized.is_pinned()
+    got, want = gpu.predict(prepared), cpu.predict(frames)
+    assert [len(r) for r in got] == [len(r) for r in want]
+    for g, w in zip(got, want):  # float32 on both; cuDNN's sums differ from the CPU's in the last bits
+        assert np.abs(g.boxes - w.boxes).max(initial=0) < 0.1
+    torch.cuda.synchronize()
