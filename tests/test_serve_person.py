@@ -104,11 +104,12 @@ def test_cancel_during_the_densepose_phase(tiny_models, densepose_weights, tmp_p
     batches, entered, release = [], threading.Event(), threading.Event()
 
     def predict(self, frames):  # no detections (the background frame), and a pause at the second batch
+        # (frames: what the estimator's prepare made of them on the video's reader thread)
         batches.append(len(frames))
         if len(batches) == 2:
             entered.set()
             assert release.wait(60), "the test never released the estimator"
-        return [DensePoseResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32)) for _ in frames]
+        return [DensePoseResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32)) for _ in range(len(frames))]
 
     monkeypatch.setattr(DensePoseEstimator, "predict", predict)
     settings = ServeSettings(models=tiny_models, port=free_port(), data_dir=tmp_path / "data",

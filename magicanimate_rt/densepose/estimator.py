@@ -8,6 +8,7 @@ boxes scaled by float32 factors, clipped, empty ones dropped) and the extractor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,19 @@ from .preprocess import network_input, resize_frames
 from .result import DensePoseResult
 from .stages import DensePoseStages, engine_stages, infer
 from .weights import read_checkpoint
+
+@dataclass(frozen=True)
+class PreparedFrames:
+    """Frames after the host half of preprocessing (:meth:`DensePoseEstimator.prepare`): the
+    resized BGR pixels, (N, h, w, 3) uint8 on the CPU (pinned when the estimator is on CUDA, so
+    the copy to the device is asynchronous), and the frames' own (height, width)."""
+
+    resized: torch.Tensor
+    frame_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.resized.shape[0]
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,33 +102,47 @@ class DensePoseEstimator:
         return cls(engine_stages(backend, engine_dir, device),
                    cfg=DensePoseConfig(min_size=m.min_size, max_size=m.max_size))
 
-    @torch.inference_mode()
-    def predict(self, frames: np.ndarray) -> list[DensePoseResult]:
-        """(H, W, 3) or (N, H, W, 3) uint8 RGB frames (one size) -> one result per frame, in one forward."""
+    def prepare(self, frames: np.ndarray) -> PreparedFrames:
+        """The host half of :meth:`predict` (validation, detectron2's PIL resize, RGB -> BGR), which
+        a reader thread runs for the next batch while this one computes (``video.prepare_driving_video``)."""
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames: need (H, W, 3) or (N, H, W, 3) uint8 RGB, got {frames.dtype} {frames.shape}")
-        if frames.shape[0] == 0:
+        resized = torch.from_numpy(np.ascontiguousarray(resize_frames(frames, self.cfg)[..., ::-1]))  # BGR
+        if self.device.type == "cuda" and len(resized):
+            resized = resized.pin_memory()
+        return PreparedFrames(resized, tuple(frames.shape[1:3]))
+
+    @torch.inference_mode()
+    def predict(self, frames: "np.ndarray | PreparedFrames") -> list[DensePoseResult]:
+        """(H, W, 3) or (N, H, W, 3) uint8 RGB frames (one size), or :meth:`prepare`'s output for
+        them -> one result per frame, in one forward."""
+        prepared = frames if isinstance(frames, PreparedFrames) else self.prepare(frames)
+        if len(prepared) == 0:
             return []
-        height, width = frames.shape[1:3]
-        resized = resize_frames(frames, self.cfg)[..., ::-1]  # the network sees BGR
-        image_size = resized.shape[1:3]
-        x = network_input(resized, self.cfg, self.device, self.dtype)
+        height, width = prepared.frame_size
+        image_size = tuple(prepared.resized.shape[1:3])
+        x = network_input(prepared.resized, self.cfg, self.device, self.dtype)
         dets, lowres = infer(self.stages, x, image_size, self.cfg)
         maps = upsample(lowres)
         # detector_postprocess: scale to the frame (float32 factors), clip, drop empty boxes
         sx = torch.tensor(width / image_size[1], dtype=torch.float32)
         sy = torch.tensor(height / image_size[0], dtype=torch.float32)
+        # every image's detections to the host in one copy (the one sync of the post-processing;
+        # the extractor's per-detection maps are the output and come over as they are made)
+        counts = [len(d[0]) for d in dets]
+        host = torch.cat([torch.cat([d[0].float(), d[1].float()[:, None]], 1) for d in dets]).cpu() if dets \
+            else torch.zeros((0, 5))
         results, start = [], 0
-        for boxes, scores, _ in dets:
-            sl = slice(start, start + len(boxes))
-            start += len(boxes)
-            boxes = boxes.float().cpu() * torch.stack([sx, sy, sx, sy])
+        for count in counts:
+            sl = slice(start, start + count)
+            start += count
+            boxes = host[sl, :4] * torch.stack([sx, sy, sx, sy])
             boxes = clip_boxes(boxes, height, width)
-            keep = nonempty(boxes)
-            boxes, scores = boxes[keep], scores.float().cpu()[keep]
+            keep = torch.nonzero(nonempty(boxes)).flatten()  # on the host: no sync
+            boxes, scores = boxes[keep], host[sl, 4][keep]
             labels, uv = extract(tuple(t[sl][keep.to(t.device)] for t in maps), boxes)
             results.append(DensePoseResult(boxes=boxes.numpy(), scores=scores.numpy(), labels=labels, uv=uv))
         return results

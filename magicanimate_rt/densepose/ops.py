@@ -71,7 +71,7 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int, spat
     gy = ys * (2.0 / (h - 1)) - 1.0 if h > 1 else torch.zeros_like(ys)
     gx = xs * (2.0 / (w - 1)) - 1.0 if w > 1 else torch.zeros_like(xs)
     # samples outside [-1, H] x [-1, W] count 0; boxes clipped to the image never have any
-    ok = None if bool(yok.all() and xok.all()) else (yok[:, :, None] & xok[:, None, :]).float()
+    ok = None if bool(yok.all() & xok.all()) else (yok[:, :, None] & xok[:, None, :]).float()
     batch = rois[:, 0].long()
     chunk = max(1, _ROI_CHUNK // (p * p))
     for b in torch.unique(batch).tolist():

@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,6 +119,39 @@ def clip_key(video_digest: str, weights_sha: str, settings: PrepareSettings, dev
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
+class EstimatorCache:
+    """Loaded estimators kept warm between clips: a service worker's (``serve/jobs.py``), so a
+    person job after the first skips reading and building the 256 MB checkpoint (2-4 s). Keyed by
+    what the estimator is made of (the weights file's resolved path, size and mtime, or the engine
+    directory's DensePose content hash and backend) and its device and dtype; holds at most ``size``
+    of them (the least recently used goes). :meth:`clear` frees them (the worker closing)."""
+
+    def __init__(self, size: int = 1):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, load: Callable[[], object]):
+        """The estimator under ``key``, made by ``load()`` (and kept) when there is none."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        estimator = load()
+        with self._lock:
+            self._items[key] = estimator
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return estimator
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 def cached_driving_video(
     video: str | os.PathLike,
     weights: str | os.PathLike | None,
@@ -128,12 +163,14 @@ def cached_driving_video(
     log: Optional[Callable[[str], None]] = None,
     engines: Optional[str | os.PathLike] = None,
     backend: str = "onnxruntime",
+    estimators: Optional[EstimatorCache] = None,
 ) -> Path:
     """The DensePose driving clip of the person video ``video`` (a path in the cache): the cached
     one when this video, weights file, settings and precision were prepared before ("cached" in the
     log line), else estimated now (weights read safely and checked first) and stored. With
     ``engines`` instead of ``weights``: the engine directory's DensePose stages run by ``backend``
     (``DensePoseEstimator.from_engines``), keyed by their content hash (``dtype``: their float32).
+    ``estimators``: where a loaded estimator is kept for the next call (a service worker's cache).
 
     Bad input raises InputError (one line: the video unreadable or without frames, the weights
     missing, truncated, unsafe or of another model); nothing is written to the cache then."""
@@ -172,13 +209,15 @@ def cached_driving_video(
         raise InputError(f"video '{video}': no frames to estimate") from None
     finally:
         frames.close()
-    t0 = time.perf_counter()
     from .estimator import DensePoseEstimator
 
-    if engines is not None:
-        estimator = DensePoseEstimator.from_engines(engines, backend=backend, device=device)
-        say(f"densepose: loaded the DensePose stages of {engines} ({backend}) in {time.perf_counter() - t0:.1f} s")
-    else:
+    def load():
+        t0 = time.perf_counter()
+        if engines is not None:
+            estimator = DensePoseEstimator.from_engines(engines, backend=backend, device=device)
+            say(f"densepose: loaded the DensePose stages of {engines} ({backend}) in "
+                f"{time.perf_counter() - t0:.1f} s")
+            return estimator
         from .model import resnet_depth, validate_state_dict
         from .weights import read_checkpoint
 
@@ -187,6 +226,17 @@ def cached_driving_video(
         estimator = DensePoseEstimator.from_state_dict(state, weights, device=device, dtype=dtype)
         del state
         say(f"densepose: loaded DensePose R-CNN {depth} FPN from {weights} in {time.perf_counter() - t0:.1f} s")
+        return estimator
+
+    if estimators is None:
+        estimator = load()
+    else:
+        if engines is not None:
+            made_of = ("engines", str(Path(engines).resolve()), model_sha, backend)
+        else:
+            st = weights.stat()
+            made_of = ("weights", str(weights.resolve()), st.st_size, st.st_mtime_ns)
+        estimator = estimators.get((*made_of, str(device), str(dtype)), load)
     directory.mkdir(parents=True, exist_ok=True)
     summary = prepare_driving_video(video, clip, estimator, settings, progress=progress)
     say(f"densepose: prepared {clip} from {video}: {summary.describe()}")

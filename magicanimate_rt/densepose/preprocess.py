@@ -42,13 +42,16 @@ def resize_frames(frames: np.ndarray, cfg: DensePoseConfig) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BILINEAR)) for f in frames])
 
 
-def network_input(resized_bgr: np.ndarray, cfg: DensePoseConfig, device="cpu", dtype=torch.float32) -> torch.Tensor:
+def network_input(resized_bgr: "np.ndarray | torch.Tensor", cfg: DensePoseConfig, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """(N, h, w, 3) uint8 BGR -> (N, 3, h', w') normalised, zero-padded bottom/right to a multiple of
-    ``size_divisibility`` (after normalisation, as ``ImageList.from_tensors``)."""
+    ``size_divisibility`` (after normalisation, as ``ImageList.from_tensors``). A uint8 tensor in
+    pinned memory is copied to the device without a host synchronisation (``non_blocking``)."""
     n, h, w, _ = resized_bgr.shape
     d = cfg.size_divisibility
     ph, pw = -(-h // d) * d, -(-w // d) * d
-    x = torch.from_numpy(np.ascontiguousarray(resized_bgr)).to(device).permute(0, 3, 1, 2).float()
+    if not isinstance(resized_bgr, torch.Tensor):
+        resized_bgr = torch.from_numpy(np.ascontiguousarray(resized_bgr))
+    x = resized_bgr.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.pixel_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std

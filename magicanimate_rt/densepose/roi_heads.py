@@ -69,14 +69,14 @@ def box_inference(logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.T
                   cfg: DensePoseConfig):
     """``fast_rcnn_inference_single_image``: (boxes (D, 4), scores (D,), classes (D,)) in resized pixels."""
     boxes = decode_boxes(deltas, proposals, cfg.box_reg_weights, cfg.scale_clamp)
-    scores = F.softmax(logits.float(), dim=-1)
-    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    if not bool(valid.all()):
-        boxes, scores = boxes[valid], scores[valid]
-    scores = scores[:, :-1]  # background is the last column
-    boxes = clip_boxes(boxes, *image_size)
-    mask = scores > cfg.score_thresh
-    inds = torch.nonzero(mask)
-    boxes, scores, classes = boxes[inds[:, 0]], scores[mask], inds[:, 1]
+    probs = F.softmax(logits.float(), dim=-1)
+    scores = probs[:, :-1]  # background is the last column
+    # rows with a non-finite box or score dropped and the threshold applied in one mask, read
+    # once (nonzero: the count of candidates is the one host sync); softmax and clipping are row
+    # by row, so this is detectron2's filter-then-threshold
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
+    inds = torch.nonzero((scores > cfg.score_thresh) & valid[:, None])
+    boxes = clip_boxes(boxes, *image_size)[inds[:, 0]]
+    scores, classes = scores[inds[:, 0], inds[:, 1]], inds[:, 1]
     keep = batched_nms(boxes, scores, classes, cfg.box_nms_thresh)[: cfg.detections_per_image]
     return boxes[keep], scores[keep], classes[keep]

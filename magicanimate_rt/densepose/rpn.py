@@ -87,15 +87,15 @@ def find_proposals(features: list[torch.Tensor], objectness: list[torch.Tensor],
         levels.append(torch.full((k,), lvl, dtype=torch.long, device=x.device))
     boxes_all, logits_all, levels = torch.cat(top_boxes, 1), torch.cat(top_logits, 1), torch.cat(levels)
     h, w = image_size
+    # one mask per image (finite, and non-empty after clipping), read once: the one host sync per
+    # image before NMS. Clipping is row by row, so clipping all rows and dropping the non-finite
+    # ones after is the same as detectron2's dropping first.
+    finite = torch.isfinite(boxes_all).all(dim=2) & torch.isfinite(logits_all)
     out = []
     for i in range(n):
-        boxes, scores, lvl = boxes_all[i], logits_all[i], levels
-        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-        if not bool(finite.all()):
-            boxes, scores, lvl = boxes[finite], scores[finite], lvl[finite]
-        boxes = clip_boxes(boxes, h, w)
-        keep = nonempty(boxes, cfg.rpn_min_size)
-        boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+        boxes = clip_boxes(boxes_all[i], h, w)
+        keep = torch.nonzero(finite[i] & nonempty(boxes, cfg.rpn_min_size)).flatten()
+        boxes, scores, lvl = boxes[keep], logits_all[i][keep], levels[keep]
         keep = batched_nms(boxes, scores, lvl, cfg.rpn_nms_thresh)[: cfg.rpn_post_nms_topk]
         out.append((boxes[keep], scores[keep]))
     return out

@@ -20,7 +20,11 @@ batch of frames at a time). What it does, in order:
    size, as vid2densepose (a last odd row or column is dropped from the picture: H.264's yuv420p
    needs even sides);
 4. estimate ``batch`` frames per ``predict`` call and render each (a frame with no person is
-   vid2densepose's background frame, VIRIDIS(0) everywhere);
+   vid2densepose's background frame, VIRIDIS(0) everywhere). Steps 1-3 for the next ``prefetch``
+   batches, and the estimator's host preprocessing (``estimator.prepare`` where it has one: the
+   resize to the network's size, into pinned memory on CUDA), run on a background reader thread
+   while this batch is estimated, rendered and written (:class:`_Reader`; ``prefetch=0``: all on
+   the caller's thread, the same frames and bytes);
 5. write the mp4 (and with ``save_iuv`` an ``.npz`` of every frame's detections), each to a
    temporary file renamed into place only when complete.
 """
@@ -30,6 +34,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -47,6 +53,8 @@ from magicanimate_rt.runtime.media import MAX_FRAME_SIDE, VideoWriter, _check_fi
 DEFAULT_FPS = 25
 DEFAULT_BATCH = 4
 DEFAULT_FIT = "crop"
+#: batches the background reader keeps ready (decoded, framed, preprocessed) ahead of the estimator
+DEFAULT_PREFETCH = 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,9 @@ class PrepareSettings:
     ``size``: None (the input's own size), a square's side, or (width, height), each even;
     ``fit``: crop, pad or stretch (used only with ``size``); ``fps``: output frames per second;
     ``start_frame``: input frames skipped (decode order); ``max_frames``: at most this many output
-    frames; ``batch``: frames per ``predict`` call."""
+    frames; ``batch``: frames per ``predict`` call; ``prefetch``: batches decoded and preprocessed
+    ahead on a background thread (0: none, everything on the caller's thread; the output is the
+    same either way)."""
 
     size: int | tuple[int, int] | None = None
     fit: str = DEFAULT_FIT
@@ -65,6 +75,7 @@ class PrepareSettings:
     start_frame: int = 0
     max_frames: int | None = None
     batch: int = DEFAULT_BATCH
+    prefetch: int = DEFAULT_PREFETCH
 
     def check(self, flags: bool = False) -> "PrepareSettings":
         """Self, or InputError naming the setting (``flags``: as the CLI's flag, ``--max-frames``)."""
@@ -84,6 +95,7 @@ class PrepareSettings:
                 or not math.isfinite(self.fps) or not 0 < self.fps <= 1000:
             raise InputError(f"{name('fps')} must be a number in (0, 1000], got {self.fps!r}")
         for field, value, least in (("start_frame", self.start_frame, 0), ("batch", self.batch, 1),
+                                    ("prefetch", self.prefetch, 0),
                                     ("max_frames", 1 if self.max_frames is None else self.max_frames, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name(field)} must be an integer >= {least}, got {value!r}")
@@ -153,6 +165,62 @@ def _batches(frames, n: int):
             batch = []
     if batch:
         yield batch
+
+
+class _Reader:
+    """Runs the iterator ``items`` on a thread, ``depth`` items ahead of the caller, in a bounded
+    queue (memory: ``depth`` + 1 batches in flight, plus the one being estimated). An exception
+    the iterator raises is raised again in the caller, as it was (InputError's one line stays one
+    line). :meth:`close` (the caller done, failed or cancelled) stops the thread at its next item
+    and waits for it; ``on_exit`` runs on the thread when it stops (the PyAV decoder must be closed
+    by the thread that runs it)."""
+
+    _END = object()
+
+    def __init__(self, items, depth: int, on_exit: Callable[[], None]):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items, on_exit), name="densepose-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items, on_exit) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            self._put((False, e))
+        finally:
+            on_exit()
+
+    def __iter__(self):
+        while True:
+            ok, item = self._queue.get()
+            if not ok:
+                raise item
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # make room, so a put that is waiting sees the flag
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 class _IuvWriter:
@@ -248,23 +316,32 @@ def prepare_driving_video(
 
         bar = tqdm(total=total, desc="densepose", unit="frame")
     written = no_person = 0
-    out_shape = None
-    iuv = None
-    try:
-        iuv = _IuvWriter(save_iuv) if save_iuv is not None else None
+    first_shape = []
+    prepare = getattr(estimator, "prepare", None)
+
+    def ready_batches():
+        """(frames (N, H, W, 3), what ``predict`` takes for them) per batch: steps 1-3 and ``prepare``."""
         for batch in _batches(frames, settings.batch):
             if shape is not None:
                 batch = [fit_image(f, shape, settings.fit) for f in batch]
-            if out_shape is None:
-                out_shape = batch[0].shape
+            if not first_shape:
+                first_shape.append(batch[0].shape)
             for f in batch:
-                if f.shape != out_shape:
+                if f.shape != first_shape[0]:
                     raise InputError(f"video '{video}': a frame is {f.shape[1]}x{f.shape[0]}, earlier frames are "
-                                     f"{out_shape[1]}x{out_shape[0]}; give a size to frame them all alike")
-            results = estimator.predict(np.stack(batch))
+                                     f"{first_shape[0][1]}x{first_shape[0][0]}; give a size to frame them all alike")
+            stacked = np.stack(batch)
+            yield stacked, (stacked if prepare is None else prepare(stacked))
+
+    reader = _Reader(ready_batches(), settings.prefetch, decoded.close) if settings.prefetch else None
+    iuv = None
+    try:
+        iuv = _IuvWriter(save_iuv) if save_iuv is not None else None
+        for batch, prepared in (reader if reader is not None else ready_batches()):
+            results = estimator.predict(prepared)
             if len(results) != len(batch):
                 raise RuntimeError(f"the estimator gave {len(results)} results for {len(batch)} frames")
-            height, width = out_shape[:2]
+            height, width = batch.shape[1:3]
             pictures = []
             for result in results:
                 if iuv is not None:
@@ -278,13 +355,18 @@ def prepare_driving_video(
                 bar.update(len(pictures))
             elif callable(progress):
                 progress(written, total)
+        if reader is not None:
+            reader.close()
         decoded.close()
         if written == 0:
             raise InputError(f"video '{video}': no frames to estimate")
+        out_shape = first_shape[0]
         writer.close()
         if iuv is not None:
             iuv.commit(written, rate, out_shape[1] - out_shape[1] % 2, out_shape[0] - out_shape[0] % 2)
     except BaseException:
+        if reader is not None:
+            reader.close()  # the thread stopped (and the decoder closed by it) before anything else
         writer.abort()
         if iuv is not None:
             iuv.abort()

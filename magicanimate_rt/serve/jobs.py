@@ -92,6 +92,7 @@ class Worker:
     name: str
     device: str
     pipe: Any = None
+    estimators: Any = None  #: its DensePose estimator, loaded by its first person job, kept warm
     thread: Optional[threading.Thread] = None
     job: Optional[str] = None  #: the job it runs now
     error: Optional[str] = None  #: why its models did not load
@@ -145,18 +146,19 @@ def load_pipeline(settings: ServeSettings, device: str, ranks="auto"):
                                           ranks=ranks)
 
 
-def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:
+def render_job(pipe, job: JobFiles, progress: "Progress", estimators=None) -> dict[str, float]:
     """Read the job's files and animate them into ``job.out`` through the CLI's writer; returns
     the stage timings. What every worker does with a job, in this process or on a Ray
     replica. ``progress`` hears of the DensePose frames made from a person video, the frame
     count, every step and every decoded chunk; any of them may raise JobCancelled to stop at
-    that boundary (no partial file stays, in the results or the clip cache)."""
+    that boundary (no partial file stays, in the results or the clip cache). ``estimators``: the
+    worker's ``densepose.prepare.EstimatorCache`` (the DensePose model stays loaded between jobs)."""
     from ..render import animate_to_files
 
     request, timings = job.request, {}
     if job.densepose_weights is not None:
         t0 = time.perf_counter()
-        request = densepose_driving(pipe, job, progress)
+        request = densepose_driving(pipe, job, progress, estimators)
         timings["densepose"] = time.perf_counter() - t0
     request, box = request.read_inputs_and_box()
     progress.started(int(request.driving.shape[0]))
@@ -166,7 +168,7 @@ def render_job(pipe, job: JobFiles, progress: "Progress") -> dict[str, float]:
     return {k: round(v, 4) for k, v in {**timings, **result.timings}.items()}
 
 
-def densepose_driving(pipe, job: JobFiles, progress: "Progress") -> AnimationRequest:
+def densepose_driving(pipe, job: JobFiles, progress: "Progress", estimators=None) -> AnimationRequest:
     """The job's request driven by the DensePose clip of its person video, made as ``animate
     --densepose-weights`` makes it (``densepose/prepare.py``: from ``start_frame`` for
     ``max_frames`` frames, which the clip then holds whole; on the pipeline's device and dtype)
@@ -178,7 +180,7 @@ def densepose_driving(pipe, job: JobFiles, progress: "Progress") -> AnimationReq
     clip = cached_driving_video(job.driving, job.densepose_weights, person_video_settings(r.start_frame, r.max_frames),
                                 device=str(pipe.stages.device), dtype=pipe.stages.dtype,
                                 cache_dir=job.densepose_cache, progress=progress.densepose,
-                                log=lambda line: log.info("job %s: %s", job.id, line))
+                                log=lambda line: log.info("job %s: %s", job.id, line), estimators=estimators)
     os.utime(clip)  # used now: the janitor keeps it for keep_hours more
     return replace(r, driving=clip, start_frame=0, max_frames=None)
 
@@ -267,12 +269,17 @@ class LocalExecutor:
         return [Worker(f"worker-{i}", d) for i, d in enumerate(self.settings.devices)]
 
     def open(self, worker: "Worker") -> None:
+        from ..densepose.prepare import EstimatorCache
+
         worker.pipe = self.load(worker.device)
+        worker.estimators = EstimatorCache()
 
     def run(self, worker: "Worker", job: JobFiles, progress: Progress) -> dict[str, float]:
-        return render_job(worker.pipe, job, progress)
+        return render_job(worker.pipe, job, progress, worker.estimators)
 
     def close(self, worker: "Worker") -> None:
+        if worker.estimators is not None:
+            worker.estimators.clear()
         worker.pipe.close()
 
 
