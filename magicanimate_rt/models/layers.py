@@ -26,6 +26,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..unet_memory import check_unet_memory
 from .config import UNetConfig
 
 
@@ -114,11 +115,7 @@ class Arithmetic:
                                  f"choose from {', '.join(SDPA_BACKENDS)}")
         if self.temporal_sdpa and self.temporal_attention != "fused":
             raise ValueError("temporal_sdpa chooses SDPA backends: it needs temporal_attention='fused'")
-        chunk = self.ff_chunk
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"ff_chunk must be None or a positive number of tokens, got {chunk!r}")
-        if not isinstance(self.cfg_sequential, bool):
-            raise ValueError(f"cfg_sequential must be True or False, got {self.cfg_sequential!r}")
+        check_unet_memory(self.cfg_sequential, self.ff_chunk)
 
     def sdpa(self, kind: str) -> tuple[str, ...]:
         """The SDPA backends chosen for attention ``kind`` ("spatial", "cross", "temporal")."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, MagicAnimateError
-from ..models.layers import Arithmetic
+from ..unet_memory import check_unet_memory
 from .backends import engine_factory, pretrained_factory
 from .ddim import DDIMSettings
 from .distributed import Ranks, request_digest
@@ -119,7 +119,7 @@ class PipelineOptions:
         if self.reference_cache_entries < 0 or self.reference_cache_mb < 0:
             raise InputError("reference_cache_entries and reference_cache_mb must be >= 0")
         try:
-            Arithmetic(cfg_sequential=self.cfg_sequential, ff_chunk=self.ff_chunk)
+            check_unet_memory(self.cfg_sequential, self.ff_chunk)
         except ValueError as e:
             raise InputError(str(e)) from None
         if self.memory_gb is not None and (isinstance(self.memory_gb, bool) or not self.memory_gb > 0):
