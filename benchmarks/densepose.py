@@ -76,7 +76,7 @@ class Detectron2:
 
     def __init__(self, python: str, src: Path, weights: Path, frames_bgr: Path, threads: int, sizes: tuple[int, int]):
         self.proc = subprocess.Popen(
-            [python, str(ROOT / "benchmarks" / "detectron2_worker.py"), "--src", str(src), "--weights", str(weights),
+            [python, "-P", str(ROOT / "benchmarks" / "detectron2_worker.py"), "--src", str(src), "--weights", str(weights),
              "--frames", str(frames_bgr), "--threads", str(threads), "--min-size", str(sizes[0]),
              "--max-size", str(sizes[1])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/tmp")

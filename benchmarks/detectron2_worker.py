@@ -4,13 +4,14 @@ Runs under detectron2's own Python (``../shared/tools/detectron2-cpu/setup.sh`` 
 of its own: ``DETECTRON2_PY``, ``DETECTRON2_SRC``), never the project's: detectron2 is the reference
 we measure against, not a dependency. It imports nothing of magicanimate_rt.
 
-    $DETECTRON2_PY benchmarks/detectron2_worker.py --src $DETECTRON2_SRC --weights W.pkl --frames F.npy
+    $DETECTRON2_PY -P benchmarks/detectron2_worker.py --src $DETECTRON2_SRC --weights W.pkl --frames F.npy
 
 loads ``DefaultPredictor`` once (``densepose_rcnn_R_50_FPN_s1x.yaml``, CPU), prints ``ready``, then
 answers each line ``time`` on stdin with one JSON line: the wall and process CPU seconds of one pass
 over the frames, each frame as vid2densepose's ``main.py`` handles it (``predictor(frame)`` then
 ``DensePoseResultExtractor()`` on its instances: the same work as our ``DensePoseEstimator.predict``),
-and the detections per frame. ``quit`` (or end of input) ends it.
+and the detections per frame. ``quit`` (or end of input) ends it. ``-P`` keeps ``benchmarks/`` off
+``sys.path``, where our ``densepose.py`` would shadow detectron2's ``densepose`` package.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-# run as a file, Python puts benchmarks/ first on the path, where densepose.py (ours) would shadow
-# detectron2's ``densepose`` package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> int:
